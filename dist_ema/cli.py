@@ -1,0 +1,144 @@
+"""The ``dist-ema`` command.
+
+    dist-ema error --tracked 0.05 0.10 --snapshot-every 1000 --steps 100000 --targets 0.05 0.1 0.15
+
+Each subcommand lives in one function ``_cmd_<name>(args) -> int``; the parser is built
+in :func:`build_parser`. The CLI (not the library) configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from dist_ema import phema
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("dist_ema")
+
+
+def schedule_profiles(tracked: Sequence[float], snapshot_every: float, steps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Snapshot (t, gamma) pairs of a planned run: every tracked profile at every interval.
+
+    Snapshots at snapshot_every, 2*snapshot_every, ..., and always one at ``steps``.
+    """
+    if snapshot_every <= 0 or steps <= 0:
+        raise ValueError(f"--snapshot-every and --steps must be > 0; got {snapshot_every} and {steps}")
+    if snapshot_every > steps:
+        raise ValueError(f"--snapshot-every ({snapshot_every:g}) is larger than --steps ({steps:g})")
+    times = np.arange(1, int(steps // snapshot_every) + 1, dtype=np.float64) * snapshot_every
+    if times[-1] < steps:
+        times = np.append(times, float(steps))
+    gammas = np.atleast_1d(phema.sigma_rel_to_gamma(np.asarray(tracked, dtype=np.float64)))
+    t = np.repeat(times, gammas.size)
+    g = np.tile(gammas, times.size)
+    return t, g
+
+
+def _format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _cmd_error(args: argparse.Namespace) -> int:
+    t, g = schedule_profiles(args.tracked, args.snapshot_every, args.steps)
+    target_t = float(args.t) if args.t is not None else float(t.max())
+    targets = np.asarray(args.targets, dtype=np.float64)
+    target_g = np.atleast_1d(phema.sigma_rel_to_gamma(targets))
+    sol = phema.solve_coefficients(t, g, np.full(targets.size, target_t), target_g)
+    n_snap = int(sol.used[:, 0].sum() // max(len(args.tracked), 1))
+    if args.json:
+        print(json.dumps({
+            "tracked_sigma_rels": list(args.tracked), "snapshot_every": args.snapshot_every,
+            "steps": args.steps, "t": target_t, "snapshots_used": int(sol.used[:, 0].sum()),
+            "targets": [
+                {"sigma_rel": float(s), "gamma": float(gg), "error": float(e), "condition": float(c)}
+                for s, gg, e, c in zip(targets, target_g, sol.error, sol.condition)
+            ],
+        }, indent=2))
+    else:
+        print(
+            f"schedule: tracked sigma_rel {', '.join(f'{s:g}' for s in args.tracked)}; snapshot every "
+            f"{args.snapshot_every:g} of {args.steps:g} steps ({n_snap} snapshots); target t = {target_t:g}"
+        )
+        rows = [
+            [f"{s:.4f}", f"{gg:.3f}", f"{100 * e:.3f}%", f"{c:.3g}"]
+            for s, gg, e, c in zip(targets, target_g, sol.error, sol.condition)
+        ]
+        print(_format_table(["sigma_rel", "gamma", "rel. error", "condition"], rows))
+    if args.plot:
+        _plot_profiles(args.plot, t, g, sol, target_t, targets, target_g)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _plot_profiles(path: str, t, g, sol: phema.Solution, target_t: float, targets, target_g) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit(
+            "dist-ema error --plot needs matplotlib: pip install 'dist-ema[plot]' (or pip install matplotlib)"
+        ) from e
+    tau = np.linspace(0.0, target_t, 2001)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for j, (s, gg) in enumerate(zip(targets, target_g)):
+        (line,) = ax.plot(tau, phema.profile(target_t, gg, tau), lw=2, label=f"target sigma_rel={s:g}")
+        rec = phema.reconstructed_profile(sol.coefficients[:, j], t, g, tau)
+        ax.plot(tau, rec, "--", color=line.get_color(), label=f"reconstructed ({100 * sol.error[j]:.2f}% error)")
+    ax.set_xlabel("t (training time)")
+    ax.set_ylabel("profile p(tau)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dist-ema", description="Post-hoc EMA for sharded training.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser(
+        "error",
+        help="reconstruction error of target profiles for a planned snapshot schedule",
+        description="Choose tracked profiles and a snapshot interval before training: prints the "
+        "relative L2 error and condition number of each target profile's reconstruction.",
+    )
+    e.add_argument("--tracked", type=float, nargs="+", default=[0.05, 0.10], metavar="SIGMA_REL",
+                   help="sigma_rel of each tracked profile (default: 0.05 0.10)")
+    e.add_argument("--snapshot-every", type=float, default=1000, help="snapshot interval in steps (default 1000)")
+    e.add_argument("--steps", type=float, default=100_000, help="training length in steps (default 100000)")
+    e.add_argument("--targets", type=float, nargs="+", default=[0.03, 0.05, 0.07, 0.10, 0.15, 0.20, 0.25],
+                   metavar="SIGMA_REL", help="target sigma_rels to evaluate")
+    e.add_argument("--t", type=float, default=None, help="target time (default: end of training)")
+    e.add_argument("--plot", metavar="FILE.png", help="draw target vs reconstructed profiles (needs matplotlib)")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.set_defaults(func=_cmd_error)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:
+        print(f"dist-ema {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

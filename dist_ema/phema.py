@@ -1,0 +1,271 @@
+"""Power-function EMA math of EDM2 (Karras et al., arXiv 2312.02696), float64 NumPy.
+
+Pure functions, no torch.distributed, no I/O. Equation numbers refer to the paper.
+
+Notation:
+    t        time of a profile (steps, or samples when a batch size is given)
+    gamma    exponent of the power-function profile p(tau) = (g+1) tau^g / t^(g+1) on [0, t]
+    sigma_rel  relative standard deviation of that profile (Eq. 3)
+
+Example:
+    >>> g = sigma_rel_to_gamma(0.10)            # ~6.94
+    >>> sol = solve_coefficients(t=[100, 200, 100, 200], gamma=[g, g, 16.97, 16.97],
+    ...                          target_t=[200], target_gamma=[sigma_rel_to_gamma(0.15)])
+    >>> sol.coefficients.shape                  # => [snapshots, targets]
+    (4, 1)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "SIGMA_REL_MAX",
+    "Solution",
+    "gamma_to_sigma_rel",
+    "p_dot_p",
+    "power_beta",
+    "profile",
+    "reconstructed_profile",
+    "sigma_rel_to_gamma",
+    "solve_coefficients",
+    "step_weights",
+    "validate_gamma",
+    "validate_sigma_rel",
+]
+
+ArrayLike = npt.ArrayLike
+
+SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)  # sigma_rel of gamma = 0 (uniform average); larger has no gamma >= 0
+
+
+def _as_f64(x: ArrayLike, name: str) -> np.ndarray:
+    try:
+        a = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be numeric; got {x!r}") from e
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must be finite; got {x!r}")
+    return a
+
+
+def _unwrap(a: np.ndarray, like: ArrayLike) -> float | np.ndarray:
+    return float(a) if np.ndim(like) == 0 else a
+
+
+def validate_sigma_rel(sigma_rel: ArrayLike, name: str = "sigma_rel") -> np.ndarray:
+    """Return sigma_rel as float64, or raise ValueError unless 0 < sigma_rel < 1/sqrt(12)."""
+    s = _as_f64(sigma_rel, name)
+    bad = (s <= 0) | (s >= SIGMA_REL_MAX)
+    if np.any(bad):
+        raise ValueError(
+            f"{name} must be in (0, {SIGMA_REL_MAX:.4f}); got {np.asarray(sigma_rel)[bad].tolist()}. "
+            f"sigma_rel >= 1/sqrt(12) has no power-function profile (gamma < 0); "
+            f"typical values are 0.05-0.20."
+        )
+    return s
+
+
+def validate_gamma(gamma: ArrayLike, name: str = "gamma") -> np.ndarray:
+    """Return gamma as float64, or raise ValueError unless gamma >= 0."""
+    g = _as_f64(gamma, name)
+    if np.any(g < 0):
+        raise ValueError(
+            f"{name} must be >= 0; got {np.asarray(gamma)[g < 0].tolist()}. "
+            f"gamma = 0 is the uniform average; typical values are 5-30."
+        )
+    return g
+
+
+def sigma_rel_to_gamma(sigma_rel: ArrayLike) -> float | np.ndarray:
+    """Exponent gamma of the power-function profile with relative std sigma_rel.
+
+    gamma is the largest real root of g^3 + 7g^2 + (16 - s^-2) g + (12 - s^-2) = 0 (Eq. 125).
+    Accepts a scalar (returns float) or an array (returns an array of the same shape).
+    """
+    s = validate_sigma_rel(sigma_rel)
+    out = np.empty(s.shape, dtype=np.float64)
+    for i, si in np.ndenumerate(s):
+        k = si**-2
+        roots = np.roots([1.0, 7.0, 16.0 - k, 12.0 - k])
+        g = roots[np.abs(roots.imag) < 1e-9 * max(1.0, np.abs(roots).max())].real.max()
+        # one Newton step on the cubic sharpens the root from np.roots' eigenvalue solve
+        f = ((g + 7.0) * g + 16.0 - k) * g + 12.0 - k
+        df = (3.0 * g + 14.0) * g + 16.0 - k
+        out[i] = g - f / df
+    return _unwrap(out, sigma_rel)
+
+
+def gamma_to_sigma_rel(gamma: ArrayLike) -> float | np.ndarray:
+    """Relative std of the power-function profile with exponent gamma (Eq. 3)."""
+    g = validate_gamma(gamma)
+    return _unwrap(np.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3))), gamma)
+
+
+def power_beta(gamma: ArrayLike, t: ArrayLike, t_delta: ArrayLike) -> float | np.ndarray:
+    """Exact per-update decay of a power-function EMA: beta = (1 - t_delta / t)^(gamma + 1).
+
+    t is the time *after* this update, t_delta the time since the previous update
+    (any size: updating every k steps with t_delta = k is exact). The first update has
+    t_delta = t, so beta = 0 and the EMA starts at the current parameter.
+    Use as ``ema.lerp_(param, 1 - beta)``.
+    """
+    g = validate_gamma(gamma)
+    t_ = _as_f64(t, "t")
+    td = _as_f64(t_delta, "t_delta")
+    if np.any(t_ <= 0) or np.any(td <= 0) or np.any(td > t_):
+        raise ValueError(f"need 0 < t_delta <= t; got t={t!r}, t_delta={t_delta!r}")
+    out = (1.0 - td / t_) ** (g + 1.0)
+    return float(out) if out.ndim == 0 else out
+
+
+def step_weights(gamma: float, t: ArrayLike) -> np.ndarray:
+    """Weight of each past parameter value in a power-function EMA updated at times t.
+
+    t: increasing update times t_1 < ... < t_n (t_0 = 0 implied). The parameter applied
+    at t_k carries the profile's mass on (t_{k-1}, t_k]:
+    (t_k^(g+1) - t_{k-1}^(g+1)) / t_n^(g+1). The weights sum to 1.
+    """
+    g = float(validate_gamma(gamma))
+    tt = _as_f64(t, "t")
+    if tt.ndim != 1 or tt.size == 0 or tt[0] <= 0 or np.any(np.diff(tt) <= 0):
+        raise ValueError("t must be a non-empty, strictly increasing sequence of positive times")
+    r = tt / tt[-1]
+    c = r ** (g + 1.0)
+    return np.diff(np.concatenate([[0.0], c]))
+
+
+def p_dot_p(t_a: ArrayLike, gamma_a: ArrayLike, t_b: ArrayLike, gamma_b: ArrayLike) -> np.ndarray:
+    """Inner product of two power-function profiles (Eq. 125).
+
+    <p_a, p_b> = (g_a+1)(g_b+1) min(t_a,t_b)^(g_a+g_b+1) / ((g_a+g_b+1) t_a^(g_a+1) t_b^(g_b+1)),
+    evaluated as a ratio of times so that large t and gamma do not overflow. Broadcasts.
+    """
+    t_a, g_a, t_b, g_b = (np.asarray(x, dtype=np.float64) for x in (t_a, gamma_a, t_b, gamma_b))
+    ratio = np.where(t_a < t_b, t_a / t_b, t_b / t_a)  # min / max, in (0, 1]
+    g_small = np.where(t_a < t_b, g_b, g_a)  # exponent of the ratio: the *other* profile's gamma
+    num = (g_a + 1.0) * (g_b + 1.0) * ratio**g_small
+    den = (g_a + g_b + 1.0) * np.maximum(t_a, t_b)
+    return num / den
+
+
+@dataclass(frozen=True)
+class Solution:
+    """Result of :func:`solve_coefficients`.
+
+    Attributes:
+        coefficients: float64 [snapshots, targets]; column j sums to 1 and is zero for
+            every snapshot with t > target_t[j].
+        error: float64 [targets]; relative L2 error ||p_rec - p_target|| / ||p_target||.
+        condition: float64 [targets]; 2-norm condition number of the (diagonally
+            scaled) matrix solved for each target.
+        used: bool [snapshots, targets]; which snapshots entered each target's solve.
+    """
+
+    coefficients: np.ndarray
+    error: np.ndarray
+    condition: np.ndarray
+    used: np.ndarray
+
+
+def solve_coefficients(
+    t: ArrayLike,
+    gamma: ArrayLike,
+    target_t: ArrayLike,
+    target_gamma: ArrayLike,
+) -> Solution:
+    """Least-squares coefficients that combine snapshot profiles into target profiles.
+
+    For each target (t_r, g_r), solve A x = b over the snapshots with t_i <= t_r, where
+    A_ij = <p_i, p_j> and b_i = <p_i, p_r> (Eq. 126), then rescale x to sum to 1 as EDM2
+    does. The solve is diagonally scaled (A -> D A D, D = diag(A)^-1/2), which leaves x
+    unchanged in exact arithmetic and removes the spread of profile norms from the
+    condition number.
+
+    Args:
+        t, gamma: [n] time and exponent of each snapshot's profile.
+        target_t, target_gamma: [m] time and exponent of each target (broadcast together).
+
+    Raises:
+        ValueError: non-finite or non-positive times, negative gamma, a target with no
+            snapshot at or before its time, or duplicate (t, gamma) snapshots (singular A).
+    """
+    ts = np.atleast_1d(_as_f64(t, "t"))
+    gs = np.atleast_1d(validate_gamma(gamma, "gamma"))
+    if ts.shape != gs.shape or ts.ndim != 1:
+        raise ValueError(f"t and gamma must be 1-d of the same length; got {ts.shape} and {gs.shape}")
+    if ts.size == 0:
+        raise ValueError("no snapshots: need at least one (t, gamma) snapshot to synthesize from")
+    if np.any(ts <= 0):
+        raise ValueError(f"snapshot times must be > 0; got {ts[ts <= 0].tolist()}")
+    tr, gr = np.broadcast_arrays(
+        np.atleast_1d(_as_f64(target_t, "target_t")), np.atleast_1d(validate_gamma(target_gamma, "target_gamma"))
+    )
+    if tr.ndim != 1:
+        raise ValueError("target_t and target_gamma must be scalars or 1-d")
+    if np.any(tr <= 0):
+        raise ValueError(f"target time must be > 0; got {tr[tr <= 0].tolist()}")
+    keys = np.stack([ts, gs], axis=1)
+    uniq, counts = np.unique(keys, axis=0, return_counts=True)
+    if np.any(counts > 1):
+        dup = uniq[counts > 1][0]
+        raise ValueError(
+            f"snapshot profile (t={dup[0]:g}, gamma={dup[1]:g}) is listed {counts.max()} times; "
+            f"duplicate profiles make the system singular: pass each snapshot once"
+        )
+
+    n, m = ts.size, tr.size
+    X = np.zeros((n, m))  # => [snapshots, targets]
+    err = np.zeros(m)
+    cond = np.zeros(m)
+    used = ts[:, None] <= tr[None, :]  # => [snapshots, targets]
+    for j in range(m):
+        sel = np.flatnonzero(used[:, j])
+        if sel.size == 0:
+            raise ValueError(
+                f"target time {tr[j]:g} is before the first snapshot (t={ts.min():g}): "
+                f"no snapshot at or before it; choose t >= {ts.min():g}"
+            )
+        ti, gi = ts[sel], gs[sel]
+        A = p_dot_p(ti[:, None], gi[:, None], ti[None, :], gi[None, :])  # => [k, k]
+        b = p_dot_p(ti, gi, tr[j], gr[j])  # => [k]
+        d = 1.0 / np.sqrt(np.diag(A))
+        As = A * d[:, None] * d[None, :]
+        cond[j] = np.linalg.cond(As)
+        try:
+            y = np.linalg.solve(As, b * d)
+        except np.linalg.LinAlgError:
+            y = np.linalg.lstsq(As, b * d, rcond=None)[0]
+        x = y * d
+        total = x.sum()
+        if not np.isfinite(total) or total == 0:
+            raise ValueError(f"target {j} (t={tr[j]:g}, gamma={gr[j]:g}) cannot be reconstructed (singular)")
+        x = x / total
+        rr = float(p_dot_p(tr[j], gr[j], tr[j], gr[j]))
+        sq = x @ A @ x - 2.0 * x @ b + rr
+        err[j] = math.sqrt(max(sq, 0.0) / rr)
+        X[sel, j] = x
+    return Solution(coefficients=X, error=err, condition=cond, used=used)
+
+
+def profile(t: float, gamma: float, tau: ArrayLike) -> np.ndarray:
+    """Evaluate p(tau) = (g+1) tau^g / t^(g+1) on [0, t], zero after t."""
+    tau = np.asarray(tau, dtype=np.float64)
+    g = float(validate_gamma(gamma))
+    inside = (tau >= 0) & (tau <= t)
+    r = np.clip(tau / t, 0.0, 1.0)
+    return np.where(inside, (g + 1.0) * r**g / t, 0.0)
+
+
+def reconstructed_profile(
+    coefficients: ArrayLike, t: ArrayLike, gamma: ArrayLike, tau: ArrayLike
+) -> np.ndarray:
+    """Evaluate sum_i x_i p_i(tau) for one column of coefficients (for plots)."""
+    x = np.asarray(coefficients, dtype=np.float64)
+    ts, gs = np.asarray(t, dtype=np.float64), np.asarray(gamma, dtype=np.float64)
+    tau = np.asarray(tau, dtype=np.float64)
+    return sum((xi * profile(ti, gi, tau) for xi, ti, gi in zip(x, ts, gs) if xi != 0), np.zeros_like(tau))

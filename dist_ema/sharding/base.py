@@ -1,0 +1,114 @@
+"""Shard records: what every engine adapter reports about a rank's own parameter shards.
+
+Every engine dist-ema supports stores a rank's shard of a parameter as one or more
+*flat ranges* of the row-major flattened global tensor (FSDP2 ``Shard(0)`` rows are a
+contiguous flat range too). So one record type serves all engines:
+
+    fqn, global_shape, dtype, [flat_start, flat_start + numel), live 1-d view
+
+The tracker averages ``source``; the store writes ``[flat_start, flat_start+numel)``
+of ``fqn`` from the EMA; synthesis and resume use the same ranges. Nothing here
+depends on torch.distributed or on the store.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["ShardPiece", "ShardLayout", "UnsupportedEngineError", "check_pieces_local"]
+
+
+class UnsupportedEngineError(RuntimeError):
+    """The model/engine (or its version or configuration) is not understood by any adapter."""
+
+
+@dataclass(frozen=True)
+class ShardPiece:
+    """One contiguous flat range of one parameter held by this rank.
+
+    Attributes:
+        fqn: the parameter's name as ``model.named_parameters()`` of the *unwrapped*
+            model reports it (no ``_fsdp_wrapped_module.`` / ``module.`` prefixes).
+        global_shape: shape of the full (unsharded) parameter.
+        dtype: dtype of the model's parameter (the EMA itself is kept in fp32).
+        flat_start: first element of the range in the row-major flattened parameter.
+        numel: number of elements in the range (> 0; empty pieces are not listed).
+        source: live 1-d tensor of ``numel`` elements that the EMA averages: the fp32
+            master where the engine has one, otherwise the sharded parameter. It is a
+            view: its storage stays the same across optimizer steps.
+        owner: True when this rank is the one that writes this range to the store.
+            Replicas (HSDP replicate axis, FSDP1 NO_SHARD) track the range too, so a
+            swapped-in EMA is available on every replica, but only one owns it.
+        load_target: live 1-d tensor of ``numel`` elements holding the weights the
+            forward pass uses, where it differs from ``source`` (ZeRO working
+            weights, DeepSpeed bf16 params); ``None`` when ``source`` is what forward
+            reads. ``PostHocEMA.swapped`` copies into both.
+    """
+
+    fqn: str
+    global_shape: tuple[int, ...]
+    dtype: torch.dtype
+    flat_start: int
+    numel: int
+    source: torch.Tensor = field(repr=False, compare=False)
+    owner: bool = True
+    load_target: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def global_numel(self) -> int:
+        return math.prod(self.global_shape)
+
+    @property
+    def flat_end(self) -> int:
+        return self.flat_start + self.numel
+
+
+@dataclass
+class ShardLayout:
+    """All pieces of one rank plus what the engine needs around them.
+
+    Attributes:
+        engine: short engine name recorded in snapshots ("fsdp2", "fsdp1",
+            "zero1", "zero2", "zero3", "replicated").
+        pieces: this rank's pieces, in a deterministic order (same model => same order).
+        params: every parameter of the model as ``{fqn: (global_shape, dtype)}``,
+            identical on all ranks (used by the coverage check and the store index).
+        buffers: the model's buffers (e.g. norm running stats) as ``{fqn: tensor}``,
+            full and identical on every rank under every supported engine. The
+            tracker copies them into snapshots (or averages them, by option).
+        process_group: the group the shards are split over (None = default group).
+        refresh: re-lists the pieces (after a checkpoint load replaced storages).
+        after_load: called after ``load_target``/``source`` were written (e.g. to
+            re-sync derived copies); may be None.
+    """
+
+    engine: str
+    pieces: list[ShardPiece]
+    params: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    process_group: object | None = None
+    refresh: Callable[[], ShardLayout] | None = None
+    after_load: Callable[[], None] | None = None
+
+
+def check_pieces_local(pieces: Sequence[ShardPiece]) -> None:
+    """Cheap per-rank sanity checks (the collective coverage check lives in checks.py)."""
+    for p in pieces:
+        if p.numel <= 0:
+            raise ValueError(f"empty shard piece listed for {p.fqn!r}; adapters must skip empty pieces")
+        if p.flat_start < 0 or p.flat_end > p.global_numel:
+            raise ValueError(
+                f"shard piece of {p.fqn!r} covers [{p.flat_start}, {p.flat_end}) outside the "
+                f"parameter's {p.global_numel} elements (global shape {p.global_shape})"
+            )
+        if p.source.dim() != 1 or p.source.numel() != p.numel:
+            raise ValueError(
+                f"shard piece of {p.fqn!r}: source must be a 1-d view of {p.numel} elements, "
+                f"got shape {tuple(p.source.shape)}"
+            )
+        if p.load_target is not None and p.load_target.numel() != p.numel:
+            raise ValueError(f"shard piece of {p.fqn!r}: load_target has the wrong size")

@@ -1,0 +1,116 @@
+"""Run a test function in N real processes joined by torch.distributed (gloo, CPU).
+
+    run_workers("tests.test_x:worker", world_size=2, tmp_path=tmp, kwargs={...})
+
+Each process sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT the way torchrun
+does, initializes a gloo process group, imports ``module:function`` and calls
+``function(rank, world_size, out_dir, **kwargs)``. Workers write their results as
+files under ``out_dir`` (``torch.save`` / ``np.save``); the test reads and checks
+them. A worker that fails or a run past ``timeout`` kills all processes and fails
+the test with the last lines of every rank's output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_BOOT = r"""
+import importlib, json, os, sys
+import faulthandler; faulthandler.enable()
+spec, out_dir, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+import torch.distributed as dist
+rank, ws = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+code = 0
+try:
+    if os.environ.get("DIST_HARNESS_NO_INIT") != "1":
+        dist.init_process_group("gloo", rank=rank, world_size=ws)
+    mod, fn = spec.split(":")
+    getattr(importlib.import_module(mod), fn)(rank, ws, out_dir, **kwargs)
+except BaseException:
+    import traceback; traceback.print_exc(); code = 1
+finally:
+    sys.stdout.flush(); sys.stderr.flush()
+    if code == 0 and dist.is_initialized():
+        try:
+            dist.barrier(); dist.destroy_process_group()
+        except Exception:
+            pass
+# gloo threads can abort at interpreter exit after all work finished: leave at once.
+os._exit(code)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(
+    spec: str,
+    world_size: int,
+    out_dir: os.PathLike | str,
+    kwargs: dict | None = None,
+    timeout: float = 240.0,
+    env: dict[str, str] | None = None,
+    expect_failure: bool = False,
+) -> list[str]:
+    """Run ``spec`` on ``world_size`` ranks; return each rank's combined output."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs, logs = [], []
+    for rank in range(world_size):
+        e = dict(os.environ)
+        e.update(
+            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+            LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
+            PYTHONPATH=os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]),
+        )
+        e.update(env or {})
+        log = open(out_dir / f"rank{rank}.log", "w+b")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", _BOOT, spec, str(out_dir), json.dumps(kwargs or {})],
+            env=e, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
+        ))
+    deadline = time.monotonic() + timeout
+    failed = timed_out = False
+    while any(p.poll() is None for p in procs):
+        if time.monotonic() > deadline:
+            timed_out = True
+            break
+        if not expect_failure and any(p.poll() not in (None, 0) for p in procs):
+            # one rank failed: give the others a moment to report, then stop them
+            time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
+            failed = True
+            break
+        time.sleep(0.05)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read().decode(errors="replace"))
+        log.close()
+    codes = [p.returncode for p in procs]
+    bad = timed_out or failed or (not expect_failure and any(c != 0 for c in codes))
+    if bad:
+        tails = "\n".join(
+            f"----- rank {r} (exit {codes[r]}) -----\n" + "\n".join(o.splitlines()[-40:])
+            for r, o in enumerate(outputs)
+        )
+        why = f"timed out after {timeout:.0f}s" if timed_out else f"exit codes {codes}"
+        raise AssertionError(f"{spec} on {world_size} ranks: {why}\n{tails}")
+    return outputs
