@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
 . .venv/bin/activate
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
-ruff check dist_ema tests bench launch
+ruff check .
 exec python -m pytest -q "$@"
