@@ -1,0 +1,407 @@
+"""PostHocEMA: power-function EMAs of each rank's own parameter shards.
+
+The tracker holds, per tracked profile, ONE flat fp32 buffer on the shards' device;
+every shard piece's EMA is a view into it, in the order of ``layout.pieces`` with the
+pieces this rank owns first. So an update is one ``torch._foreach_lerp_`` per profile
+over all pieces, and a snapshot of a profile is one contiguous copy of the owned
+prefix of its buffer.
+
+Time: ``t`` counts optimizer steps (or samples when ``batch_size`` is given). An
+update at time t with t_delta since the previous update uses
+beta = (1 - t_delta / t)^(gamma + 1), exact for any update interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dist_ema import phema
+from dist_ema.sharding.base import ShardLayout, ShardPiece
+
+__all__ = ["EMAConfig", "PostHocEMA"]
+
+log = logging.getLogger("dist_ema")
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    """What to track and how often.
+
+    Attributes:
+        sigma_rels: relative std of each tracked profile, each in (0, 0.2887). Give this
+            or ``gammas``. Default when neither is given: (0.05, 0.10), as in EDM2.
+        gammas: power-function exponents (>= 0) instead of sigma_rels.
+        update_every: update the EMA every this many optimizer steps (>= 1). Exact:
+            the skipped steps enter t_delta. Default 1.
+        batch_size: samples per optimizer step (global). When given, time is counted
+            in samples ("nimg") instead of steps. Coefficients do not depend on it.
+        include_frozen: also track parameters with requires_grad=False (their EMA
+            equals the parameter; tracking them keeps synthesized state dicts complete).
+        buffers: "copy" stores each buffer's current value with every snapshot and in
+            full state dicts; "ignore" leaves buffers out.
+    """
+
+    sigma_rels: tuple[float, ...] | None = None
+    gammas: tuple[float, ...] | None = None
+    update_every: int = 1
+    batch_size: int | None = None
+    include_frozen: bool = True
+    buffers: str = "copy"
+
+    def __post_init__(self) -> None:
+        if self.sigma_rels is not None and self.gammas is not None:
+            raise ValueError("give either sigma_rels or gammas, not both")
+        if self.sigma_rels is None and self.gammas is None:
+            object.__setattr__(self, "sigma_rels", (0.05, 0.10))
+        if self.sigma_rels is not None:
+            s = tuple(float(x) for x in np.atleast_1d(self.sigma_rels))
+            if not s:
+                raise ValueError("sigma_rels is empty: track at least one profile, e.g. sigma_rels=(0.05, 0.10)")
+            phema.validate_sigma_rel(s, "sigma_rels")
+            object.__setattr__(self, "sigma_rels", s)
+            object.__setattr__(self, "gammas", tuple(float(g) for g in np.atleast_1d(phema.sigma_rel_to_gamma(s))))
+        else:
+            g = tuple(float(x) for x in np.atleast_1d(self.gammas))
+            if not g:
+                raise ValueError("gammas is empty: track at least one profile, e.g. gammas=(16.97, 6.94)")
+            phema.validate_gamma(g, "gammas")
+            object.__setattr__(self, "gammas", g)
+            object.__setattr__(self, "sigma_rels", tuple(float(x) for x in np.atleast_1d(phema.gamma_to_sigma_rel(g))))
+        rounded = [round(g, 9) for g in self.gammas]
+        if len(set(rounded)) != len(rounded):
+            raise ValueError(
+                f"duplicate tracked profiles: sigma_rels={self.sigma_rels}; each profile must be tracked once"
+            )
+        if not isinstance(self.update_every, int) or isinstance(self.update_every, bool) or self.update_every < 1:
+            raise ValueError(f"update_every must be an integer >= 1; got {self.update_every!r}")
+        if self.batch_size is not None and (
+            not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be a positive integer (samples per step) or None; got {self.batch_size!r}")
+        if self.buffers not in ("copy", "ignore"):
+            raise ValueError(f"buffers must be 'copy' or 'ignore'; got {self.buffers!r}")
+
+    @property
+    def unit(self) -> str:
+        return "samples" if self.batch_size is not None else "steps"
+
+
+@dataclass
+class _Profile:
+    sigma_rel: float
+    gamma: float
+    flat: torch.Tensor  # fp32, [local elements] on the shards' device
+    views: list[torch.Tensor] = field(default_factory=list)  # one per piece, into flat
+
+
+class PostHocEMA:
+    """Power-function EMAs of a (sharded) model, kept shard-local on every rank.
+
+    Example:
+        >>> ema = PostHocEMA(model, sigma_rels=(0.05, 0.10))
+        >>> for batch in data:
+        ...     loss(model, batch).backward(); optimizer.step(); optimizer.zero_grad()
+        ...     ema.update()
+
+    ``model_or_engine`` is a module wrapped with FSDP2 ``fully_shard``, FSDP1, DDP, a
+    plain module, or a DeepSpeed engine (ZeRO 1/2/3); the engine is detected.
+    All ranks of the process group must construct it together (it runs one
+    collective check that the shards cover every parameter exactly once).
+    """
+
+    def __init__(
+        self,
+        model_or_engine: object,
+        sigma_rels: Sequence[float] | None = None,
+        *,
+        gammas: Sequence[float] | None = None,
+        update_every: int = 1,
+        batch_size: int | None = None,
+        include_frozen: bool = True,
+        buffers: str = "copy",
+        layout: ShardLayout | None = None,
+    ) -> None:
+        self.config = EMAConfig(
+            sigma_rels=tuple(sigma_rels) if sigma_rels is not None else None,
+            gammas=tuple(gammas) if gammas is not None else None,
+            update_every=update_every,
+            batch_size=batch_size,
+            include_frozen=include_frozen,
+            buffers=buffers,
+        )
+        self.model = model_or_engine
+        if layout is None:
+            from dist_ema.sharding.checks import verify_layout
+            from dist_ema.sharding.detect import make_layout
+
+            layout = make_layout(model_or_engine, include_frozen=include_frozen)
+            verify_layout(layout)
+        self.layout = layout
+        self._resync = _replicated_resync(model_or_engine, layout)
+        self._step_applied = _step_applied_fn(model_or_engine, layout)
+        self._set_pieces(layout.pieces)
+        self.profiles = [self._new_profile(s, g) for s, g in zip(self.config.sigma_rels, self.config.gammas)]
+        self.step = 0  # optimizer steps seen (applied ones)
+        self.t = 0.0  # time of the EMA state (in config.unit)
+        self._t_updated = 0.0  # time of the last EMA update
+        self.updates = 0
+
+    # ------------------------------------------------------------------ layout
+
+    def _set_pieces(self, pieces: Sequence[ShardPiece]) -> None:
+        # owned pieces first: a snapshot writes one contiguous prefix of each flat buffer
+        order = sorted(range(len(pieces)), key=lambda i: not pieces[i].owner)
+        self.pieces: list[ShardPiece] = [pieces[i] for i in order]
+        devices = {p.source.device for p in self.pieces}
+        if len(devices) > 1:
+            raise ValueError(
+                f"shards live on several devices {sorted(map(str, devices))}; dist-ema keeps one EMA buffer per rank "
+                f"on the shards' device: move the model's shards to one device"
+            )
+        self.device = devices.pop() if devices else torch.device("cpu")
+        self.offsets = np.cumsum([0] + [p.numel for p in self.pieces]).tolist()
+        self.owned_numel = sum(p.numel for p in self.pieces if p.owner)
+        self._fp32 = [i for i, p in enumerate(self.pieces) if p.source.dtype == torch.float32]
+        self._other = [i for i, p in enumerate(self.pieces) if p.source.dtype != torch.float32]
+
+    def _new_profile(self, sigma_rel: float, gamma: float) -> _Profile:
+        flat = torch.empty(self.offsets[-1], dtype=torch.float32, device=self.device)
+        prof = _Profile(sigma_rel, gamma, flat)
+        self._bind_views(prof)
+        # at t = 0 the EMA is the initial parameter (overwritten by the first update, beta = 0)
+        with torch.no_grad():
+            for v, p in zip(prof.views, self.pieces):
+                v.copy_(p.source)
+        return prof
+
+    def _bind_views(self, prof: _Profile) -> None:
+        prof.views = [prof.flat[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+    def refresh_views(self) -> None:
+        """Re-list the shard views after the model's storages were replaced.
+
+        Call after loading a model checkpoint with ``assign=True`` (FSDP2) or anything
+        else that swaps parameter storages. The EMA values are kept.
+        """
+        if self.layout.refresh is None:
+            return
+        new = self.layout.refresh()
+        old_keys = [(p.fqn, p.flat_start, p.numel, p.owner) for p in self.pieces]
+        order = sorted(range(len(new.pieces)), key=lambda i: not new.pieces[i].owner)
+        new_keys = [(new.pieces[i].fqn, new.pieces[i].flat_start, new.pieces[i].numel, new.pieces[i].owner)
+                    for i in order]
+        if old_keys != new_keys:
+            raise ValueError(
+                "the model's sharding changed since the EMA was created (different pieces after refresh); "
+                "create a new PostHocEMA and resume it from the store or a state dict"
+            )
+        self.layout = new
+        self._set_pieces(new.pieces)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def sigma_rels(self) -> tuple[float, ...]:
+        return tuple(p.sigma_rel for p in self.profiles)
+
+    @property
+    def gammas(self) -> tuple[float, ...]:
+        return tuple(p.gamma for p in self.profiles)
+
+    def profile(self, sigma_rel: float | None = None, gamma: float | None = None) -> _Profile:
+        """The tracked profile with this sigma_rel (or gamma); ValueError naming the tracked ones."""
+        if (sigma_rel is None) == (gamma is None):
+            raise ValueError("give exactly one of sigma_rel or gamma")
+        if sigma_rel is not None:
+            for p in self.profiles:
+                if math.isclose(p.sigma_rel, sigma_rel, rel_tol=1e-6):
+                    return p
+            raise ValueError(
+                f"sigma_rel={sigma_rel} is not tracked (tracked: {list(self.sigma_rels)}); "
+                f"use ema.swapped(sigma_rel=...) or synthesize() for other profiles"
+            )
+        for p in self.profiles:
+            if math.isclose(p.gamma, gamma, rel_tol=1e-9):
+                return p
+        raise ValueError(f"gamma={gamma} is not tracked (tracked: {list(self.gammas)})")
+
+    # ------------------------------------------------------------------ update
+
+    @torch.no_grad()
+    def update(self) -> bool:
+        """Account for one optimizer step; every ``update_every`` steps, update the EMAs.
+
+        Call once after each optimizer step. Steps the engine did not apply
+        (DeepSpeed fp16 overflow, gradient-accumulation micro-steps) are skipped.
+        No host-device synchronization, no allocation for fp32 shards.
+        Returns True when the EMAs were updated.
+        """
+        if self._step_applied is not None and not self._step_applied():
+            return False
+        self.step += 1
+        unit = self.config.batch_size or 1
+        self.t = float(self.step * unit)
+        if self.step % self.config.update_every != 0:
+            return False
+        t_delta = self.t - self._t_updated
+        self._apply(self.t, t_delta)
+        self._t_updated = self.t
+        self.updates += 1
+        return True
+
+    def _apply(self, t: float, t_delta: float) -> None:
+        src = [self.pieces[i].source for i in self._fp32]
+        src_other = [self.pieces[i].source.float() for i in self._other]  # allocates: non-fp32 sources only
+        for prof in self.profiles:
+            w = 1.0 - phema.power_beta(prof.gamma, t, t_delta)  # host float: no sync
+            if src:
+                torch._foreach_lerp_([prof.views[i] for i in self._fp32], src, w)
+            if src_other:
+                torch._foreach_lerp_([prof.views[i] for i in self._other], src_other, w)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """Resumable state: step, time and this rank's EMA pieces (tensors, no pickled objects)."""
+        return {
+            "format": "dist_ema.tracker/1",
+            "step": self.step,
+            "t": self.t,
+            "t_updated": self._t_updated,
+            "updates": self.updates,
+            "unit": self.config.unit,
+            "gammas": list(self.gammas),
+            "pieces": [[p.fqn, p.flat_start, p.numel] for p in self.pieces],
+            "emas": [prof.flat for prof in self.profiles],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` saved by this rank with the same sharding.
+
+        To resume at another world size, resume from the snapshot store instead.
+        """
+        if state.get("format") != "dist_ema.tracker/1":
+            raise ValueError(f"not a dist-ema tracker state dict (format={state.get('format')!r})")
+        if not np.allclose(state["gammas"], self.gammas, rtol=1e-9):
+            raise ValueError(f"state dict tracks gammas {state['gammas']}, this EMA tracks {list(self.gammas)}")
+        if state["unit"] != self.config.unit:
+            raise ValueError(f"state dict counts time in {state['unit']}, this EMA in {self.config.unit}")
+        mine = [[p.fqn, p.flat_start, p.numel] for p in self.pieces]
+        if [list(x) for x in state["pieces"]] != mine:
+            raise ValueError(
+                "state dict was saved with a different sharding (world size or wrapping); "
+                "resume from the snapshot store, which reshards"
+            )
+        with torch.no_grad():
+            for prof, flat in zip(self.profiles, state["emas"]):
+                prof.flat.copy_(flat)
+        self.step, self.t = int(state["step"]), float(state["t"])
+        self._t_updated, self.updates = float(state["t_updated"]), int(state["updates"])
+
+    # ------------------------------------------------------------------ gather
+
+    @torch.no_grad()
+    def full_state_dict(self, sigma_rel: float | None = None, gamma: float | None = None) -> dict[str, torch.Tensor]:
+        """Full fp32 tensors of one tracked profile, gathered on rank 0 ({} on other ranks).
+
+        Keys are the model's parameter names (plus buffers with ``buffers="copy"``), shapes
+        the model's; loadable with ``model.load_state_dict`` into an unsharded model.
+        For small models, tests and debugging: it materializes the whole model on rank 0.
+        """
+        prof = self.profile(sigma_rel=sigma_rel, gamma=gamma)
+        mine = [
+            (p.fqn, p.flat_start, prof.views[i].detach().cpu().clone())
+            for i, p in enumerate(self.pieces)
+            if p.owner
+        ]
+        gathered = _gather_to_rank0(mine, self.layout.process_group)
+        if gathered is None:
+            return {}
+        out: dict[str, torch.Tensor] = {}
+        for fqn, (shape, _dtype) in self.layout.params.items():
+            out[fqn] = torch.empty(math.prod(shape), dtype=torch.float32)
+        for part in gathered:
+            for fqn, start, values in part:
+                out[fqn][start : start + values.numel()] = values
+        out = {k: v.view(self.layout.params[k][0]) for k, v in out.items()}
+        if self.config.buffers == "copy":
+            out.update({k: b.detach().cpu().clone() for k, b in self.layout.buffers.items()})
+        return out
+
+    # ------------------------------------------------------------------ swap
+
+    def _after_load(self) -> None:
+        if self._resync is not None:
+            self._resync()
+        if self.layout.after_load is not None:
+            self.layout.after_load()
+
+    @contextlib.contextmanager
+    def tracked_swapped(self, sigma_rel: float) -> Iterator[None]:
+        """Load a *tracked* profile into the live model, restore the training weights after."""
+        prof = self.profile(sigma_rel=sigma_rel)
+        with self._swapped_values(prof.views):
+            yield
+
+    @contextlib.contextmanager
+    def _swapped_values(self, values: Sequence[torch.Tensor]) -> Iterator[None]:
+        backups = []
+        with torch.no_grad():
+            for p, v in zip(self.pieces, values):
+                targets = [p.source] + ([p.load_target] if p.load_target is not None else [])
+                backups.append([x.clone() for x in targets])
+                for x in targets:
+                    x.copy_(v)
+            self._after_load()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(self.pieces, backups):
+                    targets = [p.source] + ([p.load_target] if p.load_target is not None else [])
+                    for x, s in zip(targets, saved):
+                        x.copy_(s)
+                self._after_load()
+
+
+def _gather_to_rank0(obj: object, group: object | None) -> list | None:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    rank = dist.get_rank(group)
+    out = [None] * dist.get_world_size(group) if rank == 0 else None
+    dist.gather_object(obj, out, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return out if rank == 0 else None
+
+
+def _unwrap_module(obj: object) -> torch.nn.Module:
+    inner = getattr(obj, "module", obj)  # DDP and DeepSpeed engines keep the model in .module
+    return inner if isinstance(inner, torch.nn.Module) else obj  # type: ignore[return-value]
+
+
+def _replicated_resync(model_or_engine: object, layout: ShardLayout):
+    """Engines whose working weights are full on every rank, while each rank owns a slice."""
+    if layout.engine not in ("replicated", "zero1", "zero2") or layout.after_load is not None:
+        return None
+    from dist_ema.sharding.resync import make_replicated_resync
+
+    module = _unwrap_module(model_or_engine)
+    params = {n: p for n, p in module.named_parameters() if n in layout.params}
+    return make_replicated_resync(params, layout.pieces, layout.process_group)
+
+
+def _step_applied_fn(model_or_engine: object, layout: ShardLayout):
+    if layout.engine.startswith("zero"):
+        from dist_ema.sharding import deepspeed as ds
+
+        fn = getattr(ds, "deepspeed_step_was_applied", None)
+        if fn is not None:
+            return lambda: fn(model_or_engine)
+    return None

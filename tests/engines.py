@@ -1,0 +1,143 @@
+"""Real training setups for multi-process tests: one tiny model under every supported engine.
+
+    setup = build("fsdp2", seed=0)          # inside a gloo worker
+    for _ in range(n): setup.step()
+    full = setup.full_params()             # {fqn: float64 full tensor}, on every rank
+
+Shapes are chosen so that 3 ranks give uneven shards and some ranks hold nothing of a
+parameter (``head.weight`` has one row; ``head.bias`` one element).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+ENGINES = ("replicated", "ddp", "fsdp2", "fsdp2_bf16", "fsdp1", "fsdp1_flat", "zero1", "zero2", "zero3")
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 6)
+        self.fc1 = nn.Linear(6, 10)
+        self.norm = nn.LayerNorm(10)
+        self.fc2 = nn.Linear(10, 5)
+        self.head = nn.Linear(5, 1)
+        self.register_buffer("scale", torch.ones(1))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(self.emb(idx)))
+        return self.head(self.fc2(self.norm(h))).squeeze(-1) * self.scale
+
+
+def batch(step: int, rank: int, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randint(0, 7, (n,), generator=g), torch.randn(n, generator=g)
+
+
+@dataclass
+class Setup:
+    engine: str
+    model: nn.Module  # the module as wrapped by the engine
+    target: object  # what PostHocEMA receives
+    step: Callable[[], None]
+    full_params: Callable[[], dict[str, torch.Tensor]]
+    steps_done: int = 0
+
+
+def build(engine: str, seed: int = 0, lr: float = 0.05, grad_accum: int = 1) -> Setup:
+    """Build TinyNet under ``engine`` on the current gloo process group."""
+    torch.manual_seed(seed)
+    net = TinyNet()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    counter = {"n": 0}
+
+    if engine.startswith("zero"):
+        import deepspeed
+
+        stage = int(engine[-1])
+        cfg = {
+            "train_micro_batch_size_per_gpu": 8,
+            "gradient_accumulation_steps": grad_accum,
+            "zero_optimization": {"stage": stage},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+        }
+        opt = torch.optim.AdamW(net.parameters(), lr=lr)
+        eng, *_ = deepspeed.initialize(model=net, optimizer=opt, config=cfg)
+
+        def step() -> None:
+            for _ in range(grad_accum):
+                x, y = batch(counter["n"], rank)
+                counter["n"] += 1
+                loss = ((eng(x) - y) ** 2).mean()
+                eng.backward(loss)
+                eng.step()
+
+        def full() -> dict[str, torch.Tensor]:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            return {n: safe_get_full_fp32_param(p).detach().double().clone() for n, p in eng.module.named_parameters()}
+
+        return Setup(engine, eng.module, eng, step, full)
+
+    if engine in ("fsdp2", "fsdp2_bf16"):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if engine == "fsdp2_bf16" else MixedPrecisionPolicy()
+        fully_shard(net.fc1, mp_policy=mp)
+        fully_shard(net.fc2, mp_policy=mp)
+        fully_shard(net, mp_policy=mp)
+        model = net
+
+        def full() -> dict[str, torch.Tensor]:
+            return {n: p.full_tensor().detach().double().clone() for n, p in model.named_parameters()}
+
+    elif engine in ("fsdp1", "fsdp1_flat"):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        net.fc1 = FSDP(net.fc1, use_orig_params=(engine == "fsdp1"), device_id=torch.device("cpu"))
+        model = FSDP(net, use_orig_params=(engine == "fsdp1"), device_id=torch.device("cpu"))
+
+        def full() -> dict[str, torch.Tensor]:
+            with FSDP.summon_full_params(model, writeback=False):
+                return {
+                    n.replace("_fsdp_wrapped_module.", ""): p.detach().double().clone()
+                    for n, p in model.named_parameters()
+                }
+
+    elif engine == "ddp":
+        model = nn.parallel.DistributedDataParallel(net)
+
+        def full() -> dict[str, torch.Tensor]:
+            return {n: p.detach().double().clone() for n, p in model.module.named_parameters()}
+
+    elif engine == "replicated":
+        model = net
+
+        def full() -> dict[str, torch.Tensor]:
+            return {n: p.detach().double().clone() for n, p in model.named_parameters()}
+
+    else:
+        raise ValueError(engine)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def step() -> None:
+        x, y = batch(counter["n"], rank)
+        counter["n"] += 1
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        if engine == "replicated" and dist.is_initialized():  # plain module: average grads by hand
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+        opt.step()
+        opt.zero_grad()
+
+    return Setup(engine, model, model, step, full)

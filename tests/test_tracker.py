@@ -1,0 +1,218 @@
+"""PostHocEMA under every engine: gathered EMA == brute-force weighted sum of the trajectory."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
+
+from dist_ema import phema
+from dist_ema.tracker import EMAConfig, PostHocEMA
+from tests.dist_harness import run_workers
+from tests.engines import TinyNet, build
+
+SIGMAS = (0.05, 0.10, 0.20)
+
+
+def reference_ema(traj: list[dict[str, torch.Tensor]], times: list[float], gamma: float) -> dict[str, torch.Tensor]:
+    """sum_j w_j theta_j with w_j = (t_j^(g+1) - t_(j-1)^(g+1)) / t_n^(g+1): the profile's mass over each update."""
+    tn = times[-1]
+    out = {k: torch.zeros_like(v) for k, v in traj[0].items()}
+    prev = 0.0
+    for theta, t in zip(traj, times):
+        w = (t / tn) ** (gamma + 1) - (prev / tn) ** (gamma + 1)
+        prev = t
+        for k in out:
+            out[k] += w * theta[k]
+    return out
+
+
+def worker_ema_matches_reference(rank, ws, out, engine, update_every, steps, batch_size=None):
+    setup = build(engine)
+    ema = PostHocEMA(setup.target, sigma_rels=SIGMAS, update_every=update_every, batch_size=batch_size)
+    traj, times = [], []
+    for _ in range(steps):
+        setup.step()
+        if ema.update():
+            traj.append(setup.full_params())
+            times.append(ema.t)
+    assert ema.step == steps and len(times) == steps // update_every
+    assert ema.t == steps * (batch_size or 1)
+    for s in SIGMAS:
+        got = ema.full_state_dict(sigma_rel=s)
+        if rank != 0:
+            assert got == {}
+            continue
+        ref = reference_ema(traj, times, phema.sigma_rel_to_gamma(s))
+        assert set(ref) <= set(got)
+        for k, v in ref.items():
+            assert got[k].dtype == torch.float32 and got[k].shape == v.shape, k
+            torch.testing.assert_close(got[k].double(), v, rtol=2e-5, atol=2e-6, msg=f"{engine} {k} sigma_rel={s}")
+        # the widest EMA differs from the last parameters: the test can tell them apart
+        last = traj[-1]
+        assert s != 0.20 or max((got[k].double() - last[k]).abs().max().item() for k in ref) > 1e-3
+    # tracked_swapped puts the tracked EMA into the live model and restores it exactly
+    before = setup.full_params()
+    with ema.tracked_swapped(sigma_rel=0.10):
+        inside = setup.full_params()
+    after = setup.full_params()
+    ref = ema.full_state_dict(sigma_rel=0.10)
+    if rank == 0:
+        for k in before:
+            torch.testing.assert_close(inside[k], ref[k].double(), rtol=0, atol=0, msg=k)
+            assert torch.equal(before[k], after[k]), k
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("ws", [2, 3])
+@pytest.mark.parametrize("engine", ["replicated", "ddp", "fsdp2", "fsdp2_bf16", "fsdp1", "fsdp1_flat"])
+def test_torch_engines(engine, ws, tmp_path):
+    run_workers("tests.test_tracker:worker_ema_matches_reference", ws, tmp_path,
+                kwargs=dict(engine=engine, update_every=1, steps=12))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("engine,ws", [("fsdp2", 3), ("replicated", 2)])
+def test_update_every_and_samples(engine, ws, tmp_path):
+    run_workers("tests.test_tracker:worker_ema_matches_reference", ws, tmp_path,
+                kwargs=dict(engine=engine, update_every=3, steps=14, batch_size=16))
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("ws", [2, 3])
+@pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3"])
+def test_deepspeed_engines(engine, ws, tmp_path):
+    pytest.importorskip("deepspeed")
+    run_workers("tests.test_tracker:worker_ema_matches_reference", ws, tmp_path,
+                kwargs=dict(engine=engine, update_every=2 if ws == 3 else 1, steps=10))
+
+
+# ----------------------------------------------------------------------------- single process
+
+
+def test_single_process_matches_reference():
+    torch.manual_seed(0)
+    m = TinyNet()
+    opt = torch.optim.SGD(m.parameters(), lr=0.3)
+    ema = PostHocEMA(m, gammas=(3.0, 12.0), update_every=4)
+    traj, times = [], []
+    for i in range(23):
+        m(torch.arange(7)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if ema.update():
+            traj.append({k: v.detach().double().clone() for k, v in m.named_parameters()})
+            times.append(ema.t)
+    assert times == [4.0, 8.0, 12.0, 16.0, 20.0]
+    for g in (3.0, 12.0):
+        got = ema.full_state_dict(gamma=g)
+        ref = reference_ema(traj, times, g)
+        for k in ref:
+            torch.testing.assert_close(got[k].double(), ref[k], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got["scale"], m.scale)
+
+
+class _Sync(Exception):
+    pass
+
+
+def test_update_never_syncs_or_allocates(monkeypatch):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+    ema = PostHocEMA(m, sigma_rels=(0.05, 0.1), update_every=2)
+    ema.update()
+
+    def forbid(name):
+        def f(*a, **k):
+            raise _Sync(f"update() called Tensor.{name}")
+        return f
+
+    for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, forbid(name))
+    monkeypatch.setattr(torch.cuda, "synchronize", forbid("cuda.synchronize"))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(6):
+            ema.update()
+    monkeypatch.undo()
+    allocs = [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage > 0]
+    assert allocs == []
+    assert ema.updates == 3
+    # sanity: the probe does see allocations when there are some
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _ = m[0].weight * 2
+    assert any(e.cpu_memory_usage > 0 for e in prof.events())
+
+
+def test_bf16_params_are_averaged_in_fp32():
+    m = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    ema = PostHocEMA(m, sigma_rels=(0.1,))
+    ema.update()
+    assert ema.profiles[0].flat.dtype == torch.float32
+    torch.testing.assert_close(ema.full_state_dict(sigma_rel=0.1)["weight"], m.weight.float())
+
+
+def test_state_dict_round_trip():
+    torch.manual_seed(0)
+    m = TinyNet()
+    a = PostHocEMA(m, sigma_rels=(0.05, 0.1))
+    with torch.no_grad():
+        for _ in range(3):
+            for p in m.parameters():
+                p.add_(torch.randn_like(p))
+            a.update()
+    b = PostHocEMA(m, sigma_rels=(0.05, 0.1))
+    b.load_state_dict(a.state_dict())
+    assert (b.step, b.t) == (3, 3.0)
+    for pa, pb in zip(a.profiles, b.profiles):
+        assert torch.equal(pa.flat, pb.flat)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    a.update()
+    b.update()
+    assert torch.equal(a.profiles[1].flat, b.profiles[1].flat)
+    c = PostHocEMA(m, sigma_rels=(0.05, 0.2))
+    with pytest.raises(ValueError, match="tracks gammas"):
+        c.load_state_dict(a.state_dict())
+    d = PostHocEMA(m, sigma_rels=(0.05, 0.1), batch_size=4)
+    with pytest.raises(ValueError, match="counts time in steps"):
+        d.load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(sigma_rels=(0.3,)), r"sigma_rels must be in \(0, 0.2887\); got \[0.3\]"),
+        (dict(sigma_rels=(0.1, 0.1)), "duplicate tracked profiles"),
+        (dict(sigma_rels=()), "sigma_rels is empty"),
+        (dict(gammas=(-1.0,)), "gammas must be >= 0"),
+        (dict(sigma_rels=(0.1,), gammas=(3.0,)), "either sigma_rels or gammas"),
+        (dict(update_every=0), "update_every must be an integer >= 1"),
+        (dict(update_every=1.5), "update_every must be an integer >= 1"),
+        (dict(batch_size=0), "batch_size must be a positive integer"),
+        (dict(buffers="avg"), "buffers must be 'copy' or 'ignore'"),
+    ],
+)
+def test_config_errors(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        EMAConfig(**kwargs)
+
+
+def test_untracked_profile_error():
+    ema = PostHocEMA(torch.nn.Linear(2, 2), sigma_rels=(0.05, 0.1))
+    with pytest.raises(ValueError, match=r"sigma_rel=0.15 is not tracked \(tracked: \[0.05, 0.1\]\)"):
+        ema.full_state_dict(sigma_rel=0.15)
+
+
+def test_defaults_and_gammas():
+    ema = PostHocEMA(torch.nn.Linear(2, 2))
+    assert ema.sigma_rels == pytest.approx((0.05, 0.10))
+    ema2 = PostHocEMA(torch.nn.Linear(2, 2), gammas=(16.97, 6.94))
+    assert ema2.sigma_rels == pytest.approx((0.05, 0.10), abs=1e-4)
+    assert math.isclose(ema2.gammas[0], 16.97)
+    assert np.allclose(ema.gammas, phema.sigma_rel_to_gamma([0.05, 0.1]))
+    assert not dist.is_initialized()
