@@ -85,7 +85,9 @@ class EMAConfig:
         if self.batch_size is not None and (
             not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1
         ):
-            raise ValueError(f"batch_size must be a positive integer (samples per step) or None; got {self.batch_size!r}")
+            raise ValueError(
+                f"batch_size must be a positive integer (samples per step) or None; got {self.batch_size!r}"
+            )
         if self.buffers not in ("copy", "ignore"):
             raise ValueError(f"buffers must be 'copy' or 'ignore'; got {self.buffers!r}")
 
@@ -127,6 +129,15 @@ class PostHocEMA:
         batch_size: int | None = None,
         include_frozen: bool = True,
         buffers: str = "copy",
+        store: str | None = None,
+        snapshot_every: int | None = None,
+        storage_options: dict | None = None,
+        storage_dtype: str = "float32",
+        compression: str | None = None,
+        keep: int | None = None,
+        resume: bool = False,
+        max_object_bytes: int | None = None,
+        writer: str = "process",
         layout: ShardLayout | None = None,
     ) -> None:
         self.config = EMAConfig(
@@ -137,6 +148,17 @@ class PostHocEMA:
             include_frozen=include_frozen,
             buffers=buffers,
         )
+        self.store_config = None
+        if store is not None:
+            from dist_ema.snapshots import SnapshotConfig
+
+            extra = {} if max_object_bytes is None else {"max_object_bytes": max_object_bytes}
+            self.store_config = SnapshotConfig(
+                url=store, snapshot_every=snapshot_every, storage_options=storage_options, dtype=storage_dtype,
+                compression=compression, keep=keep, writer=writer, **extra,
+            )
+        elif snapshot_every is not None or resume:
+            raise ValueError("snapshot_every= and resume= need store=URL (a local path or s3://bucket/prefix)")
         self.model = model_or_engine
         if layout is None:
             from dist_ema.sharding.checks import verify_layout
@@ -153,6 +175,13 @@ class PostHocEMA:
         self.t = 0.0  # time of the EMA state (in config.unit)
         self._t_updated = 0.0  # time of the last EMA update
         self.updates = 0
+        self.snapshots = None
+        if self.store_config is not None:
+            from dist_ema.snapshots import SnapshotManager
+
+            self.snapshots = SnapshotManager(self, self.store_config)
+            if resume:
+                self.snapshots.resume()
 
     # ------------------------------------------------------------------ layout
 
@@ -255,7 +284,38 @@ class PostHocEMA:
         self._apply(self.t, t_delta)
         self._t_updated = self.t
         self.updates += 1
+        every = self.store_config.snapshot_every if self.store_config is not None else None
+        if every:
+            if self.updates % every == 0:
+                self.snapshots.snapshot()
+            elif self.updates % every == every // 2:
+                self.snapshots.maybe_exchange()
         return True
+
+    def snapshot(self) -> str | None:
+        """Write a snapshot of every tracked profile now (collective: call on every rank).
+
+        Returns the snapshot's id, or None if one was already taken at this step.
+        Written in the background; committed once every rank finished writing.
+        """
+        if self.snapshots is None:
+            raise ValueError("snapshot() needs a store: PostHocEMA(..., store='runs/x/snapshots')")
+        return self.snapshots.snapshot()
+
+    def close(self) -> None:
+        """Flush pending snapshots, commit them and stop the writer (collective; idempotent)."""
+        if self.snapshots is not None:
+            self.snapshots.close()
+
+    def __enter__(self) -> PostHocEMA:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self.snapshots is not None:
+            # an exception is propagating (maybe on this rank only): no collectives, just stop the writer
+            self.snapshots.writer.close(timeout=30)
 
     def _apply(self, t: float, t_delta: float) -> None:
         src = [self.pieces[i].source for i in self._fp32]

@@ -1,0 +1,69 @@
+"""Small collective helpers: every rank learns about every rank's error.
+
+A failure on one rank must never leave the others waiting in a collective: code that
+may fail on some ranks runs locally, then :func:`raise_if_any` exchanges the outcome
+and raises the same error on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch.distributed as dist
+
+__all__ = ["all_gather_object", "is_distributed", "rank", "raise_if_any", "run_and_check", "world_size"]
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank(group: object | None = None) -> int:
+    return dist.get_rank(group) if is_distributed() else 0
+
+
+def world_size(group: object | None = None) -> int:
+    return dist.get_world_size(group) if is_distributed() else 1
+
+
+def all_gather_object(obj: object, group: object | None = None) -> list:
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def raise_if_any(
+    error: BaseException | None, what: str, group: object | None = None, exc_type: type[Exception] = RuntimeError
+) -> None:
+    """Exchange each rank's error (or None); if any rank failed, raise on every rank.
+
+    The message names every failed rank and its error, e.g.
+    "snapshot step-000000000100 failed on rank 1: PermissionError: ...".
+    """
+    msg = None if error is None else f"{type(error).__name__}: {error}"
+    everyone = all_gather_object(msg, group)
+    bad = [(r, m) for r, m in enumerate(everyone) if m is not None]
+    if not bad:
+        return
+    detail = "; ".join(f"rank {r}: {m}" for r, m in bad[:4]) + (f"; and {len(bad) - 4} more" if len(bad) > 4 else "")
+    exc = exc_type(f"{what} failed on {len(bad)} of {len(everyone)} rank(s): {detail}")
+    if error is not None:
+        raise exc from error
+    raise exc
+
+
+def run_and_check(fn: Callable[[], T], what: str, group: object | None = None,
+                  exc_type: type[Exception] = RuntimeError) -> T | None:
+    """Run ``fn`` on this rank, then :func:`raise_if_any`. Returns fn's result."""
+    result, err = None, None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+        err = e
+    raise_if_any(err, what, group, exc_type)
+    return result

@@ -1,0 +1,377 @@
+"""Snapshots of a PostHocEMA into a store: start-up, staging, commit coordination, resume.
+
+This is the bridge between the tracker (torch tensors on the shards' device) and the
+store (NumPy + zarr in a writer process). Per snapshot, on every rank:
+
+1. take a free staging slot (backpressure if the writer is behind), copy the owned
+   prefix of each profile's flat EMA buffer into it (one memcpy per profile; on GPU a
+   non-blocking copy on a side stream) and queue a data job;
+2. exchange with the other ranks which snapshots each has finished writing (a small
+   all_gather, also once between snapshots); snapshots finished on *every* rank are
+   committed by rank 0 (metadata, then the marker, written last), and retention runs;
+   a failed write raises one clear error on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dist_ema.collective import all_gather_object, raise_if_any, rank, run_and_check, world_size
+from dist_ema.store.fs import StoreError, StoreIO, redact
+from dist_ema.store.io import ensure_store, read_commits, remove_snapshot, write_layout
+from dist_ema.store.layout import (
+    DEFAULT_MAX_OBJECT_BYTES,
+    FORMAT_VERSION,
+    STORAGE_DTYPES,
+    Layout,
+    merge_reads,
+    plan_region,
+    snapshot_id,
+)
+from dist_ema.store.reader import SnapshotStore
+from dist_ema.store.retention import thin_evenly, validate_keep
+from dist_ema.store.writer import SnapshotWriter, WriterSpec
+
+__all__ = ["SnapshotConfig", "SnapshotManager"]
+
+log = logging.getLogger("dist_ema")
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SnapshotConfig:
+    """Where and how snapshots are written.
+
+    Attributes:
+        url: store URL: local path, ``file://``, ``s3://bucket/prefix`` or any fsspec URL.
+        snapshot_every: write a snapshot every this many EMA updates (None: only on demand).
+        storage_options: fsspec options (endpoint_url, key, secret, ...); default: environment.
+        dtype: storage dtype, "float32" (default, exact resume), "bfloat16" or "float16".
+        compression: None (default; weights barely compress), "blosc-lz4" or "zstd".
+        keep: None keeps every snapshot; an integer K >= 2 thins to at most K snapshots
+            spread evenly over the run (never only the last K: that ruins synthesis).
+        max_object_bytes: cap on one stored object; larger shards become several objects.
+        writer: "process" (default: off the training process's GIL), "thread" or "sync".
+        slots: staging buffers (2: one snapshot in flight beyond the one being staged).
+    """
+
+    url: str
+    snapshot_every: int | None = None
+    storage_options: dict | None = None
+    dtype: str = "float32"
+    compression: str | None = None
+    keep: int | None = None
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+    writer: str = "process"
+    slots: int = 2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url:
+            raise ValueError(f"store must be a URL string (path, file://, s3://...); got {self.url!r}")
+        if self.snapshot_every is not None and (
+            isinstance(self.snapshot_every, bool) or not isinstance(self.snapshot_every, int) or self.snapshot_every < 1
+        ):
+            raise ValueError(f"snapshot_every must be a positive integer (EMA updates) or None; "
+                             f"got {self.snapshot_every!r}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}; got {self.dtype!r}")
+        from dist_ema.store.io import COMPRESSIONS
+
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}; got {self.compression!r}")
+        validate_keep(self.keep)
+        if not isinstance(self.max_object_bytes, int) or self.max_object_bytes < 4:
+            raise ValueError(f"max_object_bytes must be an integer >= 4; got {self.max_object_bytes!r}")
+        if self.writer not in ("process", "thread", "sync"):
+            raise ValueError(f"writer must be 'process', 'thread' or 'sync'; got {self.writer!r}")
+
+
+@dataclass
+class _Pending:
+    snap: str
+    jid: int
+    meta: dict
+    t: float
+
+
+class SnapshotManager:
+    """Owns one rank's writer and the commit protocol for a :class:`~dist_ema.tracker.PostHocEMA`."""
+
+    def __init__(self, ema, config: SnapshotConfig) -> None:
+        self.ema = ema
+        self.config = config
+        self.group = ema.layout.process_group
+        self.rank = rank(self.group)
+        self.world = world_size(self.group)
+        self.io = StoreIO(config.url, config.storage_options)
+        owned = [(p.fqn, p.flat_start, p.numel) for p in ema.pieces if p.owner]
+        everyone = all_gather_object(owned, self.group)
+        params = [(f, shape, str(dt).replace("torch.", "")) for f, (shape, dt) in ema.layout.params.items()]
+        self.layout = Layout.build(params, everyone, ema.layout.engine)
+        self.layout_id = self.layout.layout_id()
+        self.pending: list[_Pending] = []
+        self.committed: list[tuple[str, float]] = []  # rank 0: (snap, t) of committed snapshots, for retention
+        self.commit_jobs: dict[int, str] = {}  # rank 0: commit job id -> snap
+        # every rank: snapshots whose commit rank 0 queued but whose outcome was not exchanged yet.
+        # Kept on all ranks (decisions are collective), so "is there anything to exchange" is the same everywhere.
+        self.unconfirmed: list[str] = []
+        self.skipped: list[str] = []
+        self.last_step: int | None = None
+        self.bytes_written = 0
+        self.stall_seconds: list[float] = []
+        self._closed = False
+        self._startup()
+        self.writer = run_and_check(
+            lambda: SnapshotWriter(
+                self.io,
+                WriterSpec(self.rank, ema.owned_numel, len(ema.profiles), config.dtype, config.compression,
+                           config.max_object_bytes),
+                mode=config.writer, slots=config.slots,
+            ),
+            "starting the snapshot writer", self.group, StoreError,
+        )
+        self._stage_dtype = _TORCH_DTYPES[config.dtype]
+
+    # ------------------------------------------------------------------ start-up
+
+    def _startup(self) -> None:
+        def rank0() -> None:
+            ensure_store(self.io, create=True)
+            done, torn = read_commits(self.io)
+            for snap in torn:  # crash leftovers: never visible, now removed
+                log.warning("dist-ema: removing uncommitted (torn) snapshot %s from %s", snap, self.io.url)
+                remove_snapshot(self.io, snap)
+            self.committed = [(c.snap, float(c.meta["t"])) for c in done]
+
+        where = f"store {self.io.url} (storage_options={redact(self.config.storage_options)})"
+        if self.rank == 0:
+            run_and_check(rank0, f"opening {where}", self.group, StoreError)
+        else:
+            run_and_check(lambda: None, f"opening {where}", self.group, StoreError)
+        # every rank writes its own layout file: permanent storage problems show up here, at start-up
+        run_and_check(lambda: write_layout(self.io, self.layout, self.rank), f"writing the layout to {where}",
+                      self.group, StoreError)
+
+    # ------------------------------------------------------------------ snapshot
+
+    def _meta(self) -> dict:
+        ema = self.ema
+        cfg = ema.config
+        return {
+            "format": "dist-ema-snapshot",
+            "version": FORMAT_VERSION,
+            "step": ema.step,
+            "t": ema._t_updated,
+            "t_now": ema.t,
+            "updates": ema.updates,
+            "unit": cfg.unit,
+            "batch_size": cfg.batch_size,
+            "update_every": cfg.update_every,
+            "t_delta_rule": "beta = (1 - t_delta / t) ** (gamma + 1); t_delta = time since the previous update",
+            "profiles": [{"sigma_rel": p.sigma_rel, "gamma": p.gamma, "array": f"p{k}"}
+                         for k, p in enumerate(ema.profiles)],
+            "dtype": self.config.dtype,
+            "compression": self.config.compression,
+            "max_object_bytes": self.config.max_object_bytes,
+            "world_size": self.world,
+            "engine": self.layout.engine,
+            "layout": self.layout_id,
+            "model": self.layout.model_fingerprint(),
+            "buffers": [[n, list(b.shape), str(b.dtype).replace("torch.", "")]
+                        for n, b in ema.layout.buffers.items()] if cfg.buffers == "copy" else [],
+            "created": time.time(),
+        }
+
+    @torch.no_grad()
+    def snapshot(self) -> str | None:
+        """Stage and queue a snapshot of every profile; commit finished ones. Collective."""
+        ema = self.ema
+        if self._closed:
+            raise StoreError("snapshot() after close(): the EMA's store is closed")
+        if ema.updates == 0:
+            raise ValueError("snapshot() before the first update(): the EMA has no time yet; call update() first")
+        if self.last_step == ema.step:
+            return None  # already snapshotted at this step
+        snap = snapshot_id(ema.step)
+        t0 = time.perf_counter()
+        slot, err = None, None
+        try:
+            slot = self.writer.acquire_slot()
+            self._stage(slot)
+        except Exception as e:  # noqa: BLE001 - exchanged below
+            err = e
+        self.stall_seconds.append(time.perf_counter() - t0)
+        raise_if_any(err, f"staging snapshot {snap}", self.group, StoreError)
+        meta = self._meta()
+        buffers = None
+        if self.rank == 0 and meta["buffers"]:
+            buffers = [b.detach().cpu().numpy().copy() for b in ema.layout.buffers.values()]
+        jid = self.writer.submit({"kind": "data", "snap": snap, "buffers": buffers}, slot)
+        self.pending.append(_Pending(snap, jid, meta, float(meta["t"])))
+        self.last_step = ema.step
+        self.exchange()
+        return snap
+
+    def _stage(self, slot: int) -> None:
+        n = self.ema.owned_numel
+        dst = torch.frombuffer(self.writer.stage_view(slot), dtype=self._stage_dtype,
+                               count=n * len(self.ema.profiles))
+        if self.ema.device.type == "cuda":  # pragma: no cover - needs a GPU
+            # copy on a side stream; the job is queued only after the copy finished
+            stream = torch.cuda.Stream(self.ema.device)
+            stream.wait_stream(torch.cuda.current_stream(self.ema.device))
+            with torch.cuda.stream(stream):
+                for k, prof in enumerate(self.ema.profiles):
+                    dst[k * n : (k + 1) * n].copy_(prof.flat[:n], non_blocking=True)
+            stream.synchronize()
+            return
+        for k, prof in enumerate(self.ema.profiles):
+            dst[k * n : (k + 1) * n].copy_(prof.flat[:n])
+
+    def exchange(self, block: bool = False) -> None:
+        """Collect writer results, agree across ranks, commit what every rank finished. Collective."""
+        self.writer.poll()
+        mine_done, mine_failed = [], {}
+        for p in self.pending:
+            res = self.writer.wait(p.jid) if block else self.writer.done(p.jid)
+            if res is None:
+                continue
+            if res["ok"]:
+                mine_done.append(p.snap)
+                self.bytes_written += res["bytes"]
+            else:
+                mine_failed[p.snap] = res["error"]
+        commit_ok, commit_failed = [], {}
+        for jid, snap in list(self.commit_jobs.items()):
+            res = self.writer.wait(jid) if block else self.writer.done(jid)
+            if res is not None:
+                self.writer.pop_result(jid)
+                del self.commit_jobs[jid]
+                if res["ok"]:
+                    commit_ok.append(snap)
+                else:
+                    commit_failed[snap] = res["error"]
+        everyone = all_gather_object((mine_done, mine_failed, commit_ok, commit_failed), self.group)
+        failed: dict[str, list[str]] = {}
+        for r, (_, f, _, cf) in enumerate(everyone):
+            for snap, e in {**f, **cf}.items():
+                failed.setdefault(snap, []).append(f"rank {r}: {e}")
+        confirmed = set(everyone[0][2]) | set(everyone[0][3])
+        self.unconfirmed = [x for x in self.unconfirmed if x not in confirmed]
+        done_everywhere = set.intersection(*(set(d) for d, _, _, _ in everyone))
+        keep: list[_Pending] = []
+        for p in self.pending:
+            if p.snap in failed:
+                self.writer.pop_result(p.jid)
+                continue
+            if p.snap in done_everywhere:
+                self.writer.pop_result(p.jid)
+                self.unconfirmed.append(p.snap)
+                if self.rank == 0:
+                    self._commit(p)
+                continue
+            keep.append(p)
+        self.pending = keep
+        if failed:
+            self.skipped.extend(sorted(failed))
+            detail = "; ".join(f"{s}: {', '.join(es[:3])}" for s, es in sorted(failed.items()))
+            raise StoreError(f"snapshot write failed, snapshot(s) not committed: {detail}")
+
+    def _commit(self, p: _Pending) -> None:
+        times = [t for _, t in self.committed] + [p.t]
+        snaps = [s for s, _ in self.committed] + [p.snap]
+        remove = []
+        if self.config.keep is not None:
+            drop = set(thin_evenly(times, self.config.keep))
+            remove = [snaps[i] for i in sorted(drop)]
+            self.committed = [(s, t) for i, (s, t) in enumerate(zip(snaps, times)) if i not in drop]
+        else:
+            self.committed.append((p.snap, p.t))
+        jid = self.writer.submit({"kind": "commit", "snap": p.snap, "meta": p.meta, "remove": remove})
+        self.commit_jobs[jid] = p.snap
+
+    def maybe_exchange(self) -> None:
+        """Called from update(): halfway between snapshots, commit what has finished."""
+        if self.pending or self.unconfirmed:  # the same on every rank
+            self.exchange()
+
+    # ------------------------------------------------------------------ close
+
+    def close(self) -> None:
+        """Wait for every pending write, commit, and stop the writer. Collective; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.exchange(block=True)  # data of every pending snapshot -> commits queued on rank 0
+            self.exchange(block=True)  # results of those commits
+        finally:
+            self.writer.close()
+
+    # ------------------------------------------------------------------ resume
+
+    @torch.no_grad()
+    def resume(self) -> dict | None:
+        """Load the newest committed snapshot into the EMA (any world size). Collective. Returns its meta."""
+        ema = self.ema
+
+        def load() -> dict | None:
+            reader = SnapshotStore(self.io.url, io=self.io)
+            snaps = reader.snapshots()
+            if not snaps:
+                return None
+            snap = snaps[-1]
+            src = reader.layout(snap)
+            mine = {f: (tuple(s), d) for f, s, d in self.layout.params}
+            theirs = {f: (tuple(s), d) for f, s, d in src.params}
+            if {f: s for f, (s, _) in mine.items()} != {f: s for f, (s, _) in theirs.items()}:
+                missing = sorted(set(theirs) - set(mine))[:5]
+                extra = sorted(set(mine) - set(theirs))[:5]
+                shape = [f for f in set(mine) & set(theirs) if mine[f][0] != theirs[f][0]][:5]
+                raise StoreError(
+                    f"store {self.io.url} holds snapshots of a different model (snapshot {snap.id}): parameters "
+                    f"only in the store {missing}, only in this model {extra}, different shapes {shape}; "
+                    f"use a new store URL for a new model"
+                )
+            if snap.unit != ema.config.unit:
+                raise StoreError(f"snapshot {snap.id} counts time in {snap.unit}, this EMA in {ema.config.unit}; "
+                                 f"pass the same batch_size as the run that wrote it")
+            order = []
+            for prof in ema.profiles:
+                try:
+                    order.append(reader.profile_index(snap, gamma=prof.gamma))
+                except ValueError:
+                    raise StoreError(
+                        f"snapshot {snap.id} tracks sigma_rels {list(snap.sigma_rels)}, this EMA "
+                        f"{list(ema.sigma_rels)}; resume with the same profiles"
+                    ) from None
+            index = src.piece_index()
+            fidx = src.fqn_index()
+            reads = []
+            for i, p in enumerate(ema.pieces):
+                for rd in plan_region(index[fidx[p.fqn]], p.flat_start, p.flat_end):
+                    reads.append(type(rd)(rd.rank, rd.src, ema.offsets[i] + rd.dst, rd.numel))
+            reads = merge_reads(reads)
+            for prof, k in zip(ema.profiles, order):
+                buf = np.empty(ema.offsets[-1], dtype=np.float32)
+                reader.read_reads(snap, k, reads, buf)
+                prof.flat.copy_(torch.from_numpy(buf))
+            return snap.meta
+
+        meta = run_and_check(load, f"resuming from {self.io.url}", self.group, StoreError)
+        if meta is None:
+            log.info("dist-ema: no committed snapshot in %s; starting fresh", self.io.url)
+            return None
+        ema.step, ema.t = int(meta["step"]), float(meta["t_now"])
+        ema._t_updated, ema.updates = float(meta["t"]), int(meta["updates"])
+        self.last_step = ema.step
+        if self.rank == 0:
+            log.info("dist-ema: resumed EMA from snapshot step %d (t=%g %s) of %s", ema.step, ema._t_updated,
+                     meta["unit"], self.io.url)
+        return meta
