@@ -1,7 +1,41 @@
-"""dist-ema: post-hoc EMA (Karras et al., EDM2) for sharded training under FSDP and DeepSpeed ZeRO."""
+"""dist-ema: post-hoc EMA (Karras et al., EDM2) for sharded training under FSDP and DeepSpeed ZeRO.
+
+    from dist_ema import PostHocEMA, open_store, synthesize
+
+Heavy parts (torch, zarr) are imported on first use, so ``import dist_ema`` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 from dist_ema.phema import gamma_to_sigma_rel, sigma_rel_to_gamma, solve_coefficients
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "gamma_to_sigma_rel", "sigma_rel_to_gamma", "solve_coefficients"]
+__all__ = [
+    "PostHocEMA",
+    "StoreError",
+    "__version__",
+    "gamma_to_sigma_rel",
+    "open_store",
+    "sigma_rel_to_gamma",
+    "solve_coefficients",
+    "synthesize",
+]
+
+_LAZY = {
+    "PostHocEMA": ("dist_ema.tracker", "PostHocEMA"),
+    "open_store": ("dist_ema.store.reader", "open_store"),
+    "StoreError": ("dist_ema.store.fs", "StoreError"),
+    "synthesize": ("dist_ema.synthesis", "synthesize"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(mod), attr)
+    raise AttributeError(f"module 'dist_ema' has no attribute {name!r}")

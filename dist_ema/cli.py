@@ -103,6 +103,89 @@ def _plot_profiles(path: str, t, g, sol: phema.Solution, target_t: float, target
     plt.close(fig)
 
 
+def _storage_options(args: argparse.Namespace) -> dict | None:
+    if not getattr(args, "storage_options", None):
+        return None
+    try:
+        opts = json.loads(args.storage_options)
+    except ValueError as e:
+        raise ValueError(
+            f"--storage-options must be a JSON object, e.g. '{{\"endpoint_url\": \"http://...\"}}': {e}"
+        ) from None
+    if not isinstance(opts, dict):
+        raise ValueError("--storage-options must be a JSON object")
+    return opts
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    from dist_ema.store import open_store
+
+    store = open_store(args.store, _storage_options(args))
+    snaps = store.snapshots()
+    rows = []
+    problems: list[str] = []
+    for s in snaps:
+        status = ""
+        if args.verify:
+            p = store.verify(s)
+            problems += p
+            status = "ok" if not p else f"{len(p)} problem(s)"
+        rows.append([s.id, str(s.step), f"{s.t:g} {s.unit}", ",".join(f"{x:g}" for x in s.sigma_rels), s.dtype,
+                     str(s.world_size), s.meta.get("engine", "?"), *([status] if args.verify else [])])
+    headers = ["snapshot", "step", "t", "sigma_rels", "dtype", "ranks", "engine", *(["verify"] if args.verify else [])]
+    if rows:
+        print(_format_table(headers, rows))
+    torn = store.torn()
+    extra = f"; {len(torn)} uncommitted (ignored)" if torn else ""
+    print(f"{len(snaps)} committed snapshot(s) in {store.url}{extra}")
+    for p in problems:
+        print(f"PROBLEM: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from dist_ema.store import open_store
+
+    store = open_store(args.store, _storage_options(args))
+    snap = store.snapshot(args.step)
+    lay = store.layout(snap)
+    meta = {k: v for k, v in snap.meta.items() if k not in ("coefficients", "rows")}
+    if args.json:
+        print(json.dumps({"meta": meta, "params": [[f, list(sh), d] for f, sh, d in lay.params]}, indent=1))
+        return 0
+    for k in ("step", "t", "unit", "dtype", "world_size", "engine", "layout", "model", "update_every"):
+        if k in meta:
+            print(f"{k:>13}: {meta[k]}")
+    for p in snap.meta["profiles"]:
+        extra = f"  error {100 * p['error']:.3f}%" if "error" in p else ""
+        print(f"      profile: {p['array']} sigma_rel {p['sigma_rel']:.4f} gamma {p['gamma']:.3f}{extra}")
+    total = lay.total_numel
+    print(f"   parameters: {len(lay.params)} tensors, {total:,} elements")
+    for f, sh, d in lay.params[: args.max_params]:
+        print(f"      {f}  {list(sh)}  {d}")
+    if len(lay.params) > args.max_params:
+        print(f"      ... {len(lay.params) - args.max_params} more (--max-params)")
+    return 0
+
+
+def _cmd_synthesize(args: argparse.Namespace) -> int:
+    from dist_ema.synthesis import summary, synthesize
+
+    res = synthesize(
+        args.store, sigma_rels=args.sigma_rel, t=args.t, step=args.step, out=args.out, format=args.format,
+        dtype=args.dtype, storage_options=_storage_options(args), overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        rows = [[f"{x['sigma_rel']:.4f}", f"{x['gamma']:.3f}", f"{x['t']:g}", f"{100 * x['error']:.3f}%"]
+                for x in res.targets]
+        print(_format_table(["sigma_rel", "gamma", "t", "rel. error"], rows))
+        print(summary(res))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist-ema", description="Post-hoc EMA for sharded training.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -124,6 +207,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", metavar="FILE.png", help="draw target vs reconstructed profiles (needs matplotlib)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.set_defaults(func=_cmd_error)
+
+    def store_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("store", help="snapshot store URL: local path, file://, s3://bucket/prefix, ...")
+        sp.add_argument("--storage-options", metavar="JSON",
+                        help="fsspec options as JSON (default: from the environment, e.g. AWS_*, FSSPEC_S3_*)")
+
+    ls = sub.add_parser("ls", help="list committed snapshots of a store")
+    store_args(ls)
+    ls.add_argument("--verify", action="store_true", help="read every object and check its checksum")
+    ls.set_defaults(func=_cmd_ls)
+
+    ins = sub.add_parser("inspect", help="show one snapshot's metadata and parameters")
+    store_args(ins)
+    ins.add_argument("--step", type=int, default=None, help="snapshot step (default: newest)")
+    ins.add_argument("--max-params", type=int, default=20, help="parameters to list (default 20)")
+    ins.add_argument("--json", action="store_true", help="print JSON")
+    ins.set_defaults(func=_cmd_inspect)
+
+    sy = sub.add_parser("synthesize", help="synthesize the EMA for new sigma_rels (also under torchrun)")
+    store_args(sy)
+    sy.add_argument("--sigma-rel", type=float, nargs="+", required=True, help="target sigma_rel(s)")
+    when = sy.add_mutually_exclusive_group()
+    when.add_argument("--t", type=float, default=None, help="target time (default: the newest snapshot's)")
+    when.add_argument("--step", type=int, default=None, help="target the time of the snapshot at this step")
+    sy.add_argument("--out", required=True, help="output directory (safetensors) or store URL (zarr)")
+    sy.add_argument("--format", choices=["safetensors", "zarr"], default="safetensors")
+    sy.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    sy.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    sy.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sy.set_defaults(func=_cmd_synthesize)
     return p
 
 
@@ -133,9 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    from dist_ema.store.fs import StoreError
+
     try:
         return int(args.func(args) or 0)
-    except ValueError as e:
+    except (ValueError, StoreError, FileExistsError, KeyError) as e:
         print(f"dist-ema {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -29,6 +29,7 @@ from dist_ema.store.layout import (
     FORMAT_VERSION,
     STORAGE_DTYPES,
     Layout,
+    Read,
     merge_reads,
     plan_region,
     snapshot_id,
@@ -100,13 +101,27 @@ class _Pending:
     t: float
 
 
+def read_pieces(reader: SnapshotStore, snap, profile: int, pieces, offsets) -> np.ndarray:
+    """This rank's pieces of one profile of a snapshot (any layout), as one flat float32 array."""
+    src = reader.layout(snap)
+    index = src.piece_index()
+    fidx = src.fqn_index()
+    reads = []
+    for i, p in enumerate(pieces):
+        for rd in plan_region(index[fidx[p.fqn]], p.flat_start, p.flat_end):
+            reads.append(Read(rd.rank, rd.src, offsets[i] + rd.dst, rd.numel))
+    buf = np.empty(offsets[-1], dtype=np.float32)
+    reader.read_reads(snap, profile, merge_reads(reads), buf)
+    return buf
+
+
 class SnapshotManager:
     """Owns one rank's writer and the commit protocol for a :class:`~dist_ema.tracker.PostHocEMA`."""
 
-    def __init__(self, ema, config: SnapshotConfig) -> None:
+    def __init__(self, ema, config: SnapshotConfig, resume: bool = False) -> None:
         self.ema = ema
         self.config = config
-        self.group = ema.layout.process_group
+        self.group = None  # ownership is world-wide: HSDP replicas own nothing but take part
         self.rank = rank(self.group)
         self.world = world_size(self.group)
         self.io = StoreIO(config.url, config.storage_options)
@@ -126,6 +141,7 @@ class SnapshotManager:
         self.bytes_written = 0
         self.stall_seconds: list[float] = []
         self._closed = False
+        self._resume = resume
         self._startup()
         self.writer = run_and_check(
             lambda: SnapshotWriter(
@@ -148,6 +164,11 @@ class SnapshotManager:
                 log.warning("dist-ema: removing uncommitted (torn) snapshot %s from %s", snap, self.io.url)
                 remove_snapshot(self.io, snap)
             self.committed = [(c.snap, float(c.meta["t"])) for c in done]
+            if done and not self._resume:
+                raise StoreError(
+                    f"{self.io.url} already holds {len(done)} committed snapshot(s) (newest: step "
+                    f"{done[-1].meta['step']}); pass resume=True to continue that run, or use a new store URL"
+                )
 
         where = f"store {self.io.url} (storage_options={redact(self.config.storage_options)})"
         if self.rank == 0:
@@ -351,17 +372,8 @@ class SnapshotManager:
                         f"snapshot {snap.id} tracks sigma_rels {list(snap.sigma_rels)}, this EMA "
                         f"{list(ema.sigma_rels)}; resume with the same profiles"
                     ) from None
-            index = src.piece_index()
-            fidx = src.fqn_index()
-            reads = []
-            for i, p in enumerate(ema.pieces):
-                for rd in plan_region(index[fidx[p.fqn]], p.flat_start, p.flat_end):
-                    reads.append(type(rd)(rd.rank, rd.src, ema.offsets[i] + rd.dst, rd.numel))
-            reads = merge_reads(reads)
             for prof, k in zip(ema.profiles, order):
-                buf = np.empty(ema.offsets[-1], dtype=np.float32)
-                reader.read_reads(snap, k, reads, buf)
-                prof.flat.copy_(torch.from_numpy(buf))
+                prof.flat.copy_(torch.from_numpy(read_pieces(reader, snap, k, ema.pieces, ema.offsets)))
             return snap.meta
 
         meta = run_and_check(load, f"resuming from {self.io.url}", self.group, StoreError)
@@ -375,3 +387,29 @@ class SnapshotManager:
             log.info("dist-ema: resumed EMA from snapshot step %d (t=%g %s) of %s", ema.step, ema._t_updated,
                      meta["unit"], self.io.url)
         return meta
+
+    # ------------------------------------------------------------------ synthesis in training
+
+    def committed_snapshots(self):
+        """Committed snapshots, listed on rank 0 and broadcast so every rank uses the same set. Collective."""
+        from dist_ema.collective import is_distributed
+
+        reader = SnapshotStore(self.io.url, io=self.io)
+        ids = None
+        if self.rank == 0:
+            ids = run_and_check(lambda: [s.id for s in reader.snapshots()], "listing snapshots", self.group,
+                                StoreError)
+        else:
+            run_and_check(lambda: None, "listing snapshots", self.group, StoreError)
+        if is_distributed():
+            import torch.distributed as dist
+
+            box = [ids]
+            dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0) if self.group else 0,
+                                       group=self.group)
+            ids = box[0]
+        snaps = {s.id: s for s in reader.snapshots()}
+        missing = [i for i in ids if i not in snaps]
+        if missing:
+            raise StoreError(f"snapshots {missing[:3]} disappeared from {self.io.url} while reading")
+        return reader, [snaps[i] for i in ids]

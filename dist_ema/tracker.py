@@ -179,7 +179,7 @@ class PostHocEMA:
         if self.store_config is not None:
             from dist_ema.snapshots import SnapshotManager
 
-            self.snapshots = SnapshotManager(self, self.store_config)
+            self.snapshots = SnapshotManager(self, self.store_config, resume=resume)
             if resume:
                 self.snapshots.resume()
 
@@ -382,7 +382,7 @@ class PostHocEMA:
             for i, p in enumerate(self.pieces)
             if p.owner
         ]
-        gathered = _gather_to_rank0(mine, self.layout.process_group)
+        gathered = _gather_to_rank0(mine, None)  # ownership is world-wide (HSDP replicas own nothing)
         if gathered is None:
             return {}
         out: dict[str, torch.Tensor] = {}
@@ -403,6 +403,62 @@ class PostHocEMA:
             self._resync()
         if self.layout.after_load is not None:
             self.layout.after_load()
+
+    @torch.no_grad()
+    def synthesized_shards(self, sigma_rel: float | None = None, gamma: float | None = None) -> torch.Tensor:
+        """This rank's shards of the EMA for any profile at the current time, as one flat fp32 tensor.
+
+        Combines the committed snapshots in the store with the live EMA state (the newest
+        "snapshot", at the current time) using the paper's least-squares coefficients.
+        Each rank reads only its own pieces: no gathers. Collective (lists snapshots once).
+        """
+        from dist_ema.synthesis import _targets, plan_coefficients
+
+        _, (g,) = _targets([sigma_rel] if sigma_rel is not None else None, [gamma] if gamma is not None else None)
+        if self.updates == 0:
+            raise ValueError("no EMA yet: call update() after optimizer steps before synthesizing")
+        for prof in self.profiles:
+            if math.isclose(prof.gamma, g, rel_tol=1e-9):
+                return prof.flat.clone()
+        t_now = self._t_updated
+        snaps, reader = [], None
+        if self.snapshots is not None:
+            reader, snaps = self.snapshots.committed_snapshots()
+            snaps = [s for s in snaps if s.t < t_now]
+        sources = [(s.t, s.gammas) for s in snaps] + [(t_now, self.gammas)]
+        X, sol, rows = plan_coefficients(sources, t_now, [g])
+        out = torch.zeros(self.offsets[-1], dtype=torch.float64, device=self.device)
+        for row, (i, k) in enumerate(rows):
+            x = float(X[row, 0])
+            if x == 0.0:
+                continue
+            if i == len(snaps):  # the live state
+                out.add_(self.profiles[k].flat.double(), alpha=x)
+            else:
+                from dist_ema.snapshots import read_pieces
+
+                vals = read_pieces(reader, snaps[i], k, self.pieces, self.offsets)
+                out.add_(torch.from_numpy(vals).to(self.device).double(), alpha=x)
+        self.last_synthesis_error = float(sol.error[0])
+        return out.float()
+
+    @contextlib.contextmanager
+    def swapped(self, sigma_rel: float | None = None, *, gamma: float | None = None) -> Iterator[None]:
+        """Load the EMA for any sigma_rel at the current time into the live (sharded) model.
+
+        Tracked profiles are used as they are; others are synthesized from the committed
+        snapshots plus the live EMA state (``ema.last_synthesis_error`` holds the profile's
+        reconstruction error). The training weights (and fp32 masters) are restored exactly
+        on exit. Collective: call on every rank.
+
+        Example:
+            >>> with ema.swapped(sigma_rel=0.15):
+            ...     val_loss = evaluate(model)
+        """
+        values = self.synthesized_shards(sigma_rel=sigma_rel, gamma=gamma)
+        views = [values[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+        with self._swapped_values(views):
+            yield
 
     @contextlib.contextmanager
     def tracked_swapped(self, sigma_rel: float) -> Iterator[None]:

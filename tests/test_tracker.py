@@ -100,7 +100,7 @@ def test_single_process_matches_reference():
     opt = torch.optim.SGD(m.parameters(), lr=0.3)
     ema = PostHocEMA(m, gammas=(3.0, 12.0), update_every=4)
     traj, times = [], []
-    for i in range(23):
+    for _ in range(23):
         m(torch.arange(7)).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()

@@ -1,0 +1,284 @@
+"""Distributed synthesis against independent computations, at several world sizes, local and S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_ema import phema
+from dist_ema.store import StoreError, open_store
+from dist_ema.synthesis import synthesize
+from dist_ema.tracker import PostHocEMA
+from tests.dist_harness import ROOT, free_port, run_workers
+from tests.engines import TinyNet, build
+
+TRACKED = (0.05, 0.10)
+CHECK = 0.15  # tracked directly in a second EMA (no store), to compare with the synthesized one
+
+
+def worker_train(rank, ws, out, engine, url, steps, snapshot_every=2, obj=64):
+    setup = build(engine, seed=1)
+    ema = PostHocEMA(setup.target, sigma_rels=TRACKED, store=url, snapshot_every=snapshot_every,
+                     max_object_bytes=obj)
+    direct = PostHocEMA(setup.target, sigma_rels=(CHECK,))
+    traj = []
+    for _ in range(steps):
+        setup.step()
+        ema.update()
+        direct.update()
+        traj.append(setup.full_params())
+    ema.close()
+    ref = direct.full_state_dict(sigma_rel=CHECK)
+    # in training: the synthesized EMA swapped into the live sharded model, restored exactly after
+    before = setup.full_params()
+    with ema.swapped(sigma_rel=CHECK):
+        inside = setup.full_params()
+    after = setup.full_params()
+    if rank == 0:
+        torch.save({"traj": traj, "direct": ref, "swapped": inside, "swap_error": ema.last_synthesis_error},
+                   os.path.join(out, "train.pt"))
+        for k in before:
+            assert torch.equal(before[k], after[k]), k
+
+
+def brute_force(store, res_targets, names):
+    """sum_i x_i snapshot_i with x from an independent solve, read tensor by tensor."""
+    snaps = store.snapshots()
+    t = np.array([s.t for s in snaps for _ in s.gammas])
+    g = np.array([gm for s in snaps for gm in s.gammas])
+    tg = np.array([x["gamma"] for x in res_targets])
+    X = phema.solve_coefficients(t, g, np.full(tg.size, snaps[-1].t), tg).coefficients
+    out = []
+    for j in range(tg.size):
+        acc = {}
+        row = 0
+        for s in snaps:
+            for sr in s.sigma_rels:
+                for n in names:
+                    acc[n] = acc.get(n, 0) + X[row, j] * store.read(s.step, sr, n).double()
+                row += 1
+        out.append(acc)
+    return out, X
+
+
+def torchrun_synthesize(store_url, out, k, extra=(), env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={k}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "dist_ema", "synthesize", store_url, "--sigma-rel", "0.08", "0.15",
+           "--out", out, "--no-progress", *extra]
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=e, cwd=str(ROOT))
+    return r
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("engine,ws", [("fsdp2", 2), ("zero2", 3)])
+def test_end_to_end_local(engine, ws, tmp_path):
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    url = str(tmp_path / "store")
+    run_workers("tests.test_synthesis:worker_train", ws, tmp_path / "w", kwargs=dict(engine=engine, url=url,
+                                                                                    steps=12))
+    store = open_store(url)
+    names = [n for n in store.params()]
+    res = synthesize(url, sigma_rels=[0.08, CHECK], out=str(tmp_path / "out"), unit_bytes=48, progress=False)
+    assert len(res.snapshots) == 6 and res.bytes_read > 0
+    # 1) synthesized == sum_i x_i snapshot_i, computed independently from the stored snapshots
+    ref, _ = brute_force(store, res.targets, names)
+    for j, tg in enumerate(res.targets):
+        got = load_file(res.files[j])
+        for n in names:
+            torch.testing.assert_close(got[n].double(), ref[j][n], rtol=1e-5, atol=1e-6, msg=n)
+    # 2) close to the profile tracked directly; the difference is bounded by the profile error
+    tr = torch.load(tmp_path / "w" / "train.pt", weights_only=True)
+    got = load_file(res.files[1])
+    err = res.targets[1]["error"]
+    assert 0 < err < 0.2
+    num = sum(float((got[n].double() - tr["direct"][n].double()).norm() ** 2) for n in names) ** 0.5
+    spread = sum(float((tr["direct"][n].double() - tr["traj"][0][n]).norm() ** 2) for n in names) ** 0.5
+    assert num <= 2 * err * spread + 1e-5, (num, err, spread)
+    # 3) the safetensors file loads into an ordinary, unsharded model
+    model = TinyNet()
+    model.load_state_dict({k: v.float() for k, v in got.items()}, strict=True)
+    meta = json.loads(open(res.files[1], "rb").read(8 + int.from_bytes(open(res.files[1], "rb").read(8), "little"))[
+        8:])["__metadata__"]
+    assert json.loads(meta["dist_ema"])["sigma_rel"] == pytest.approx(CHECK)
+    # 4) swapped() in training gives the same EMA (snapshots + live state) on every rank's shards
+    for n in names:
+        torch.testing.assert_close(tr["swapped"][n], got[n].double(), rtol=1e-5, atol=1e-6, msg=n)
+    assert tr["swap_error"] == pytest.approx(err, rel=1e-6)
+    # 5) the zarr output reads like a snapshot store
+    zs = open_store(str(tmp_path / "out" / "zarr"))
+    (s,) = zs.snapshots()
+    assert s.sigma_rels == pytest.approx((0.08, CHECK)) and s.meta["snapshots"] == res.snapshots
+    assert torch.equal(zs.read(None, CHECK, names[0]), got[names[0]])
+
+
+@pytest.mark.timeout(600)
+def test_world_size_independent_bitwise(tmp_path):
+    url = str(tmp_path / "store")
+    run_workers("tests.test_synthesis:worker_train", 3, tmp_path / "w",
+                kwargs=dict(engine="fsdp2", url=url, steps=8, obj=40))
+    outs = {}
+    for k in (1, 2, 3):
+        out = tmp_path / f"out{k}"
+        r = torchrun_synthesize(url, str(out), k, extra=["--format", "zarr"])
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "rel. error" in r.stdout
+        outs[k] = out
+    stores = {k: open_store(str(v)) for k, v in outs.items()}
+    snap = {k: s.snapshots()[0] for k, s in stores.items()}
+    for n in stores[1].params():
+        for sr in (0.08, CHECK):
+            a = stores[1].read(None, sr, n)
+            for k in (2, 3):
+                assert torch.equal(a, stores[k].read(None, sr, n)), (k, n)
+    assert snap[1].meta["coefficients"] == snap[3].meta["coefficients"]
+
+
+@pytest.mark.timeout(600)
+def test_s3_end_to_end(tmp_path, s3_env):
+    env, bucket = s3_env
+    url = f"s3://{bucket}/run/snapshots"
+    run_workers("tests.test_synthesis:worker_train", 2, tmp_path / "w",
+                kwargs=dict(engine="fsdp2", url=url, steps=6), env=env)
+    out = f"s3://{bucket}/run/synth"
+    r = torchrun_synthesize(url, out, 2, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    store = open_store(url)
+    names = list(store.params())
+    zs = open_store(out + "/zarr")
+    (s,) = zs.snapshots()
+    ref, _ = brute_force(store, [{"gamma": g} for g in s.gammas], names)
+    for j, sr in enumerate(s.sigma_rels):
+        for n in names:
+            torch.testing.assert_close(zs.read(None, sr, n).double(), ref[j][n], rtol=1e-5, atol=1e-6)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["FSSPEC_S3_ENDPOINT_URL"]})
+    blob = fs.cat(f"{bucket}/run/synth/sigma_rel-0.1500/model.safetensors")
+    from safetensors.torch import load
+
+    sd = load(blob)
+    TinyNet().load_state_dict(sd, strict=True)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("small")
+    url = str(d / "s")
+    torch.manual_seed(0)
+    m = TinyNet()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with PostHocEMA(m, store=url, snapshot_every=3, writer="sync", max_object_bytes=64) as ema:
+        for i in range(9):
+            m(torch.arange(7)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            ema.update()
+            del i
+    return url
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,needle",
+    [
+        (dict(sigma_rels=[0.3]), ValueError, r"sigma_rels must be in \(0, 0.2887\)"),
+        (dict(sigma_rels=[0.1], t=1.0), ValueError, "before the first snapshot"),
+        (dict(sigma_rels=[0.1], t=100.0), ValueError, "after the last snapshot"),
+        (dict(sigma_rels=[0.1], step=5), ValueError, "no committed snapshot at step 5"),
+        (dict(sigma_rels=[0.1, 0.1]), ValueError, "duplicate targets"),
+        (dict(sigma_rels=[0.1], format="npz"), ValueError, "format must be"),
+        (dict(sigma_rels=[0.1], dtype="int8"), ValueError, "dtype must be"),
+    ],
+)
+def test_bad_input(small_store, tmp_path, kwargs, exc, needle):
+    with pytest.raises(exc, match=needle):
+        synthesize(small_store, out=str(tmp_path / "o"), progress=False, **kwargs)
+    assert not (tmp_path / "o").exists()
+
+
+def test_step_and_t_choose_the_target_time(small_store, tmp_path):
+    a = synthesize(small_store, sigma_rels=[0.1], step=6, out=str(tmp_path / "a"), progress=False)
+    b = synthesize(small_store, sigma_rels=[0.1], t=6.0, out=str(tmp_path / "b"), progress=False)
+    assert a.targets[0]["t"] == 6.0 and len(a.snapshots) == 2
+    assert torch.equal(load_file(a.files[0])["fc1.weight"], load_file(b.files[0])["fc1.weight"])
+    # a tracked profile at a snapshot's time is that snapshot exactly
+    assert torch.equal(load_file(a.files[0])["fc1.weight"], open_store(small_store).read(6, 0.1, "fc1.weight"))
+
+
+def test_existing_output_is_never_overwritten(small_store, tmp_path):
+    out = str(tmp_path / "o")
+    synthesize(small_store, sigma_rels=[0.1], out=out, progress=False)
+    before = (tmp_path / "o" / "sigma_rel-0.1000" / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="already exists"):
+        synthesize(small_store, sigma_rels=[0.12], out=out, progress=False)
+    assert (tmp_path / "o" / "sigma_rel-0.1000" / "model.safetensors").read_bytes() == before
+    res = synthesize(small_store, sigma_rels=[0.12], out=out, progress=False, overwrite=True)
+    assert [os.path.basename(os.path.dirname(f)) for f in res.files] == ["sigma_rel-0.1200"]
+
+
+def test_empty_store_and_missing_objects(small_store, tmp_path):
+    empty = str(tmp_path / "empty")
+    PostHocEMA(TinyNet(), store=empty, writer="sync").close()
+    with pytest.raises(StoreError, match="no committed snapshot"):
+        synthesize(empty, sigma_rels=[0.1], out=str(tmp_path / "o1"), progress=False)
+    # damage a copy: a missing object fails the job and leaves no partial output
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(small_store, broken)
+    chunk = next((broken / "snapshots" / "step-000000000006" / "r00000" / "p1" / "c").iterdir())
+    chunk.unlink()
+    with pytest.raises(StoreError, match="missing"):
+        synthesize(str(broken), sigma_rels=[0.12], out=str(tmp_path / "o2"), progress=False)
+    assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").rglob("*.safetensors"))
+    assert not (tmp_path / "o2" / "zarr" / "dist_ema.json").exists()
+
+
+def test_mixed_models_in_one_store(small_store, tmp_path):
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(small_store, mixed)
+    other_url = str(tmp_path / "other")
+    m = torch.nn.Linear(3, 3)
+    with PostHocEMA(m, store=other_url, writer="sync") as ema:
+        for _ in range(10):
+            ema.update()
+        ema.snapshot()
+    src = tmp_path / "other"
+    shutil.copytree(src / "snapshots" / "step-000000000010", mixed / "snapshots" / "step-000000000010")
+    shutil.copytree(src / "layouts", mixed / "layouts", dirs_exist_ok=True)
+    with pytest.raises(StoreError, match="different models"):
+        synthesize(str(mixed), sigma_rels=[0.1], out=str(tmp_path / "o"), progress=False)
+
+
+def test_cli_ls_inspect_synthesize(small_store, tmp_path):
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "dist_ema", *argv], capture_output=True, text=True, timeout=120,
+                              cwd=str(ROOT))
+
+    r = run("ls", small_store, "--verify")
+    assert r.returncode == 0, r.stderr
+    assert "step-000000000009" in r.stdout and "3 committed snapshot(s)" in r.stdout and " ok" in r.stdout
+    r = run("inspect", small_store, "--step", "6")
+    assert r.returncode == 0 and "fc1.weight" in r.stdout and "sigma_rel 0.1000" in r.stdout
+    r = run("inspect", small_store, "--json")
+    assert json.loads(r.stdout)["meta"]["step"] == 9
+    r = run("synthesize", small_store, "--sigma-rel", "0.13", "--out", str(tmp_path / "o"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "o" / "sigma_rel-0.1300" / "model.safetensors").exists()
+    r = run("synthesize", small_store, "--sigma-rel", "0.5", "--out", str(tmp_path / "o2"))
+    assert r.returncode == 2 and "sigma_rels must be in" in r.stderr
+    r = run("ls", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "no dist-ema store" in r.stderr
