@@ -91,7 +91,7 @@ def test_end_to_end_local(engine, ws, tmp_path):
     assert len(res.snapshots) == 6 and res.bytes_read > 0
     # 1) synthesized == sum_i x_i snapshot_i, computed independently from the stored snapshots
     ref, _ = brute_force(store, res.targets, names)
-    for j, tg in enumerate(res.targets):
+    for j in range(len(res.targets)):
         got = load_file(res.files[j])
         for n in names:
             torch.testing.assert_close(got[n].double(), ref[j][n], rtol=1e-5, atol=1e-6, msg=n)
