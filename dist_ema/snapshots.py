@@ -45,7 +45,7 @@ log = logging.getLogger("dist_ema")
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class SnapshotConfig:
     """Where and how snapshots are written.
 
@@ -60,6 +60,13 @@ class SnapshotConfig:
         max_object_bytes: cap on one stored object; larger shards become several objects.
         writer: "process" (default: off the training process's GIL), "thread" or "sync".
         slots: staging buffers (2: one snapshot in flight beyond the one being staged).
+        when_behind: what a snapshot does when a staging slot is still busy on some rank:
+            "block" (default) waits for the oldest write (backpressure, nothing skipped);
+            "skip" skips that snapshot on every rank, logs it and lists it in
+            ``ema.snapshots.skipped`` (training never waits for a slow or unreachable store).
+        on_error: a write that failed after retries: "raise" (default) raises StoreError on
+            every rank at the next snapshot()/close() (or halfway between snapshots);
+            "warn" logs it, lists the snapshot in ``skipped`` and keeps training.
     """
 
     url: str
@@ -71,6 +78,14 @@ class SnapshotConfig:
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
     writer: str = "process"
     slots: int = 2
+    when_behind: str = "block"
+    on_error: str = "raise"
+
+    def __repr__(self) -> str:  # never show credentials
+        fields = ", ".join(
+            f"{k}={redact(v) if k == 'storage_options' and v else v!r}" for k, v in self.__dict__.items()
+        )
+        return f"SnapshotConfig({fields})"
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url:
@@ -91,6 +106,10 @@ class SnapshotConfig:
             raise ValueError(f"max_object_bytes must be an integer >= 4; got {self.max_object_bytes!r}")
         if self.writer not in ("process", "thread", "sync"):
             raise ValueError(f"writer must be 'process', 'thread' or 'sync'; got {self.writer!r}")
+        if self.when_behind not in ("block", "skip"):
+            raise ValueError(f"when_behind must be 'block' or 'skip'; got {self.when_behind!r}")
+        if self.on_error not in ("raise", "warn"):
+            raise ValueError(f"on_error must be 'raise' or 'warn'; got {self.on_error!r}")
 
 
 @dataclass
@@ -211,7 +230,11 @@ class SnapshotManager:
 
     @torch.no_grad()
     def snapshot(self) -> str | None:
-        """Stage and queue a snapshot of every profile; commit finished ones. Collective."""
+        """Stage and queue a snapshot of every profile; commit finished ones. Collective.
+
+        Returns the snapshot id, or None when none was taken (already taken at this step, or
+        skipped because the writer is behind and ``when_behind="skip"``; see ``skipped``).
+        """
         ema = self.ema
         if self._closed:
             raise StoreError("snapshot() after close(): the EMA's store is closed")
@@ -220,10 +243,19 @@ class SnapshotManager:
         if self.last_step == ema.step:
             return None  # already snapshotted at this step
         snap = snapshot_id(ema.step)
+        self.last_step = ema.step
+        # agree first: commit what every rank finished, and learn whether every rank can stage now
+        everyone_free = self.exchange()
+        if not everyone_free and self.config.when_behind == "skip":
+            self.skipped.append(snap)
+            if self.rank == 0:
+                log.warning("dist-ema: snapshot %s SKIPPED: the store is behind (a staging slot is busy on some "
+                            "rank) and when_behind='skip'; %d skipped so far", snap, len(self.skipped))
+            return None
         t0 = time.perf_counter()
         slot, err = None, None
         try:
-            slot = self.writer.acquire_slot()
+            slot = self.writer.acquire_slot()  # blocks for the oldest write if needed (backpressure)
             self._stage(slot)
         except Exception as e:  # noqa: BLE001 - exchanged below
             err = e
@@ -235,8 +267,6 @@ class SnapshotManager:
             buffers = [b.detach().cpu().numpy().copy() for b in ema.layout.buffers.values()]
         jid = self.writer.submit({"kind": "data", "snap": snap, "buffers": buffers}, slot)
         self.pending.append(_Pending(snap, jid, meta, float(meta["t"])))
-        self.last_step = ema.step
-        self.exchange()
         return snap
 
     def _stage(self, slot: int) -> None:
@@ -255,8 +285,11 @@ class SnapshotManager:
         for k, prof in enumerate(self.ema.profiles):
             dst[k * n : (k + 1) * n].copy_(prof.flat[:n])
 
-    def exchange(self, block: bool = False) -> None:
-        """Collect writer results, agree across ranks, commit what every rank finished. Collective."""
+    def exchange(self, block: bool = False) -> bool:
+        """Collect writer results, agree across ranks, commit what every rank finished. Collective.
+
+        Returns True when every rank has a free staging slot.
+        """
         self.writer.poll()
         mine_done, mine_failed = [], {}
         for p in self.pending:
@@ -278,14 +311,15 @@ class SnapshotManager:
                     commit_ok.append(snap)
                 else:
                     commit_failed[snap] = res["error"]
-        everyone = all_gather_object((mine_done, mine_failed, commit_ok, commit_failed), self.group)
+        free = bool(self.writer.free)
+        everyone = all_gather_object((mine_done, mine_failed, commit_ok, commit_failed, free), self.group)
         failed: dict[str, list[str]] = {}
-        for r, (_, f, _, cf) in enumerate(everyone):
+        for r, (_, f, _, cf, _) in enumerate(everyone):
             for snap, e in {**f, **cf}.items():
                 failed.setdefault(snap, []).append(f"rank {r}: {e}")
         confirmed = set(everyone[0][2]) | set(everyone[0][3])
         self.unconfirmed = [x for x in self.unconfirmed if x not in confirmed]
-        done_everywhere = set.intersection(*(set(d) for d, _, _, _ in everyone))
+        done_everywhere = set.intersection(*(set(d) for d, _, _, _, _ in everyone))
         keep: list[_Pending] = []
         for p in self.pending:
             if p.snap in failed:
@@ -302,7 +336,14 @@ class SnapshotManager:
         if failed:
             self.skipped.extend(sorted(failed))
             detail = "; ".join(f"{s}: {', '.join(es[:3])}" for s, es in sorted(failed.items()))
-            raise StoreError(f"snapshot write failed, snapshot(s) not committed: {detail}")
+            if self.config.on_error == "raise":
+                raise StoreError(
+                    f"snapshot write failed, snapshot(s) not committed: {detail}. To keep training without "
+                    f"these snapshots, pass on_error='warn'"
+                )
+            if self.rank == 0:
+                log.error("dist-ema: snapshot(s) NOT committed (on_error='warn', training continues): %s", detail)
+        return all(e[4] for e in everyone)
 
     def _commit(self, p: _Pending) -> None:
         times = [t for _, t in self.committed] + [p.t]

@@ -236,6 +236,9 @@ def synthesize(
             directory that receives ``zarr/`` (the synthesized store) and, per target,
             ``sigma_rel-<s>/model.safetensors`` (or shards + ``model.safetensors.index.json``).
         dtype: output dtype ("float32", "bfloat16", "float16"); accumulation is float64.
+        storage_options: fsspec options of the store (default: the environment, AWS_*, FSSPEC_S3_*).
+        out_storage_options: options of the output (default: storage_options when ``out`` uses the
+            same protocol as ``url``, otherwise the environment).
         overwrite: replace an existing output (never done silently).
         unit_bytes: size of one unit of work (and of one output object).
         prefetch: snapshot reads in flight per rank.
@@ -251,6 +254,8 @@ def synthesize(
         raise ValueError("out= is required: a directory (safetensors) or store URL (zarr) for the result")
     if unit_bytes < 4 or prefetch < 1:
         raise ValueError(f"unit_bytes must be >= 4 and prefetch >= 1; got {unit_bytes}, {prefetch}")
+    if out_storage_options is None and storage_options and out.split("://")[0] == url.split("://")[0] and "://" in out:
+        out_storage_options = storage_options  # same backend: same credentials by default
     joined = _init_dist()
     try:
         return _synthesize(url, sigma_rels, gammas, t, step, out, format, dtype, storage_options,

@@ -117,6 +117,18 @@ class PostHocEMA:
     plain module, or a DeepSpeed engine (ZeRO 1/2/3); the engine is detected.
     All ranks of the process group must construct it together (it runs one
     collective check that the shards cover every parameter exactly once).
+
+    Args:
+        sigma_rels / gammas / update_every / batch_size / include_frozen / buffers: what to
+            track, see :class:`EMAConfig` (defaults: sigma_rels (0.05, 0.10), every step, time
+            in steps, frozen parameters tracked, buffers copied into snapshots).
+        store: snapshot store URL (local path, ``file://``, ``s3://bucket/prefix``, any fsspec
+            URL); None keeps the EMA in memory only.
+        snapshot_every, storage_options, storage_dtype, compression, keep, max_object_bytes,
+            writer, when_behind, on_error: how snapshots are written, see
+            :class:`dist_ema.snapshots.SnapshotConfig`.
+        resume: restore the EMA from the newest committed snapshot in ``store`` (any world
+            size); a store with snapshots is refused without it, so nothing is overwritten.
     """
 
     def __init__(
@@ -138,6 +150,8 @@ class PostHocEMA:
         resume: bool = False,
         max_object_bytes: int | None = None,
         writer: str = "process",
+        when_behind: str = "block",
+        on_error: str = "raise",
         layout: ShardLayout | None = None,
     ) -> None:
         self.config = EMAConfig(
@@ -155,7 +169,8 @@ class PostHocEMA:
             extra = {} if max_object_bytes is None else {"max_object_bytes": max_object_bytes}
             self.store_config = SnapshotConfig(
                 url=store, snapshot_every=snapshot_every, storage_options=storage_options, dtype=storage_dtype,
-                compression=compression, keep=keep, writer=writer, **extra,
+                compression=compression, keep=keep, writer=writer, when_behind=when_behind, on_error=on_error,
+                **extra,
             )
         elif snapshot_every is not None or resume:
             raise ValueError("snapshot_every= and resume= need store=URL (a local path or s3://bucket/prefix)")
@@ -171,6 +186,8 @@ class PostHocEMA:
         self._step_applied = _step_applied_fn(model_or_engine, layout)
         self._set_pieces(layout.pieces)
         self.profiles = [self._new_profile(s, g) for s, g in zip(self.config.sigma_rels, self.config.gammas)]
+        _install_optimizer_hook()
+        self._opt_steps_at_init = self._opt_steps_at_update = _OPTIMIZER_STEPS[0]
         self.step = 0  # optimizer steps seen (applied ones)
         self.t = 0.0  # time of the EMA state (in config.unit)
         self._t_updated = 0.0  # time of the last EMA update
@@ -275,6 +292,13 @@ class PostHocEMA:
         """
         if self._step_applied is not None and not self._step_applied():
             return False
+        seen = _OPTIMIZER_STEPS[0]
+        if seen != self._opt_steps_at_init and seen == self._opt_steps_at_update:
+            raise RuntimeError(
+                "PostHocEMA.update() was called twice without an optimizer step in between: call ema.update() "
+                "once, right after each optimizer.step() (or engine.step())"
+            )
+        self._opt_steps_at_update = seen
         self.step += 1
         unit = self.config.batch_size or 1
         self.t = float(self.step * unit)
@@ -486,6 +510,23 @@ class PostHocEMA:
                     for x, s in zip(targets, saved):
                         x.copy_(s)
                 self._after_load()
+
+
+# Optimizer steps taken in this process (all torch optimizers), to catch update() without a step.
+# The check applies only once a torch optimizer stepped after the EMA was created.
+_OPTIMIZER_STEPS = [0]
+_HOOK: list = []
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+def _install_optimizer_hook() -> None:
+    if not _HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _HOOK.append(register_optimizer_step_post_hook(_count_optimizer_step))
 
 
 def _gather_to_rank0(obj: object, group: object | None) -> list | None:

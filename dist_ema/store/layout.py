@@ -54,7 +54,7 @@ _FQN_RE = re.compile(r"^[A-Za-z0-9_.\-:\[\]]+$")
 
 def validate_fqn(fqn: str) -> str:
     """Parameter names are data, never paths: reject anything that could escape a prefix."""
-    if not isinstance(fqn, str) or not fqn or not _FQN_RE.match(fqn) or ".." in fqn.split("."):
+    if not isinstance(fqn, str) or not fqn or not _FQN_RE.match(fqn) or "" in fqn.split("."):
         raise ValueError(
             f"parameter name {fqn!r} is not a valid name (letters, digits, '_', '.', '-', ':', '[]'); "
             f"rename the parameter"

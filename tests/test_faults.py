@@ -1,0 +1,328 @@
+"""Faults, bad input and security: nothing lost, nothing hangs, clear errors, no secrets leaked."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_ema.store import StoreError, open_store
+from dist_ema.store.layout import Layout, validate_fqn
+from dist_ema.synthesis import synthesize
+from dist_ema.tracker import PostHocEMA
+from tests.conftest import S3_KEY, S3_SECRET
+from tests.dist_harness import ROOT, free_port, run_workers
+from tests.engines import TinyNet, build
+
+# ----------------------------------------------------------------------------- S3 outage
+
+
+@pytest.fixture
+def moto_process():
+    """moto's S3 server as its own process, so the test can pause it (SIGSTOP) like a storage outage."""
+    pytest.importorskip("moto")
+    port = free_port()
+    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    endpoint = f"http://127.0.0.1:{port}"
+    import s3fs
+
+    fs = s3fs.S3FileSystem(key=S3_KEY, secret=S3_SECRET, client_kwargs={"endpoint_url": endpoint})
+    fs.mkdir("outage")
+    s3fs.S3FileSystem.clear_instance_cache()
+    env = {"FSSPEC_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    yield proc, env
+    proc.send_signal(signal.SIGCONT)
+    proc.kill()
+    proc.wait()
+
+
+def worker_outage(rank, ws, out, url):
+    setup = build("replicated", seed=0)
+    ema = PostHocEMA(setup.target, store=url, snapshot_every=1, when_behind="skip", max_object_bytes=256)
+    out = Path(out)
+    stamps = []
+    after = None
+    for step in range(1, 2000):
+        setup.step()
+        ema.update()
+        stamps.append(time.time())
+        time.sleep(0.05)
+        if step == 8 and rank == 0:
+            (out / "ready").write_text("1")
+        # keep going until the outage is over (both ranks agree through a collective)
+        flag = torch.tensor([1.0 if (out / "resumed").exists() else 0.0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        if flag.item() == 1.0 and after is None:
+            after = step
+        if after is not None and step >= after + 10:
+            break
+    ema.close()
+    if rank == 0:
+        torch.save({"stamps": stamps, "skipped": list(ema.snapshots.skipped), "steps": ema.step},
+                   out / "result.pt")
+
+
+@pytest.mark.timeout(300)
+def test_storage_outage_training_continues_nothing_lost(tmp_path, moto_process):
+    proc, env = moto_process
+    url = "s3://outage/run"
+    out = tmp_path / "w"
+    out.mkdir()
+    window = {}
+
+    def pause():
+        while not (out / "ready").exists():
+            time.sleep(0.05)
+        window["stop"] = time.time()
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(4.0)
+        proc.send_signal(signal.SIGCONT)
+        window["cont"] = time.time()
+        (out / "resumed").write_text("1")
+
+    th = threading.Thread(target=pause, daemon=True)
+    th.start()
+    run_workers("tests.test_faults:worker_outage", 2, out, kwargs=dict(url=url), env=env, timeout=240)
+    th.join(5)
+    res = torch.load(out / "result.pt", weights_only=True)
+    # training kept running while the store was away
+    during = [s for s in res["stamps"] if window["stop"] < s < window["cont"]]
+    assert len(during) >= 5, (len(during), window)
+    # every due snapshot is committed or explicitly reported as skipped; none is torn
+    for k, v in env.items():
+        os.environ[k] = v
+    store = open_store(url)
+    committed = {s.id for s in store.snapshots()}
+    due = {f"step-{i:012d}" for i in range(1, res["steps"] + 1)}
+    assert committed | set(res["skipped"]) == due
+    assert not committed & set(res["skipped"])
+    assert res["skipped"], "the outage should have made some snapshots skip"
+    assert store.torn() == []
+    for s in store.snapshots()[-3:]:
+        assert store.verify(s) == []
+
+
+# ----------------------------------------------------------------------------- permanent failures
+
+
+def worker_expect_startup_error(rank, ws, out, url):
+    setup = build("replicated", seed=0)
+    try:
+        PostHocEMA(setup.target, store=url)
+    except StoreError as e:
+        Path(out, f"err{rank}.txt").write_text(str(e))
+        return
+    raise AssertionError("PostHocEMA should have failed at start-up")
+
+
+@pytest.mark.timeout(120)
+def test_missing_bucket_fails_at_startup_on_every_rank(tmp_path, s3_env):
+    env, _ = s3_env
+    run_workers("tests.test_faults:worker_expect_startup_error", 2, tmp_path, env=env,
+                kwargs=dict(url="s3://no-such-bucket-dist-ema/x"))
+    for r in range(2):
+        msg = (tmp_path / f"err{r}.txt").read_text()
+        assert "opening store s3://no-such-bucket-dist-ema/x" in msg
+        assert "rank 0" in msg  # names the rank that hit it
+        assert S3_SECRET not in msg
+
+
+def worker_break_store(rank, ws, out, url, on_error):
+    setup = build("replicated", seed=0)
+    ema = PostHocEMA(setup.target, store=url, snapshot_every=2, writer="sync", on_error=on_error)
+    for step in range(1, 9):
+        setup.step()
+        if step == 5:
+            torch.distributed.barrier()
+            if rank == 0:  # the store's snapshots folder becomes a file: every later write fails for good
+                shutil.rmtree(Path(url) / "snapshots")
+                (Path(url) / "snapshots").write_text("not a folder")
+            torch.distributed.barrier()
+        try:
+            ema.update()
+        except StoreError as e:
+            Path(out, f"err{rank}.txt").write_text(f"{step}: {e}")
+            return
+    ema.close()
+    Path(out, f"done{rank}.txt").write_text(json.dumps(ema.snapshots.skipped))
+
+
+@pytest.mark.timeout(120)
+def test_write_failure_raises_on_every_rank(tmp_path):
+    url = str(tmp_path / "store")
+    run_workers("tests.test_faults:worker_break_store", 2, tmp_path / "w", kwargs=dict(url=url, on_error="raise"))
+    msgs = [(tmp_path / "w" / f"err{r}.txt").read_text() for r in range(2)]
+    assert msgs[0] == msgs[1]  # the same error, at the same step, on every rank
+    # the store broke before step 4 was committed: its commit failed, reported at the next snapshot (step 6)
+    assert msgs[0].startswith("6: snapshot write failed") and "step-000000000004: rank 0: NotADirectoryError" in msgs[0]
+    assert "on_error='warn'" in msgs[0]
+
+
+@pytest.mark.timeout(120)
+def test_write_failure_can_be_tolerated_explicitly(tmp_path):
+    url = str(tmp_path / "store")
+    run_workers("tests.test_faults:worker_break_store", 2, tmp_path / "w", kwargs=dict(url=url, on_error="warn"))
+    skipped = [json.loads((tmp_path / "w" / f"done{r}.txt").read_text()) for r in range(2)]
+    assert skipped[0] == skipped[1] == ["step-000000000004", "step-000000000006", "step-000000000008"]
+
+
+# ----------------------------------------------------------------------------- rank failures
+
+
+def worker_die_in_resume(rank, ws, out, url):
+    setup = build("fsdp2", seed=0)
+    if rank == 1:
+        os._exit(17)  # dies before joining the collective start-up
+    try:
+        PostHocEMA(setup.target, store=url, resume=True)
+    except Exception as e:  # noqa: BLE001
+        Path(out, "err0.txt").write_text(f"{type(e).__name__}: {e}")
+        os._exit(3)
+
+
+@pytest.mark.timeout(180)
+def test_rank_death_fails_the_others_in_bounded_time(tmp_path):
+    t0 = time.monotonic()
+    run_workers("tests.test_faults:worker_die_in_resume", 2, tmp_path, kwargs=dict(url=str(tmp_path / "s")),
+                expect_failure=True, timeout=150)
+    assert time.monotonic() - t0 < 150  # no hang: rank 0 learned of the dead peer
+    # rank 0 failed (error file or a gloo abort), and the store is still consistent
+    if (tmp_path / "s" / "dist_ema.json").exists():
+        assert open_store(str(tmp_path / "s")).torn() == []
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def _store_with_snapshots(url):
+    torch.manual_seed(0)
+    m = TinyNet()
+    with PostHocEMA(m, store=url, snapshot_every=2, writer="sync", max_object_bytes=64) as ema:
+        for _ in range(4):
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(0.1)
+            ema.update()
+    return m
+
+
+def test_flipped_byte_detected_in_resume_synthesis_and_verify(tmp_path):
+    url = str(tmp_path / "s")
+    m = _store_with_snapshots(url)
+    chunk = tmp_path / "s" / "snapshots" / "step-000000000004" / "r00000" / "p0" / "c" / "2"
+    raw = bytearray(chunk.read_bytes())
+    raw[5] ^= 0x01
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match=r"step-000000000004.*rank 0 profile p0.*corrupt"):
+        PostHocEMA(m, store=url, resume=True, writer="sync")
+    with pytest.raises(StoreError, match="corrupt"):
+        synthesize(url, sigma_rels=[0.12], out=str(tmp_path / "o"), progress=False)
+    assert not list((tmp_path).glob("o/**/*.safetensors"))
+    r = subprocess.run([sys.executable, "-m", "dist_ema", "ls", url, "--verify"], capture_output=True, text=True,
+                       cwd=str(ROOT), timeout=120)
+    assert r.returncode == 1 and "PROBLEM: step-000000000004: rank 0 profile p0" in r.stderr
+    chunk.write_bytes(bytes(raw[:3]))  # truncated
+    assert any("p0" in p for p in open_store(url).verify(open_store(url).snapshot(4)))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_update_twice_without_optimizer_step():
+    m = torch.nn.Linear(3, 3)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    ema = PostHocEMA(m)
+    m(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    ema.update()
+    with pytest.raises(RuntimeError, match="twice without an optimizer step"):
+        ema.update()
+
+
+@pytest.mark.parametrize("bad", ["../../x", "a/b", "..", "a..b/../c", "", "w\x00", "x y"])
+def test_parameter_names_cannot_escape(bad):
+    with pytest.raises(ValueError, match="not a valid name"):
+        validate_fqn(bad)
+    with pytest.raises(ValueError, match="not a valid name"):
+        Layout.build([(bad, (2,), "float32")], [[(bad, 0, 2)]])
+
+
+def test_layout_coverage_errors():
+    with pytest.raises(ValueError, match="gap"):
+        Layout.build([("w", (4,), "float32")], [[("w", 0, 2)], [("w", 3, 1)]])
+    with pytest.raises(ValueError, match="overlap"):
+        Layout.build([("w", (4,), "float32")], [[("w", 0, 3)], [("w", 2, 2)]])
+    with pytest.raises(ValueError, match="missing"):
+        Layout.build([("w", (4,), "float32")], [[("w", 0, 3)], []])
+
+
+def test_library_never_unpickles():
+    pat = re.compile(r"pickle\.loads?\(|torch\.load\((?![^)]*weights_only=True)|np\.load\([^)]*allow_pickle=True")
+    hits = [f"{p}:{i}" for p in (ROOT / "dist_ema").rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pat.search(line)]
+    assert hits == []
+
+
+# ----------------------------------------------------------------------------- secrets
+
+
+def worker_secret_flow(rank, ws, out, url, options):
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG)
+    setup = build("fsdp2", seed=0)
+    with PostHocEMA(setup.target, store=url, snapshot_every=2, storage_options=options) as ema:
+        for _ in range(4):
+            setup.step()
+            ema.update()
+        print(repr(ema.snapshots.io), ema.snapshots.config)
+
+
+@pytest.mark.timeout(300)
+def test_credentials_never_leak(tmp_path, s3_server, monkeypatch):
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FSSPEC_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(k, raising=False)
+    import s3fs
+
+    options = {"key": S3_KEY, "secret": S3_SECRET, "endpoint_url": s3_server}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("secrets")
+    url = "s3://secrets/run"
+    outs = run_workers("tests.test_faults:worker_secret_flow", 2, tmp_path / "w",
+                       kwargs=dict(url=url, options=options), env={"AWS_DEFAULT_REGION": "us-east-1"})
+    r = subprocess.run([sys.executable, "-m", "dist_ema", "-v", "synthesize", url, "--sigma-rel", "0.12", "--out",
+                        "s3://secrets/synth", "--storage-options", json.dumps(options), "--no-progress"],
+                       capture_output=True, text=True, cwd=str(ROOT), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-m", "dist_ema", "ls", "s3://missing-bucket-x/y", "--storage-options",
+                          json.dumps(options)], capture_output=True, text=True, cwd=str(ROOT), timeout=120)
+    assert bad.returncode == 2
+    texts = [*outs, r.stdout, r.stderr, bad.stdout, bad.stderr]
+    blobs = [fs.cat(p) for p in fs.find("secrets")]
+    assert len(blobs) > 20
+    assert "***" in outs[0]  # the options were printed, redacted
+    for text in texts:
+        assert S3_SECRET not in text
+    for blob in blobs:
+        assert S3_SECRET.encode() not in blob
