@@ -14,6 +14,7 @@ beta = (1 - t_delta / t)^(gamma + 1), exact for any update interval.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -354,41 +355,63 @@ class PostHocEMA:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        """Resumable state: step, time and this rank's EMA pieces (tensors, no pickled objects)."""
+        """Resumable state, safe to save with torch.distributed.checkpoint (DCP) or torch.save.
+
+        ``{"dist_ema": {step, t, ...}, "dist_ema_rank<r>": {"pieces": ..., "p0": flat, ...}}``:
+        the scalars are the same on every rank; each rank's EMA buffers live under a key of
+        its own, so DCP saves every rank's data (a key shared by all ranks would be treated
+        as replicated and saved once). Loading needs the same sharding; to resume at another
+        world size, resume from the snapshot store, which reshards.
+
+        Example (DCP):
+            >>> sd = {"model": model.state_dict(), "ema": ema.state_dict()}
+            >>> dcp.save(sd, checkpoint_id=path)
+            >>> ...; sd = {"model": model.state_dict(), "ema": ema.state_dict()}
+            >>> dcp.load(sd, checkpoint_id=path); ema.load_state_dict(sd["ema"])
+        """
+        from dist_ema.collective import rank
+
         return {
-            "format": "dist_ema.tracker/1",
-            "step": self.step,
-            "t": self.t,
-            "t_updated": self._t_updated,
-            "updates": self.updates,
-            "unit": self.config.unit,
-            "gammas": list(self.gammas),
-            "pieces": [[p.fqn, p.flat_start, p.numel] for p in self.pieces],
-            "emas": [prof.flat for prof in self.profiles],
+            "dist_ema": {
+                "format": "dist_ema.tracker/2",
+                "step": self.step,
+                "t": self.t,
+                "t_updated": self._t_updated,
+                "updates": self.updates,
+                "unit": self.config.unit,
+                "gammas": list(self.gammas),
+            },
+            f"dist_ema_rank{rank():05d}": {
+                "pieces": json.dumps([[p.fqn, p.flat_start, p.numel] for p in self.pieces]),
+                **{f"p{k}": prof.flat for k, prof in enumerate(self.profiles)},
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a :meth:`state_dict` saved by this rank with the same sharding.
+        """Restore a :meth:`state_dict` saved with the same sharding (same world size and wrapping)."""
+        from dist_ema.collective import rank
 
-        To resume at another world size, resume from the snapshot store instead.
-        """
-        if state.get("format") != "dist_ema.tracker/1":
-            raise ValueError(f"not a dist-ema tracker state dict (format={state.get('format')!r})")
-        if not np.allclose(state["gammas"], self.gammas, rtol=1e-9):
-            raise ValueError(f"state dict tracks gammas {state['gammas']}, this EMA tracks {list(self.gammas)}")
-        if state["unit"] != self.config.unit:
-            raise ValueError(f"state dict counts time in {state['unit']}, this EMA in {self.config.unit}")
+        head = state.get("dist_ema") if isinstance(state, dict) else None
+        if not isinstance(head, dict) or head.get("format") != "dist_ema.tracker/2":
+            raise ValueError("not a dist-ema tracker state dict (no 'dist_ema' entry of format dist_ema.tracker/2)")
+        if not np.allclose(head["gammas"], self.gammas, rtol=1e-9):
+            raise ValueError(f"state dict tracks gammas {head['gammas']}, this EMA tracks {list(self.gammas)}")
+        if head["unit"] != self.config.unit:
+            raise ValueError(f"state dict counts time in {head['unit']}, this EMA in {self.config.unit}")
+        key = f"dist_ema_rank{rank():05d}"
         mine = [[p.fqn, p.flat_start, p.numel] for p in self.pieces]
-        if [list(x) for x in state["pieces"]] != mine:
+        if key not in state or json.loads(state[key]["pieces"]) != mine:
             raise ValueError(
                 "state dict was saved with a different sharding (world size or wrapping); "
-                "resume from the snapshot store, which reshards"
+                "resume from the snapshot store instead (PostHocEMA(..., store=url, resume=True)), which reshards"
             )
         with torch.no_grad():
-            for prof, flat in zip(self.profiles, state["emas"]):
-                prof.flat.copy_(flat)
-        self.step, self.t = int(state["step"]), float(state["t"])
-        self._t_updated, self.updates = float(state["t_updated"]), int(state["updates"])
+            for k, prof in enumerate(self.profiles):
+                src = state[key][f"p{k}"]
+                if src.data_ptr() != prof.flat.data_ptr():  # DCP loads in place
+                    prof.flat.copy_(src)
+        self.step, self.t = int(head["step"]), float(head["t"])
+        self._t_updated, self.updates = float(head["t_updated"]), int(head["updates"])
 
     # ------------------------------------------------------------------ gather
 
