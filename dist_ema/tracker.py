@@ -186,6 +186,11 @@ class PostHocEMA:
         self._resync = _replicated_resync(model_or_engine, layout)
         self._step_applied = _step_applied_fn(model_or_engine, layout)
         self._set_pieces(layout.pieces)
+        # a checkpoint load may replace parameter storages (assign=True): re-list the views then
+        self._stale = False
+        module = _unwrap_module(model_or_engine)
+        if isinstance(module, torch.nn.Module):
+            module.register_load_state_dict_post_hook(self._on_model_load)
         self.profiles = [self._new_profile(s, g) for s, g in zip(self.config.sigma_rels, self.config.gammas)]
         _install_optimizer_hook()
         self._opt_steps_at_init = self._opt_steps_at_update = _OPTIMIZER_STEPS[0]
@@ -232,6 +237,9 @@ class PostHocEMA:
     def _bind_views(self, prof: _Profile) -> None:
         prof.views = [prof.flat[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
 
+    def _on_model_load(self, module: torch.nn.Module, incompatible_keys: object) -> None:
+        self._stale = True
+
     def refresh_views(self) -> None:
         """Re-list the shard views after the model's storages were replaced.
 
@@ -252,6 +260,7 @@ class PostHocEMA:
             )
         self.layout = new
         self._set_pieces(new.pieces)
+        self._stale = False
 
     # ------------------------------------------------------------------ properties
 
@@ -293,6 +302,8 @@ class PostHocEMA:
         """
         if self._step_applied is not None and not self._step_applied():
             return False
+        if self._stale:  # the model loaded a checkpoint since the last update
+            self.refresh_views()
         seen = _OPTIMIZER_STEPS[0]
         if seen != self._opt_steps_at_init and seen == self._opt_steps_at_update:
             raise RuntimeError(

@@ -177,6 +177,23 @@ def test_update_never_syncs_or_allocates(monkeypatch):
     assert any(e.cpu_memory_usage > 0 for e in prof.events())
 
 
+def test_views_follow_a_checkpoint_load_with_assign():
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 4)
+    ema = PostHocEMA(m, sigma_rels=(0.1,))
+    ema.update()
+    w0 = m.weight.detach().clone()
+    new = {k: torch.full_like(v, 3.0) for k, v in m.state_dict().items()}
+    m.load_state_dict(new, assign=True)  # replaces the parameter storages
+    with torch.no_grad():
+        m.weight.add_(1.0)  # 4.0 now, in the new storage
+    ema.update()  # beta at t=2 for gamma(0.1): the new storage must be what is averaged
+    w = 1 - phema.power_beta(phema.sigma_rel_to_gamma(0.1), 2.0, 1.0)
+    got = ema.full_state_dict(sigma_rel=0.1)["weight"]
+    assert ema.pieces[0].source.data_ptr() == m.weight.data_ptr()
+    torch.testing.assert_close(got, torch.lerp(w0, torch.full_like(w0, 4.0), w), rtol=1e-6, atol=1e-6)
+
+
 def test_bf16_params_are_averaged_in_fp32():
     m = torch.nn.Linear(8, 8).to(torch.bfloat16)
     ema = PostHocEMA(m, sigma_rels=(0.1,))
