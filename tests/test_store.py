@@ -44,7 +44,7 @@ def worker_train(rank, ws, out, engine, url, steps, snapshot_every=2, resume=Fal
         orig = SnapshotManager.exchange
 
         def exchange(self, block=False):
-            if self.ema.step == kill_at:  # data of this snapshot is written on every rank, nothing committed
+            if self.ema.step == kill_at:  # the previous snapshot is written on every rank, not committed
                 os.kill(os.getpid(), signal.SIGKILL)
             return orig(self, block)
 
@@ -184,7 +184,7 @@ def test_resume_same_and_other_world_size(tmp_path):
 def test_torn_snapshot_is_invisible_and_cleaned_up(tmp_path):
     url = str(tmp_path / "store")
     run_workers("tests.test_store:worker_train", 2, tmp_path / "a",
-                kwargs=dict(engine="fsdp2", url=url, steps=8, kill_at=6, writer="sync"),
+                kwargs=dict(engine="fsdp2", url=url, steps=8, kill_at=7, writer="sync"),
                 expect_failure=True, timeout=120)
     assert not (tmp_path / "a" / "expected.pt").exists()  # rank 0 failed once rank 1 died
     store = open_store(url)
