@@ -48,6 +48,13 @@ def _format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _cmd_error(args: argparse.Namespace) -> int:
+    from dist_ema.config import load_config
+
+    cfg = load_config(args.config)  # None: the defaults
+    if args.tracked is None:
+        args.tracked = list(cfg.sigma_rels)
+    if args.snapshot_every is None:
+        args.snapshot_every = float(cfg.snapshot_every * cfg.update_every) if cfg.snapshot_every else 1000.0
     t, g = schedule_profiles(args.tracked, args.snapshot_every, args.steps)
     target_t = float(args.t) if args.t is not None else float(t.max())
     targets = np.asarray(args.targets, dtype=np.float64)
@@ -117,10 +124,24 @@ def _storage_options(args: argparse.Namespace) -> dict | None:
     return opts
 
 
+def _store_url(args: argparse.Namespace) -> tuple[str, dict | None]:
+    """The store URL and storage options: the arguments, else the [dist_ema] table of --config."""
+    from dist_ema.config import load_config
+
+    cfg = load_config(args.config) if getattr(args, "config", None) else None
+    url = args.store or (cfg.store if cfg is not None else None)
+    if not url:
+        raise ValueError("no store: give the store URL, or --config FILE.toml with a [dist_ema] store")
+    opts = _storage_options(args)
+    if opts is None and cfg is not None:
+        opts = cfg.storage_options
+    return url, opts
+
+
 def _cmd_ls(args: argparse.Namespace) -> int:
     from dist_ema.store import open_store
 
-    store = open_store(args.store, _storage_options(args))
+    store = open_store(*_store_url(args))
     snaps = store.snapshots()
     rows = []
     problems: list[str] = []
@@ -146,7 +167,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from dist_ema.store import open_store
 
-    store = open_store(args.store, _storage_options(args))
+    store = open_store(*_store_url(args))
     snap = store.snapshot(args.step)
     lay = store.layout(snap)
     meta = {k: v for k, v in snap.meta.items() if k not in ("coefficients", "rows")}
@@ -169,16 +190,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_synthesize(args: argparse.Namespace) -> int:
+    import os
+
     from dist_ema.synthesis import summary, synthesize
 
+    url, opts = _store_url(args)
     res = synthesize(
-        args.store, sigma_rels=args.sigma_rel, t=args.t, step=args.step, out=args.out, format=args.format,
-        dtype=args.dtype, storage_options=_storage_options(args), overwrite=args.overwrite,
+        url, sigma_rels=args.sigma_rel, t=args.t, step=args.step, out=args.out, format=args.format,
+        dtype=args.dtype, storage_options=opts, overwrite=args.overwrite,
         progress=not args.no_progress,
     )
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    # synthesize() has left the process group by now: the launcher's RANK says who prints
+    if int(os.environ.get("RANK", "0")) == 0:
         rows = [[f"{x['sigma_rel']:.4f}", f"{x['gamma']:.3f}", f"{x['t']:g}", f"{100 * x['error']:.3f}%"]
                 for x in res.targets]
         print(_format_table(["sigma_rel", "gamma", "t", "rel. error"], rows))
@@ -197,9 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Choose tracked profiles and a snapshot interval before training: prints the "
         "relative L2 error and condition number of each target profile's reconstruction.",
     )
-    e.add_argument("--tracked", type=float, nargs="+", default=[0.05, 0.10], metavar="SIGMA_REL",
-                   help="sigma_rel of each tracked profile (default: 0.05 0.10)")
-    e.add_argument("--snapshot-every", type=float, default=1000, help="snapshot interval in steps (default 1000)")
+    e.add_argument("--tracked", type=float, nargs="+", default=None, metavar="SIGMA_REL",
+                   help="sigma_rel of each tracked profile (default: --config's sigma_rels, else 0.05 0.10)")
+    e.add_argument("--snapshot-every", type=float, default=None,
+                   help="snapshot interval in steps (default: --config's snapshot_every x update_every, else 1000)")
+    e.add_argument("--config", metavar="FILE.toml", help="dist-ema config file: tracked profiles and interval")
     e.add_argument("--steps", type=float, default=100_000, help="training length in steps (default 100000)")
     e.add_argument("--targets", type=float, nargs="+", default=[0.03, 0.05, 0.07, 0.10, 0.15, 0.20, 0.25],
                    metavar="SIGMA_REL", help="target sigma_rels to evaluate")
@@ -209,9 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_error)
 
     def store_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("store", help="snapshot store URL: local path, file://, s3://bucket/prefix, ...")
+        sp.add_argument("store", nargs="?", default=None,
+                        help="snapshot store URL: local path, file://, s3://bucket/prefix, ... "
+                             "(default: the store of --config)")
         sp.add_argument("--storage-options", metavar="JSON",
-                        help="fsspec options as JSON (default: from the environment, e.g. AWS_*, FSSPEC_S3_*)")
+                        help="fsspec options as JSON (default: --config's, else the environment, e.g. AWS_*, "
+                             "FSSPEC_S3_*)")
+        sp.add_argument("--config", metavar="FILE.toml",
+                        help="dist-ema config file: its [dist_ema] store and storage_options are the defaults")
 
     ls = sub.add_parser("ls", help="list committed snapshots of a store")
     store_args(ls)

@@ -365,15 +365,24 @@ class SnapshotManager:
 
     # ------------------------------------------------------------------ close
 
+    def flush(self) -> None:
+        """Block until every snapshot taken so far is written and committed (collective).
+
+        Use before saving a training checkpoint that must agree with the store.
+        """
+        if self._closed:
+            return
+        self.exchange(block=True)  # data of every pending snapshot -> commits queued on rank 0
+        self.exchange(block=True)  # results of those commits
+
     def close(self) -> None:
         """Wait for every pending write, commit, and stop the writer. Collective; idempotent."""
         if self._closed:
             return
-        self._closed = True
         try:
-            self.exchange(block=True)  # data of every pending snapshot -> commits queued on rank 0
-            self.exchange(block=True)  # results of those commits
+            self.flush()
         finally:
+            self._closed = True
             self.writer.close()
 
     # ------------------------------------------------------------------ resume

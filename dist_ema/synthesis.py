@@ -180,6 +180,7 @@ def _plan(store: SnapshotStore, sigma_rels, gammas, t, step, out_dtype: str) -> 
         "rows": rows,
         "X": X.tolist(),
         "ref": ref.id,
+        "source": store.url,
         "unit": ref.unit,
         "step": ref.step if target_t == ref.t else None,
     }
@@ -554,7 +555,7 @@ def _export_safetensors(out_io: StoreIO, out: str, opts: dict | None, plan: dict
                     tensors[bname] = torch.from_numpy(np.ascontiguousarray(bval))
             md = {"format": "pt", "dist_ema": json.dumps({
                 "sigma_rel": tg["sigma_rel"], "gamma": tg["gamma"], "t": tg["t"], "error": tg["error"],
-                "unit": plan["unit"], "snapshots": plan["snapshots"], "source_store": "see synthesis.json"})}
+                "unit": plan["unit"], "snapshots": plan["snapshots"], "source_store": reader_source(plan)})}
             top.put(f"{folder}/{names[fi]}", st_save(tensors, metadata=md))
             written.append(f"{folder}/{names[fi]}")
     except Exception as e:  # noqa: BLE001
@@ -575,7 +576,12 @@ def _export_safetensors(out_io: StoreIO, out: str, opts: dict | None, plan: dict
                 index["weight_map"].update({b[0]: names[-1] for b in buffers})
                 top.put(f"{folder}/model.safetensors.index.json", json.dumps(index, indent=1).encode())
         top.put("synthesis.json", json.dumps({
-            "targets": plan["targets"], "snapshots": plan["snapshots"], "zarr": "zarr",
+            "source": reader_source(plan), "targets": plan["targets"], "snapshots": plan["snapshots"], "zarr": "zarr",
             "files": {f"sigma_rel-{tg['sigma_rel']:.4f}": names for tg in plan["targets"]}}, indent=1).encode())
     out_files = [f"sigma_rel-{tg['sigma_rel']:.4f}/{n}" for tg in plan["targets"] for n in names]
     return [f"{out.rstrip('/')}/{f}" for f in out_files]
+
+
+def reader_source(plan: dict) -> str:
+    """The source store's URL as recorded in the plan (URLs carry no credentials; options are never stored)."""
+    return str(plan.get("source", ""))

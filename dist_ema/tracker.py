@@ -338,6 +338,14 @@ class PostHocEMA:
             raise ValueError("snapshot() needs a store: PostHocEMA(..., store='runs/x/snapshots')")
         return self.snapshots.snapshot()
 
+    def flush(self) -> None:
+        """Wait until every snapshot taken so far is committed, keep the writer (collective).
+
+        Call before saving a training checkpoint, so that the checkpoint and the store agree.
+        """
+        if self.snapshots is not None:
+            self.snapshots.flush()
+
     def close(self) -> None:
         """Flush pending snapshots, commit them and stop the writer (collective; idempotent)."""
         if self.snapshots is not None:

@@ -17,5 +17,11 @@ python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || tr
 python -c "import torch" 2>/dev/null || python -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v '^WARNING: Location' || true
 python -c "import torch" || { echo "torch failed to install (TORCH_SPEC=$TORCH_SPEC)"; exit 1; }
 # DeepSpeed builds no ops at install time; on CPU it is told so by DS_ACCELERATOR=cpu at run time.
-DS_BUILD_OPS=0 python -m pip install -q -e ".[${EXTRAS}]" 2>&1 | grep -v '^WARNING: Location' || true
+# Re-install only when pyproject.toml or the extras changed (an editable install sees code changes anyway).
+stamp=".venv/.dist-ema-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) ${EXTRAS}"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! python -c "import dist_ema" 2>/dev/null; then
+  DS_BUILD_OPS=0 python -m pip install -q -e ".[${EXTRAS}]" 2>&1 | grep -v '^WARNING: Location' || true
+  echo "$want" > "$stamp"
+fi
 python -c "import dist_ema" || { echo "dist-ema failed to install"; exit 1; }

@@ -1,0 +1,263 @@
+"""Fused EMA updates: K tracked profiles in one pass over the sources.
+
+The plain update is one ``torch._foreach_lerp_`` per profile: every source (parameter
+shard) is read K times, so the traffic is 3K tensor-sizes (read EMA, read source,
+write EMA, per profile). Updating all profiles of a piece in one kernel reads the
+source once: 2K + 1 tensor-sizes, (2K+1)/3K of the bytes (5/6 for K = 2). Measured
+here (2-core CPU, torch 2.13): 0.82x the time of two ``lerp_`` on a 40M-element tensor.
+
+:class:`FusedUpdate` is a plan built once for fixed tensors (the tracker's EMA views
+and the live shard views never change between steps):
+
+1. ``coalesce``: neighbouring pieces whose sources *and* EMA views are adjacent in
+   memory become one view. FSDP1 flat parameters and DeepSpeed ZeRO fp32 partitions
+   collapse to one run per flat buffer; FSDP2 and plain modules keep one run per
+   parameter (each parameter shard is its own allocation).
+2. Runs of at least ``min_numel`` elements are bucketed by (numel, dtype) into groups
+   of at most ``group`` runs. Each distinct group signature is ``torch.compile``d once
+   (static shapes: inductor's dynamic-shape kernel was 2x slower here) into one kernel
+   with one fused loop per run. Decay weights are 0-d tensors, refilled every step, so
+   changing weights never recompiles. Models made of repeated blocks have few signatures.
+3. Everything else (small runs, or everything when compile is unavailable: no C++
+   compiler, unsupported Python, ``DIST_EMA_COMPILE=0``) uses the foreach path.
+
+The math is ``torch.lerp`` (``ema += w * (source - ema)``, with ATen's formula for
+w >= 0.5, so w = 1 copies the source exactly), in fp32; non-fp32 sources are converted
+inside the kernel (the foreach path allocates an fp32 copy instead).
+
+Example:
+    >>> upd = FusedUpdate([prof.views for prof in ema.profiles], [p.source for p in ema.pieces])
+    >>> upd([1 - beta_0, 1 - beta_1])        # after every optimizer step
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["FusedUpdate", "coalesce", "compile_enabled", "foreach_update", "fused_update"]
+
+log = logging.getLogger("dist_ema")
+
+DEFAULT_MIN_NUMEL = 1 << 16  # smaller runs: a kernel call costs more than the bytes it saves
+DEFAULT_GROUP = 8  # runs per compiled kernel call
+MAX_SIGNATURES = 64  # distinct compiled group signatures per plan; the rest use foreach
+
+_BODY_SRC = '''
+def _fused_lerp(weights, sources, emas):
+    # emas[k][i]: profile k's EMA of sources[i]; each source is read once for all profiles
+    for i, s in enumerate(sources):
+        x = s if s.dtype == torch.float32 else s.to(torch.float32)
+        for k, w in enumerate(weights):
+            emas[k][i].lerp_(x, w)
+'''
+
+
+def compile_enabled() -> bool:
+    """False when ``DIST_EMA_COMPILE=0`` or torch.compile is missing."""
+    return os.environ.get("DIST_EMA_COMPILE", "1") != "0" and hasattr(torch, "compile")
+
+
+def _new_body():
+    """A fresh function object with its OWN code object: dynamo caches compiled code per code
+    object, so one body per group signature keeps every signature within its recompile limit."""
+    scope: dict = {"torch": torch}
+    exec(compile(_BODY_SRC, "<dist_ema.kernels>", "exec"), scope)
+    return scope["_fused_lerp"]
+
+
+def foreach_update(emas: Sequence[Sequence[torch.Tensor]], sources: Sequence[torch.Tensor],
+                   weights: Sequence[float]) -> None:
+    """Reference path: per profile k, ``emas[k][i].lerp_(sources[i], weights[k])`` as one foreach call."""
+    if not sources:
+        return
+    fp32 = [i for i, s in enumerate(sources) if s.dtype == torch.float32]
+    other = [i for i, s in enumerate(sources) if s.dtype != torch.float32]
+    src = [sources[i] for i in fp32]
+    src_other = [sources[i].to(torch.float32) for i in other]  # allocates: non-fp32 sources only
+    for views, w in zip(emas, weights):
+        if src:
+            torch._foreach_lerp_([views[i] for i in fp32], src, float(w))
+        if src_other:
+            torch._foreach_lerp_([views[i] for i in other], src_other, float(w))
+
+
+def _adjacent(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.device == b.device and a.dtype == b.dtype and a.dim() == 1 and b.dim() == 1
+        and a.is_contiguous() and b.is_contiguous()
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.storage_offset() + a.numel() == b.storage_offset()
+    )
+
+
+def _span(first: torch.Tensor, numel: int) -> torch.Tensor:
+    return first.detach().as_strided((numel,), (1,), first.storage_offset())
+
+
+def coalesce(emas: Sequence[Sequence[torch.Tensor]], sources: Sequence[torch.Tensor]
+             ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """Merge runs of neighbouring pieces that are adjacent in memory in the source and in every EMA.
+
+    Returns (emas, sources) in the same form with fewer, longer 1-d views. Order is kept.
+    """
+    K, n = len(emas), len(sources)
+    out_src: list[torch.Tensor] = []
+    out_emas: list[list[torch.Tensor]] = [[] for _ in range(K)]
+    i = 0
+    while i < n:
+        j, total = i, sources[i].numel()
+        while j + 1 < n and _adjacent(sources[j], sources[j + 1]) and all(
+            _adjacent(emas[k][j], emas[k][j + 1]) for k in range(K)
+        ):
+            j += 1
+            total += sources[j].numel()
+        if j == i:
+            out_src.append(sources[i])
+            for k in range(K):
+                out_emas[k].append(emas[k][i])
+        else:
+            out_src.append(_span(sources[i], total))
+            for k in range(K):
+                out_emas[k].append(_span(emas[k][i], total))
+        i = j + 1
+    return out_emas, out_src
+
+
+class FusedUpdate:
+    """A fixed K-profile update plan: ``plan(weights)`` does ``emas[k][i].lerp_(sources[i], weights[k])``.
+
+    Args:
+        emas: per profile, one fp32 1-d tensor per source (views into a flat buffer are fine).
+        sources: the live 1-d tensors averaged (fp32 or any float dtype).
+        compile: use torch.compile for runs of at least ``min_numel`` elements (default: unless
+            ``DIST_EMA_COMPILE=0``). Falls back to foreach, with one warning, if compiling fails.
+        min_numel: smallest run (elements) worth a compiled kernel; smaller runs use foreach.
+        group: runs per compiled kernel (kernels are shared by groups of the same signature).
+
+    Attributes:
+        runs: number of views after coalescing; ``compiled_runs``: how many go through compiled
+        kernels; ``signatures``: distinct compiled kernels; ``mode``: "compiled", "mixed" or "foreach".
+    """
+
+    def __init__(self, emas: Sequence[Sequence[torch.Tensor]], sources: Sequence[torch.Tensor], *,
+                 compile: bool | None = None, min_numel: int = DEFAULT_MIN_NUMEL, group: int = DEFAULT_GROUP) -> None:
+        if not emas:
+            raise ValueError("emas is empty: give one list of EMA tensors per tracked profile")
+        if group < 1 or min_numel < 1:
+            raise ValueError(f"group and min_numel must be >= 1; got group={group}, min_numel={min_numel}")
+        for k, views in enumerate(emas):
+            if len(views) != len(sources):
+                raise ValueError(f"emas[{k}] has {len(views)} tensors for {len(sources)} sources; give one per source")
+            for i, (e, s) in enumerate(zip(views, sources)):
+                if e.dtype != torch.float32 or e.dim() != 1 or s.dim() != 1 or e.numel() != s.numel():
+                    raise ValueError(
+                        f"emas[{k}][{i}] must be a 1-d float32 tensor of its source's {s.numel()} elements "
+                        f"(1-d); got {e.dtype} {tuple(e.shape)} for source {tuple(s.shape)}"
+                    )
+                if e.device != s.device:
+                    raise ValueError(f"emas[{k}][{i}] is on {e.device}, its source on {s.device}")
+        self.K = len(emas)
+        emas_c, src_c = coalesce(emas, sources)
+        self.runs = len(src_c)
+        self.compile = compile_enabled() if compile is None else bool(compile)
+        small: list[int] = []
+        buckets: dict[tuple, list[int]] = {}
+        for i, s in enumerate(src_c):
+            if self.compile and s.numel() >= min_numel:
+                buckets.setdefault((s.numel(), s.dtype, s.device), []).append(i)
+            else:
+                small.append(i)
+        groups: list[tuple[tuple, list[int]]] = []
+        for key, idx in buckets.items():
+            for a in range(0, len(idx), group):
+                part = idx[a : a + group]
+                groups.append(((len(part), *key), part))
+        sigs = sorted({sig for sig, _ in groups}, key=lambda s: -s[0] * s[1])
+        allowed = set(sigs[:MAX_SIGNATURES])
+        self._groups: list[tuple[tuple, list[torch.Tensor], list[list[torch.Tensor]]]] = []
+        for sig, part in groups:
+            if sig not in allowed:
+                small.extend(part)
+                continue
+            self._groups.append((sig, [src_c[i] for i in part], [[emas_c[k][i] for i in part] for k in range(self.K)]))
+        small.sort()
+        self._small_src = [src_c[i] for i in small]
+        self._small_emas = [[emas_c[k][i] for i in small] for k in range(self.K)]
+        self.compiled_runs = sum(len(g[1]) for g in self._groups)
+        self.signatures = len(allowed & {g[0] for g in self._groups})
+        self._fns: dict[tuple, object] = {}
+        device = src_c[0].device if src_c else torch.device("cpu")
+        # 0-d weights, refilled each step: the compiled kernels read them, so they never recompile
+        self._w = [torch.zeros((), dtype=torch.float32, device=device) for _ in range(self.K)]
+        self.failed: str | None = None
+
+    @property
+    def mode(self) -> str:
+        if not self._groups:
+            return "foreach"
+        return "compiled" if not self._small_src else "mixed"
+
+    def _fn(self, sig: tuple):
+        fn = self._fns.get(sig)
+        if fn is None:
+            fn = torch.compile(_new_body(), fullgraph=True, dynamic=False)
+            self._fns[sig] = fn
+        return fn
+
+    @torch.no_grad()
+    def __call__(self, weights: Sequence[float]) -> None:
+        if len(weights) != self.K:
+            raise ValueError(f"need {self.K} weights (one per profile); got {len(weights)}")
+        if self._groups:
+            for w, x in zip(self._w, weights):
+                w.fill_(float(x))
+            done = 0
+            try:
+                for sig, src, emas in self._groups:
+                    self._fn(sig)(self._w, src, emas)
+                    done += 1
+            except Exception as e:  # noqa: BLE001 - compile failures (no C++ compiler, unsupported Python, ...)
+                if done:  # a kernel ran already: a real runtime error, not a missing compiler
+                    raise
+                self._fallback(e)
+        foreach_update(self._small_emas, self._small_src, weights)
+
+    def _fallback(self, e: Exception) -> None:
+        """Compiling failed before any kernel ran: move every group to the foreach path, for good."""
+        self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log.warning("dist-ema: torch.compile of the fused EMA update failed (%s); using the foreach path",
+                    self.failed)
+        for _, src, emas in self._groups:
+            self._small_src.extend(src)
+            for k in range(self.K):
+                self._small_emas[k].extend(emas[k])
+        self._groups = []
+        self.compiled_runs = 0
+        self.signatures = 0
+
+
+_PLANS: dict[tuple, FusedUpdate] = {}
+
+
+def fused_update(emas: Sequence[Sequence[torch.Tensor]], sources: Sequence[torch.Tensor],
+                 weights: Sequence[float], **plan_options) -> FusedUpdate:
+    """``emas[k][i].lerp_(sources[i], weights[k])`` for every k and i, each source read once.
+
+    Builds (and caches, keyed by the tensors' storage addresses and sizes) a
+    :class:`FusedUpdate` plan; the first call with new tensors compiles. Returns the plan.
+    Prefer holding a :class:`FusedUpdate` yourself in a training loop.
+    """
+    key = (tuple((s.data_ptr(), s.numel(), s.dtype) for s in sources),
+           tuple(tuple((e.data_ptr(), e.numel()) for e in views) for views in emas),
+           tuple(sorted(plan_options.items())))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 16:
+            _PLANS.clear()
+        plan = _PLANS[key] = FusedUpdate(emas, sources, **plan_options)
+    plan(weights)
+    return plan

@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""The end-to-end demo: train on 2 ranks with snapshots, synthesize a sigma_rel sweep, evaluate, plot.
+
+    python launch/run_demo.py                      # what launch/demo.sh runs (~1 minute on 2 CPU cores)
+    python launch/run_demo.py --steps 200 --nproc 2 --sigma-rels 0.05 0.1 0.2
+    python launch/run_demo.py --store s3://bucket/demo/snapshots   # the same flow against S3
+
+Three real launches, each printed before it runs, so the demo doubles as a recipe:
+
+1. ``torchrun --nproc-per-node 2 launch/train.py`` (FSDP2, gloo on CPU) writes a snapshot of the
+   tracked profiles (sigma_rel 0.05 and 0.10) every 25 steps into a store, and the final raw
+   weights to a safetensors file;
+2. ``torchrun --nproc-per-node 2 -m dist_ema synthesize`` reconstructs the EMA for every
+   sigma_rel of the sweep from those snapshots, after training, without retraining;
+3. every synthesized EMA and the raw weights are loaded into an ordinary model and evaluated
+   on 360 held-out digits; the table is printed and the loss is plotted against sigma_rel.
+
+Each run starts from a clean run directory: the previous demo run in it is removed first (a
+directory the demo did not create is never touched; pick another --run-dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from evaluate import evaluate_run, format_table, plot  # noqa: E402
+
+MARKER = ".dist-ema-demo"  # written into the run directory; only such directories are cleared
+SWEEP = (0.03, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20, 0.25)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fresh_run_dir(run_dir: Path) -> None:
+    """Empty ``run_dir`` if an earlier demo made it; refuse to touch any other existing directory."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not (run_dir / MARKER).exists():
+            raise SystemExit(f"run_demo: {run_dir} exists and was not made by the demo; remove it yourself or "
+                             f"pass --run-dir to a new directory")
+        print(f"== removing the previous demo run in {run_dir}")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MARKER).write_text("made by launch/run_demo.py; the next demo run deletes this directory\n")
+
+
+def run(step: str, cmd: list[str], timeout: float) -> None:
+    """Run one launch with its output shown live; SystemExit naming the step when it fails."""
+    print(f"\n== {step}\n$ {shlex.join(cmd)}", flush=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        r = subprocess.run(cmd, cwd=str(ROOT), env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"run_demo: {step} did not finish within {timeout:.0f} s") from None
+    if r.returncode != 0:
+        raise SystemExit(f"run_demo: {step} failed (exit code {r.returncode}); its output is above")
+
+
+def torchrun(nproc: int) -> list[str]:
+    # python -m torch.distributed.run is the torchrun command, without relying on PATH
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run-dir", default="runs/demo", help="where the run's files go (cleared at the start)")
+    p.add_argument("--out", default="out", help="directory of the plot and the results JSON")
+    p.add_argument("--config", default=str(ROOT / "configs" / "demo.toml"), help="train + dist-ema config")
+    p.add_argument("--engine", default="fsdp2", help="training engine (fsdp2, fsdp1, ddp, zero1, zero2, zero3)")
+    p.add_argument("--nproc", type=int, default=2, help="ranks for training and for synthesis")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's, 500)")
+    p.add_argument("--seed", type=int, default=None, help="model init and data order (default: the config's)")
+    p.add_argument("--sigma-rels", type=float, nargs="+", default=list(SWEEP), help="sigma_rels to synthesize")
+    p.add_argument("--store", default=None, help="snapshot store URL (default: <run-dir>/snapshots; s3://... works)")
+    p.add_argument("--synth-out", default=None, help="synthesis output (default: next to the store, .../synth)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds allowed for each launch")
+    args = p.parse_args(argv)
+
+    t0 = time.perf_counter()
+    run_dir = Path(args.run_dir)
+    fresh_run_dir(run_dir)
+    store = args.store or str(run_dir / "snapshots")
+    synth = args.synth_out or (store.rstrip("/").rsplit("/", 1)[0] + "/synth" if args.store else str(run_dir / "synth"))
+    final = str(run_dir / "final.safetensors")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    train = [*torchrun(args.nproc), "launch/train.py", "--config", args.config, "--engine", args.engine,
+             "--store", store, "--save-final", final]
+    if args.steps is not None:
+        train += ["--steps", str(args.steps)]
+    if args.seed is not None:
+        train += ["--seed", str(args.seed)]
+    run(f"1/3 train on {args.nproc} ranks ({args.engine}), snapshots in {store}", train, args.timeout)
+
+    sweep = [f"{s:g}" for s in args.sigma_rels]
+    run(f"2/3 synthesize {len(sweep)} sigma_rels on {args.nproc} ranks from the snapshots",
+        [*torchrun(args.nproc), "-m", "dist_ema", "synthesize", store, "--sigma-rel", *sweep, "--out", synth,
+         "--no-progress"], args.timeout)
+
+    print("\n== 3/3 evaluate the raw weights and each synthesized EMA on held-out digits\n", flush=True)
+    rows = evaluate_run(synth, raw=final, store=store)
+    table = format_table(rows)
+    png = out / "demo_loss_vs_sigma_rel.png"
+    raw = next(r for r in rows if r.sigma_rel is None)
+    best = min((r for r in rows if r.sigma_rel is not None), key=lambda r: r.loss)
+    plot(rows, str(png), title=f"Post-hoc EMA of an MLP on 8x8 digits ({args.engine}, {args.nproc} ranks)")
+    (out / "demo_results.json").write_text(json.dumps(
+        {"rows": [asdict(r) for r in rows], "store": store, "synth": synth, "raw": final,
+         "seconds": time.perf_counter() - t0}, indent=1))
+    print(table)
+    print(f"\nbest synthesized EMA: sigma_rel={best.sigma_rel:g}, held-out loss {best.loss:.4f} vs "
+          f"{raw.loss:.4f} for the raw weights ({100 * (best.loss / raw.loss - 1):+.0f}%)")
+    if best.loss >= raw.loss:
+        print("note: no synthesized EMA beat the raw weights in this run (try more --steps)")
+    print(f"plot: {png}\nresults: {out / 'demo_results.json'}\ndemo finished in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
