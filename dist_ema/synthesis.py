@@ -280,7 +280,7 @@ def _synthesize(url, sigma_rels, gammas, t, step, out, format, dtype, storage_op
         try:
             store = SnapshotStore(url, storage_options)
             plan = _plan(store, sigma_rels, gammas, t, step, dtype)
-            _check_output(out_io, out, format, out_storage_options, overwrite, plan)
+            plan["clear"] = _check_output(out_io, out, format, out_storage_options, overwrite, plan)
         except Exception as e:  # noqa: BLE001 - raised on every rank below
             err = e
     msg = _broadcast(None if err is None else f"{type(err).__name__}: {err}")
@@ -303,7 +303,12 @@ def _synthesize(url, sigma_rels, gammas, t, step, out, format, dtype, storage_op
     # ---- output skeleton (rank 0), then every rank writes its units
     snap_name = snapshot_id(plan["step"] if plan["step"] is not None else int(round(plan["targets"][0]["t"])))
     if rank == 0:
-        run_and_check(lambda: _prepare_output(out_io, layout, overwrite), f"creating {store_url}", None, StoreError)
+        def prepare() -> None:
+            if plan["clear"]:
+                _cleanup(out_io, out, format, out_storage_options)
+            _prepare_output(out_io, layout)
+
+        run_and_check(prepare, f"creating {store_url}", None, StoreError)
     else:
         run_and_check(lambda: None, f"creating {store_url}", None, StoreError)
 
@@ -316,10 +321,13 @@ def _synthesize(url, sigma_rels, gammas, t, step, out, format, dtype, storage_op
         err = e
     try:
         raise_if_any(err, "synthesis", None, StoreError)
-    except StoreError:
+    except Exception as e:  # a StoreError from a rank, or the process group losing a dead peer
         if rank == 0:
             _cleanup(out_io, out, format, out_storage_options)
-        raise
+        if isinstance(e, StoreError):
+            raise
+        raise StoreError(f"synthesis failed: a rank stopped responding ({type(e).__name__}: {e}); the partial "
+                         f"output was removed, rerun the job") from e
 
     # ---- commit (rank 0), export
     meta = {
@@ -384,19 +392,31 @@ def _array_doc(numel: int, dtype: str, unit_bytes: int):
     return _array_template(numel, dtype, chunk_elems(numel, dtype, unit_bytes), None)
 
 
-def _check_output(out_io: StoreIO, out: str, format: str, opts: dict | None, overwrite: bool, plan: dict) -> None:
+def _check_output(out_io: StoreIO, out: str, format: str, opts: dict | None, overwrite: bool, plan: dict) -> bool:
+    """Refuse an existing output unless ``overwrite``. Returns True when the output must be cleared first.
+
+    A leftover of a job that died before committing (a store without any commit marker and
+    no exported file) holds nothing usable: it is cleared with a warning.
+    """
     exists = out_io.list_dir("") != []
+    files = False
     if format == "safetensors":
         top = StoreIO(out, opts)
-        exists = exists or any(n.startswith("sigma_rel-") for n in top.list_dir(""))
+        files = any(n.startswith("sigma_rel-") for n in top.list_dir(""))
+    if exists and not files and not overwrite:
+        from dist_ema.store.io import read_commits
+
+        if not read_commits(out_io)[0]:
+            log.warning("dist-ema: %s holds an uncommitted synthesis (a failed job); replacing it", out)
+            return True
+    exists = exists or files
     if exists and not overwrite:
         raise FileExistsError(f"output {out} already exists; choose another out= or pass overwrite=True "
                               f"(--overwrite) to replace it")
+    return exists and overwrite
 
 
-def _prepare_output(out_io: StoreIO, layout: Layout, overwrite: bool) -> None:
-    if overwrite:
-        out_io.remove("")
+def _prepare_output(out_io: StoreIO, layout: Layout) -> None:
     ensure_store(out_io, create=True)
     for r in range(layout.world_size):
         write_layout(out_io, layout, r)

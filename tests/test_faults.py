@@ -326,3 +326,37 @@ def test_credentials_never_leak(tmp_path, s3_server, monkeypatch):
         assert S3_SECRET not in text
     for blob in blobs:
         assert S3_SECRET.encode() not in blob
+
+
+# ----------------------------------------------------------------------------- rank death in synthesis
+
+
+def worker_synthesize_rank_dies(rank, ws, out, url, die):
+    import dist_ema.synthesis as syn
+
+    if die and rank == 1:
+        def boom(*a, **k):
+            os._exit(9)  # this rank dies in the middle of its work
+
+        syn._map_units = boom
+    try:
+        syn.synthesize(url, sigma_rels=[0.12], out=os.path.join(out, "synth"), progress=False, unit_bytes=64)
+    except StoreError as e:
+        Path(out, f"err{rank}.txt").write_text(str(e))
+        raise
+
+
+@pytest.mark.timeout(300)
+def test_rank_death_in_synthesis_leaves_no_output_and_rerun_succeeds(tmp_path):
+    url = str(tmp_path / "s")
+    _store_with_snapshots(url)
+    t0 = time.monotonic()
+    run_workers("tests.test_faults:worker_synthesize_rank_dies", 2, tmp_path, kwargs=dict(url=url, die=True),
+                expect_failure=True, timeout=200)
+    assert time.monotonic() - t0 < 200
+    msg = (tmp_path / "err0.txt").read_text()
+    assert "rank stopped responding" in msg and "partial output was removed" in msg
+    assert not list((tmp_path / "synth").rglob("*.safetensors"))
+    assert not (tmp_path / "synth" / "zarr" / "dist_ema.json").exists()
+    run_workers("tests.test_faults:worker_synthesize_rank_dies", 2, tmp_path, kwargs=dict(url=url, die=False))
+    assert len(list((tmp_path / "synth").rglob("*.safetensors"))) == 1

@@ -282,3 +282,15 @@ def test_cli_ls_inspect_synthesize(small_store, tmp_path):
     assert r.returncode == 2 and "sigma_rels must be in" in r.stderr
     r = run("ls", str(tmp_path / "nope"))
     assert r.returncode == 2 and "no dist-ema store" in r.stderr
+
+
+def test_uncommitted_leftover_output_is_replaced(small_store, tmp_path):
+    from dist_ema.store.fs import StoreIO
+    from dist_ema.store.io import ensure_store
+
+    out = tmp_path / "o"
+    ensure_store(StoreIO(str(out / "zarr")), create=True)  # what a job that died before committing leaves
+    (out / "zarr" / "snapshots" / "step-000000000009").mkdir(parents=True)
+    res = synthesize(small_store, sigma_rels=[0.1], out=str(out), progress=False)
+    assert [s.step for s in open_store(str(out / "zarr")).snapshots()] == [9]
+    assert os.path.exists(res.files[0])

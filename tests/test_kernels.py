@@ -1,0 +1,132 @@
+"""dist_ema.kernels: the fused K-profile update matches the foreach reference."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from dist_ema.kernels import FusedUpdate, coalesce, foreach_update, fused_update
+
+
+def _setup(sizes, K=2, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sources = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+    flats = [torch.randn(sum(sizes), generator=g) for _ in range(K)]
+    offs = [0]
+    for n in sizes:
+        offs.append(offs[-1] + n)
+    views = [[f[a:b] for a, b in zip(offs[:-1], offs[1:])] for f in flats]
+    return flats, views, sources
+
+
+def _reference(flats, sources, sizes, weights_per_step):
+    ref = [f.clone() for f in flats]
+    offs = [0]
+    for n in sizes:
+        offs.append(offs[-1] + n)
+    views = [[f[a:b] for a, b in zip(offs[:-1], offs[1:])] for f in ref]
+    for w in weights_per_step:
+        foreach_update(views, sources, w)
+    return ref
+
+
+WEIGHTS = [[1.0, 1.0], [0.5, 0.25], [0.01, 0.3], [0.75, 0.001]]  # w = 1: first update (beta = 0)
+
+
+def test_coalesce_merges_adjacent_only():
+    base = torch.arange(10.0)
+    srcs = [base[0:3], base[3:5], base[6:10]]  # gap between the 2nd and 3rd
+    ema = torch.zeros(9)
+    views = [[ema[0:3], ema[3:5], ema[5:9]]]
+    e, s = coalesce(views, srcs)
+    assert [x.numel() for x in s] == [5, 4]
+    assert torch.equal(s[0], base[0:5]) and torch.equal(s[1], base[6:10])
+    e[0][0].fill_(7.0)
+    assert torch.all(ema[0:5] == 7.0) and torch.all(ema[5:] == 0.0)  # merged views alias the buffer
+
+
+def test_foreach_plan_is_bitwise_the_reference():
+    sizes = [5, 300, 17, 4096]
+    flats, views, sources = _setup(sizes)
+    ref = _reference(flats, sources, sizes, WEIGHTS)
+    plan = FusedUpdate(views, sources, compile=False)
+    assert plan.mode == "foreach"
+    for w in WEIGHTS:
+        plan(w)
+    for a, b in zip(flats, ref):
+        assert torch.equal(a, b)
+
+
+def test_flat_source_coalesces_to_one_run():
+    sizes = [64, 128, 32]
+    flat_src = torch.randn(sum(sizes))
+    sources = list(torch.split(flat_src, sizes))  # like an FSDP1 / ZeRO flat fp32 partition
+    flats = [torch.zeros(sum(sizes)) for _ in range(2)]
+    views = [list(torch.split(f, sizes)) for f in flats]
+    plan = FusedUpdate(views, sources, compile=False)
+    assert plan.runs == 1
+    plan([1.0, 1.0])
+    assert torch.equal(flats[0], flat_src) and torch.equal(flats[1], flat_src)
+
+
+NO_CXX = shutil.which("g++") is None and shutil.which("c++") is None
+
+
+@pytest.mark.skipif(NO_CXX, reason="inductor's CPU backend needs a C++ compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_matches_foreach(dtype):
+    sizes = [256, 256, 7, 256, 33]  # three runs of one signature, two small runs on the foreach path
+    flats, views, sources = _setup(sizes, dtype=dtype, seed=1)
+    ref = _reference(flats, sources, sizes, WEIGHTS)
+    plan = FusedUpdate(views, sources, compile=True, min_numel=256, group=4)
+    assert (plan.compiled_runs, plan.signatures, plan.mode) == (3, 1, "mixed")
+    counters = torch._dynamo.utils.counters["stats"]
+    plan(WEIGHTS[0])
+    for f in flats:  # w = 1 (the first EMA update) copies the source exactly
+        assert torch.equal(f, torch.cat([s.float() for s in sources]))
+    graphs = counters["unique_graphs"]
+    for w in WEIGHTS[1:]:
+        plan(w)  # new weights: same kernel (0-d tensor weights), no recompile
+    assert counters["unique_graphs"] == graphs
+    assert plan.failed is None
+    for a, b in zip(flats, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_update_caches_its_plan():
+    sizes = [3, 9]
+    flats, views, sources = _setup(sizes)
+    ref = _reference(flats, sources, sizes, WEIGHTS)
+    plans = {id(fused_update(views, sources, w, compile=False)) for w in WEIGHTS}
+    assert len(plans) == 1
+    for a, b in zip(flats, ref):
+        assert torch.equal(a, b)
+
+
+def test_compile_failure_falls_back(monkeypatch):
+    sizes = [512, 512]
+    flats, views, sources = _setup(sizes)
+    ref = _reference(flats, sources, sizes, WEIGHTS[:2])
+    plan = FusedUpdate(views, sources, compile=True, min_numel=1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    for w in WEIGHTS[:2]:
+        plan(w)
+    assert plan.mode == "foreach" and "no C++ compiler" in plan.failed
+    for a, b in zip(flats, ref):
+        assert torch.equal(a, b)
+
+
+def test_bad_arguments():
+    flats, views, sources = _setup([4, 5])
+    with pytest.raises(ValueError, match="one per source"):
+        FusedUpdate([views[0][:1]], sources)
+    with pytest.raises(ValueError, match="1-d float32"):
+        FusedUpdate([[v.double() for v in views[0]]], sources)
+    with pytest.raises(ValueError, match="2 weights"):
+        FusedUpdate(views, sources, compile=False)([0.1])
