@@ -360,3 +360,44 @@ def test_rank_death_in_synthesis_leaves_no_output_and_rerun_succeeds(tmp_path):
     assert not (tmp_path / "synth" / "zarr" / "dist_ema.json").exists()
     run_workers("tests.test_faults:worker_synthesize_rank_dies", 2, tmp_path, kwargs=dict(url=url, die=False))
     assert len(list((tmp_path / "synth").rglob("*.safetensors"))) == 1
+
+
+# ----------------------------------------------------------------------------- soak
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_soak_random_kills_and_restarts(tmp_path):
+    """Short snapshots, a rank SIGKILLed at a random step, restart with resume; repeat. The store must end
+    consistent (no torn snapshot, every object verifies) and synthesis must match the brute-force sum."""
+    import random
+
+    from tests.test_synthesis import brute_force
+
+    rng = random.Random(1234)
+    url = str(tmp_path / "store")
+    kills = 0
+    for round_ in range(4):
+        store_has = (tmp_path / "store" / "dist_ema.json").exists() and open_store(url).snapshots()
+        start = open_store(url).snapshots()[-1].step if store_has else 0
+        kill_at = start + rng.randint(2, 6)
+        run_workers("tests.test_store:worker_train", 2, tmp_path / f"r{round_}",
+                    kwargs=dict(engine="fsdp2", url=url, steps=10, snapshot_every=1, resume=bool(store_has),
+                                kill_at=kill_at), expect_failure=True, timeout=150)
+        kills += 1
+    run_workers("tests.test_store:worker_train", 2, tmp_path / "final",
+                kwargs=dict(engine="fsdp2", url=url, steps=4, snapshot_every=1, resume=True))
+    store = open_store(url)
+    snaps = store.snapshots()
+    assert kills == 4 and store.torn() == []
+    steps = [s.step for s in snaps]
+    assert steps == list(range(1, steps[-1] + 1)) and len(steps) >= 6  # resumed runs continue seamlessly
+    for s in snaps:
+        assert store.verify(s) == [], s.id
+    res = synthesize(url, sigma_rels=[0.12], out=str(tmp_path / "out"), progress=False)
+    ref, _ = brute_force(store, res.targets, list(store.params()))
+    from safetensors.torch import load_file
+
+    got = load_file(res.files[0])
+    for n, v in ref[0].items():
+        torch.testing.assert_close(got[n].double(), v, rtol=1e-5, atol=1e-6, msg=n)
