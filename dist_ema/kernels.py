@@ -190,6 +190,7 @@ class FusedUpdate:
         self.compiled_runs = sum(len(g[1]) for g in self._groups)
         self.signatures = len(allowed & {g[0] for g in self._groups})
         self._fns: dict[tuple, object] = {}
+        self._ran: set[tuple] = set()  # signatures whose kernel compiled and ran
         device = src_c[0].device if src_c else torch.device("cpu")
         # 0-d weights, refilled each step: the compiled kernels read them, so they never recompile
         self._w = [torch.zeros((), dtype=torch.float32, device=device) for _ in range(self.K)]
@@ -215,29 +216,45 @@ class FusedUpdate:
         if self._groups:
             for w, x in zip(self._w, weights):
                 w.fill_(float(x))
-            done = 0
-            try:
-                for sig, src, emas in self._groups:
+            bad: set[tuple] = set()
+            for sig, src, emas in self._groups:
+                if sig in bad:
+                    foreach_update(emas, src, weights)
+                    continue
+                try:
                     self._fn(sig)(self._w, src, emas)
-                    done += 1
-            except Exception as e:  # noqa: BLE001 - compile failures (no C++ compiler, unsupported Python, ...)
-                if done:  # a kernel ran already: a real runtime error, not a missing compiler
-                    raise
-                self._fallback(e)
+                except Exception as e:  # noqa: BLE001 - compile failures: no C++ compiler, unsupported Python, ...
+                    if sig in self._ran:  # this kernel ran before: a real runtime error
+                        raise
+                    # compiling happens before the kernel runs, so this group is untouched: do it the plain way
+                    bad.add(sig)
+                    self._note_failure(e)
+                    foreach_update(emas, src, weights)
+                    continue
+                self._ran.add(sig)
+            if bad:
+                self._demote(bad)
         foreach_update(self._small_emas, self._small_src, weights)
 
-    def _fallback(self, e: Exception) -> None:
-        """Compiling failed before any kernel ran: move every group to the foreach path, for good."""
-        self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        log.warning("dist-ema: torch.compile of the fused EMA update failed (%s); using the foreach path",
-                    self.failed)
-        for _, src, emas in self._groups:
-            self._small_src.extend(src)
-            for k in range(self.K):
-                self._small_emas[k].extend(emas[k])
-        self._groups = []
-        self.compiled_runs = 0
-        self.signatures = 0
+    def _note_failure(self, e: Exception) -> None:
+        msg = str(e).strip().splitlines()
+        self.failed = f"{type(e).__name__}: {msg[0] if msg else ''}"
+        log.warning("dist-ema: torch.compile of the fused EMA update failed (%s); using the foreach path for "
+                    "those tensors", self.failed)
+
+    def _demote(self, bad: set[tuple]) -> None:
+        """Move the groups whose kernels failed to compile to the foreach path, for good."""
+        keep = []
+        for sig, src, emas in self._groups:
+            if sig in bad:
+                self._small_src.extend(src)
+                for k in range(self.K):
+                    self._small_emas[k].extend(emas[k])
+            else:
+                keep.append((sig, src, emas))
+        self._groups = keep
+        self.compiled_runs = sum(len(g[1]) for g in keep)
+        self.signatures = len({g[0] for g in keep})
 
 
 _PLANS: dict[tuple, FusedUpdate] = {}

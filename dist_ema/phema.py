@@ -223,32 +223,38 @@ def solve_coefficients(
     err = np.zeros(m)
     cond = np.zeros(m)
     used = ts[:, None] <= tr[None, :]  # => [snapshots, targets]
-    for j in range(m):
-        sel = np.flatnonzero(used[:, j])
+    # targets at the same time share the snapshot set and so the matrix: factor it once per time
+    for t_j in np.unique(tr):
+        cols = np.flatnonzero(tr == t_j)
+        sel = np.flatnonzero(ts <= t_j)
         if sel.size == 0:
             raise ValueError(
-                f"target time {tr[j]:g} is before the first snapshot (t={ts.min():g}): "
+                f"target time {t_j:g} is before the first snapshot (t={ts.min():g}): "
                 f"no snapshot at or before it; choose t >= {ts.min():g}"
             )
         ti, gi = ts[sel], gs[sel]
         A = p_dot_p(ti[:, None], gi[:, None], ti[None, :], gi[None, :])  # => [k, k]
-        b = p_dot_p(ti, gi, tr[j], gr[j])  # => [k]
+        B = p_dot_p(ti[:, None], gi[:, None], t_j, gr[None, cols])  # => [k, targets at t_j]
         d = 1.0 / np.sqrt(np.diag(A))
         As = A * d[:, None] * d[None, :]
-        cond[j] = np.linalg.cond(As)
+        ev = np.linalg.eigvalsh(As)  # As is symmetric positive (semi)definite: cond = max / min eigenvalue
+        cond[cols] = ev[-1] / ev[0] if ev[0] > 0 else np.inf
         try:
-            y = np.linalg.solve(As, b * d)
+            Y = np.linalg.solve(As, B * d[:, None])
         except np.linalg.LinAlgError:
-            y = np.linalg.lstsq(As, b * d, rcond=None)[0]
-        x = y * d
-        total = x.sum()
-        if not np.isfinite(total) or total == 0:
-            raise ValueError(f"target {j} (t={tr[j]:g}, gamma={gr[j]:g}) cannot be reconstructed (singular)")
-        x = x / total
-        rr = float(p_dot_p(tr[j], gr[j], tr[j], gr[j]))
-        sq = x @ A @ x - 2.0 * x @ b + rr
-        err[j] = math.sqrt(max(sq, 0.0) / rr)
-        X[sel, j] = x
+            Y = np.linalg.lstsq(As, B * d[:, None], rcond=None)[0]
+        Xs = Y * d[:, None]  # => [k, targets at t_j]
+        for c, j in enumerate(cols):
+            x = Xs[:, c]
+            total = x.sum()
+            if not np.isfinite(total) or total == 0:
+                raise ValueError(f"target {j} (t={tr[j]:g}, gamma={gr[j]:g}) cannot be reconstructed (singular)")
+            x = x / total
+            b = B[:, c]
+            rr = float(p_dot_p(tr[j], gr[j], tr[j], gr[j]))
+            sq = x @ A @ x - 2.0 * x @ b + rr
+            err[j] = math.sqrt(max(sq, 0.0) / rr)
+            X[sel, j] = x
     return Solution(coefficients=X, error=err, condition=cond, used=used)
 
 

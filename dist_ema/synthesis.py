@@ -65,7 +65,6 @@ __all__ = ["SynthesisResult", "plan_coefficients", "synthesize"]
 
 log = logging.getLogger("dist_ema")
 
-DEFAULT_UNIT_BYTES = 32 * 2**20
 
 
 @dataclass
@@ -219,7 +218,7 @@ def synthesize(
     storage_options: dict | None = None,
     out_storage_options: dict | None = None,
     overwrite: bool = False,
-    unit_bytes: int = DEFAULT_UNIT_BYTES,
+    unit_bytes: int | None = None,
     prefetch: int = 4,
     max_file_bytes: int = 4 * 2**30,
     progress: bool = True,
@@ -241,7 +240,8 @@ def synthesize(
         out_storage_options: options of the output (default: storage_options when ``out`` uses the
             same protocol as ``url``, otherwise the environment).
         overwrite: replace an existing output (never done silently).
-        unit_bytes: size of one unit of work (and of one output object).
+        unit_bytes: size of one unit of work (and of one output object). Default: the size of the
+            newest snapshot's stored objects, so that every object is fetched exactly once.
         prefetch: snapshot reads in flight per rank.
         max_file_bytes: safetensors shard size.
 
@@ -253,7 +253,7 @@ def synthesize(
         raise ValueError(f"format must be 'zarr' or 'safetensors'; got {format!r}")
     if out is None:
         raise ValueError("out= is required: a directory (safetensors) or store URL (zarr) for the result")
-    if unit_bytes < 4 or prefetch < 1:
+    if (unit_bytes is not None and unit_bytes < 4) or prefetch < 1:
         raise ValueError(f"unit_bytes must be >= 4 and prefetch >= 1; got {unit_bytes}, {prefetch}")
     if out_storage_options is None and storage_options and out.split("://")[0] == url.split("://")[0] and "://" in out:
         out_storage_options = storage_options  # same backend: same credentials by default
@@ -297,6 +297,9 @@ def _synthesize(url, sigma_rels, gammas, t, step, out, format, dtype, storage_op
     ref = snaps[plan["ref"]]
     layout = store.layout(ref)
     m = X.shape[1]
+    if unit_bytes is None:  # one unit per stored object of the newest snapshot: each object is fetched once
+        per_object = int(ref.meta["max_object_bytes"]) // STORAGE_DTYPES[ref.dtype]
+        unit_bytes = per_object * STORAGE_DTYPES[dtype]
     units = plan_units(layout, dtype, unit_bytes)
     mine = assign_units(units, world)[rank]
 
@@ -490,7 +493,7 @@ def _map_units(store: SnapshotStore, used: list[Snapshot], rows, X: np.ndarray, 
                 cur, acc = u, torch.zeros((m, u.numel), dtype=torch.float64)
             vals, nbytes = fut.result()
             stats["bytes"] += nbytes
-            v = torch.from_numpy(vals).double()
+            v = torch.from_numpy(vals)  # float32; add_ into the float64 accumulator promotes, no copy
             for jt in range(m):
                 x = float(X[row, jt])
                 if x != 0.0:

@@ -47,7 +47,7 @@ __all__ = [
 FORMAT_VERSION = 1
 STORE_MARKER = "dist_ema.json"
 STORAGE_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
-DEFAULT_MAX_OBJECT_BYTES = 256 * 2**20
+DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20  # moderate: zarr's write memory grows with object size x concurrency
 
 _FQN_RE = re.compile(r"^[A-Za-z0-9_.\-:\[\]]+$")
 
@@ -141,10 +141,16 @@ class Layout:
         return {f: i for i, (f, _, _) in enumerate(self.params)}
 
     def layout_id(self) -> str:
+        """Content hash of the layout (cached: the layout is immutable)."""
+        cached = self.__dict__.get("_layout_id")
+        if cached is not None:
+            return cached
         h = hashlib.sha256(self.params_json().encode())
         for r in range(self.world_size):
             h.update(self.rank_json(r).encode())
-        return h.hexdigest()[:16]
+        lid = h.hexdigest()[:16]
+        object.__setattr__(self, "_layout_id", lid)  # frozen dataclass: cache without a field
+        return lid
 
     def model_fingerprint(self) -> str:
         """Hash of the parameter table only (names, shapes, dtypes): same model <=> same fingerprint."""
