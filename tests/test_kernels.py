@@ -130,3 +130,45 @@ def test_bad_arguments():
         FusedUpdate([[v.double() for v in views[0]]], sources)
     with pytest.raises(ValueError, match="2 weights"):
         FusedUpdate(views, sources, compile=False)([0.1])
+
+
+def test_one_failing_kernel_is_demoted_alone(monkeypatch):
+    import dist_ema.kernels as K
+
+    sizes = [300, 300, 500]  # two signatures: (2, 300, ...) and (1, 500, ...)
+    flats, views, sources = _setup(sizes)
+    ref = _reference(flats, sources, sizes, WEIGHTS)
+    plan = FusedUpdate(views, sources, compile=True, min_numel=1, group=2)
+    assert plan.signatures == 2
+
+    def fake_fn(self, sig):
+        if sig[1] == 500:
+            raise RuntimeError("compiler crashed")
+        return K._new_body()  # the eager body: same math, no compiler
+
+    monkeypatch.setattr(FusedUpdate, "_fn", fake_fn)
+    for w in WEIGHTS:
+        plan(w)
+    assert (plan.signatures, plan.compiled_runs, plan.mode) == (1, 2, "mixed")
+    assert "compiler crashed" in plan.failed
+    for a, b in zip(flats, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_runtime_error_after_a_kernel_ran_is_raised(monkeypatch):
+    import dist_ema.kernels as K
+
+    flats, views, sources = _setup([64, 64])
+    plan = FusedUpdate(views, sources, compile=True, min_numel=1)
+    calls = {"n": 0}
+
+    def fake_fn(self, sig):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise RuntimeError("device lost")
+        return K._new_body()
+
+    monkeypatch.setattr(FusedUpdate, "_fn", fake_fn)
+    plan([0.1, 0.2])
+    with pytest.raises(RuntimeError, match="device lost"):
+        plan([0.1, 0.2])
