@@ -202,6 +202,14 @@ def _broadcast(obj: object) -> object:
 
 
 def _peak_rss_mib() -> float:
+    """Peak RSS of this process. VmHWM, since ru_maxrss carries a large parent's peak across exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
