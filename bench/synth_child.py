@@ -13,16 +13,10 @@ import time
 
 
 def _rss_mib() -> float:
-    """Peak RSS of this process. VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child forked
-    from a big parent reports the parent's size (as SynthesisResult.peak_rss_mib does then)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak RSS of this process (VmHWM; see dist_ema.synthesis._peak_rss_mib)."""
+    from dist_ema.synthesis import _peak_rss_mib
+
+    return _peak_rss_mib()
 
 
 def _digest(url: str) -> str:

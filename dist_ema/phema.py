@@ -31,6 +31,7 @@ __all__ = [
     "power_beta",
     "profile",
     "reconstructed_profile",
+    "resolve_profiles",
     "sigma_rel_to_gamma",
     "solve_coefficients",
     "step_weights",
@@ -104,6 +105,33 @@ def gamma_to_sigma_rel(gamma: ArrayLike) -> float | np.ndarray:
     """Relative std of the power-function profile with exponent gamma (Eq. 3)."""
     g = validate_gamma(gamma)
     return _unwrap(np.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3))), gamma)
+
+
+def resolve_profiles(
+    sigma_rels: ArrayLike | None, gammas: ArrayLike | None, what: str = "profiles"
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(sigma_rels, gammas) of a list of profiles given by exactly one of the two, validated.
+
+    Raises ValueError naming the problem: both or neither given, an empty list, a value out
+    of range, or the same profile twice. ``what`` names the profiles in messages.
+    """
+    if (sigma_rels is None) == (gammas is None):
+        raise ValueError(f"give either sigma_rels or gammas for the {what}, not both and not neither")
+    if sigma_rels is not None:
+        s = tuple(float(x) for x in np.atleast_1d(sigma_rels))
+        if not s:
+            raise ValueError(f"sigma_rels is empty: give at least one of the {what}, e.g. sigma_rels=(0.05, 0.10)")
+        validate_sigma_rel(s, "sigma_rels")
+        g = tuple(float(x) for x in np.atleast_1d(sigma_rel_to_gamma(s)))
+    else:
+        g = tuple(float(x) for x in np.atleast_1d(gammas))
+        if not g:
+            raise ValueError(f"gammas is empty: give at least one of the {what}, e.g. gammas=(16.97, 6.94)")
+        validate_gamma(g, "gammas")
+        s = tuple(float(x) for x in np.atleast_1d(gamma_to_sigma_rel(g)))
+    if len({round(x, 9) for x in g}) != len(g):
+        raise ValueError(f"duplicate {what}: sigma_rels={list(s)}; list each profile once")
+    return s, g
 
 
 def power_beta(gamma: ArrayLike, t: ArrayLike, t_delta: ArrayLike) -> float | np.ndarray:

@@ -445,12 +445,12 @@ class SnapshotManager:
         from dist_ema.collective import is_distributed
 
         reader = SnapshotStore(self.io.url, io=self.io)
-        ids = None
+        listed = None
         if self.rank == 0:
-            ids = run_and_check(lambda: [s.id for s in reader.snapshots()], "listing snapshots", self.group,
-                                StoreError)
+            listed = run_and_check(reader.snapshots, "listing snapshots", self.group, StoreError)
         else:
             run_and_check(lambda: None, "listing snapshots", self.group, StoreError)
+        ids = [s.id for s in listed] if listed is not None else None
         if is_distributed():
             import torch.distributed as dist
 
@@ -458,8 +458,13 @@ class SnapshotManager:
             dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0) if self.group else 0,
                                        group=self.group)
             ids = box[0]
-        snaps = {s.id: s for s in reader.snapshots()}
-        missing = [i for i in ids if i not in snaps]
-        if missing:
-            raise StoreError(f"snapshots {missing[:3]} disappeared from {self.io.url} while reading")
-        return reader, [snaps[i] for i in ids]
+
+        def mine() -> list:
+            snaps = {s.id: s for s in (listed if listed is not None else reader.snapshots())}
+            missing = [i for i in ids if i not in snaps]
+            if missing:
+                raise StoreError(f"snapshots {missing[:3]} disappeared from {self.io.url} while reading")
+            return [snaps[i] for i in ids]
+
+        # every rank learns if any rank could not see the list (no rank left alone in a later collective)
+        return reader, run_and_check(mine, "reading the snapshot list", self.group, StoreError)

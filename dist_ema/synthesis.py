@@ -104,23 +104,8 @@ def plan_coefficients(
 
 
 def _targets(sigma_rels, gammas) -> tuple[list[float], list[float]]:
-    if (sigma_rels is None) == (gammas is None):
-        raise ValueError("give sigma_rels=[...] or gammas=[...] (one of them)")
-    if sigma_rels is not None:
-        s = [float(x) for x in np.atleast_1d(sigma_rels)]
-        if not s:
-            raise ValueError("sigma_rels is empty: give at least one target sigma_rel")
-        phema.validate_sigma_rel(s, "sigma_rels")
-        g = [float(x) for x in np.atleast_1d(phema.sigma_rel_to_gamma(s))]
-    else:
-        g = [float(x) for x in np.atleast_1d(gammas)]
-        if not g:
-            raise ValueError("gammas is empty: give at least one target gamma")
-        phema.validate_gamma(g, "gammas")
-        s = [float(x) for x in np.atleast_1d(phema.gamma_to_sigma_rel(g))]
-    if len({round(x, 9) for x in g}) != len(g):
-        raise ValueError(f"duplicate targets: sigma_rels={s}; list each target once")
-    return s, g
+    s, g = phema.resolve_profiles(sigma_rels, gammas, what="targets")
+    return list(s), list(g)
 
 
 def _choose_time(snaps: list[Snapshot], t: float | None, step: int | None) -> float:
@@ -586,7 +571,7 @@ def _export_safetensors(out_io: StoreIO, out: str, opts: dict | None, plan: dict
                     tensors[bname] = torch.from_numpy(np.ascontiguousarray(bval))
             md = {"format": "pt", "dist_ema": json.dumps({
                 "sigma_rel": tg["sigma_rel"], "gamma": tg["gamma"], "t": tg["t"], "error": tg["error"],
-                "unit": plan["unit"], "snapshots": plan["snapshots"], "source_store": reader_source(plan)})}
+                "unit": plan["unit"], "snapshots": plan["snapshots"], "source_store": plan["source"]})}
             top.put(f"{folder}/{names[fi]}", st_save(tensors, metadata=md))
             written.append(f"{folder}/{names[fi]}")
     except Exception as e:  # noqa: BLE001
@@ -607,12 +592,7 @@ def _export_safetensors(out_io: StoreIO, out: str, opts: dict | None, plan: dict
                 index["weight_map"].update({b[0]: names[-1] for b in buffers})
                 top.put(f"{folder}/model.safetensors.index.json", json.dumps(index, indent=1).encode())
         top.put("synthesis.json", json.dumps({
-            "source": reader_source(plan), "targets": plan["targets"], "snapshots": plan["snapshots"], "zarr": "zarr",
+            "source": plan["source"], "targets": plan["targets"], "snapshots": plan["snapshots"], "zarr": "zarr",
             "files": {f"sigma_rel-{tg['sigma_rel']:.4f}": names for tg in plan["targets"]}}, indent=1).encode())
     out_files = [f"sigma_rel-{tg['sigma_rel']:.4f}/{n}" for tg in plan["targets"] for n in names]
     return [f"{out.rstrip('/')}/{f}" for f in out_files]
-
-
-def reader_source(plan: dict) -> str:
-    """The source store's URL as recorded in the plan (URLs carry no credentials; options are never stored)."""
-    return str(plan.get("source", ""))

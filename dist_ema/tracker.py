@@ -58,29 +58,11 @@ class EMAConfig:
     buffers: str = "copy"
 
     def __post_init__(self) -> None:
-        if self.sigma_rels is not None and self.gammas is not None:
-            raise ValueError("give either sigma_rels or gammas, not both")
         if self.sigma_rels is None and self.gammas is None:
             object.__setattr__(self, "sigma_rels", (0.05, 0.10))
-        if self.sigma_rels is not None:
-            s = tuple(float(x) for x in np.atleast_1d(self.sigma_rels))
-            if not s:
-                raise ValueError("sigma_rels is empty: track at least one profile, e.g. sigma_rels=(0.05, 0.10)")
-            phema.validate_sigma_rel(s, "sigma_rels")
-            object.__setattr__(self, "sigma_rels", s)
-            object.__setattr__(self, "gammas", tuple(float(g) for g in np.atleast_1d(phema.sigma_rel_to_gamma(s))))
-        else:
-            g = tuple(float(x) for x in np.atleast_1d(self.gammas))
-            if not g:
-                raise ValueError("gammas is empty: track at least one profile, e.g. gammas=(16.97, 6.94)")
-            phema.validate_gamma(g, "gammas")
-            object.__setattr__(self, "gammas", g)
-            object.__setattr__(self, "sigma_rels", tuple(float(x) for x in np.atleast_1d(phema.gamma_to_sigma_rel(g))))
-        rounded = [round(g, 9) for g in self.gammas]
-        if len(set(rounded)) != len(rounded):
-            raise ValueError(
-                f"duplicate tracked profiles: sigma_rels={self.sigma_rels}; each profile must be tracked once"
-            )
+        s, g = phema.resolve_profiles(self.sigma_rels, self.gammas, what="tracked profiles")
+        object.__setattr__(self, "sigma_rels", s)
+        object.__setattr__(self, "gammas", g)
         if not isinstance(self.update_every, int) or isinstance(self.update_every, bool) or self.update_every < 1:
             raise ValueError(f"update_every must be an integer >= 1; got {self.update_every!r}")
         if self.batch_size is not None and (
