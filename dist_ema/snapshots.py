@@ -14,8 +14,11 @@ store (NumPy + zarr in a writer process). Per snapshot, on every rank:
 
 from __future__ import annotations
 
+import atexit
 import logging
+import secrets
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +26,7 @@ import torch
 
 from dist_ema.collective import all_gather_object, raise_if_any, rank, run_and_check, world_size
 from dist_ema.store.fs import StoreError, StoreIO, redact
-from dist_ema.store.io import ensure_store, read_commits, remove_snapshot, write_layout
+from dist_ema.store.io import ensure_store, read_commits, remove_snapshot, retire_snapshots, write_layout
 from dist_ema.store.layout import (
     DEFAULT_MAX_OBJECT_BYTES,
     FORMAT_VERSION,
@@ -157,21 +160,33 @@ class SnapshotManager:
         self.unconfirmed: list[str] = []
         self.skipped: list[str] = []
         self.last_step: int | None = None
+        self.last_t: float | None = None  # time of the newest snapshot taken: never two at one t
         self.bytes_written = 0
         self.stall_seconds: list[float] = []
+        self.writer: SnapshotWriter | None = None
         self._closed = False
         self._resume = resume
-        self._startup()
-        self.writer = run_and_check(
-            lambda: SnapshotWriter(
-                self.io,
-                WriterSpec(self.rank, ema.owned_numel, len(ema.profiles), config.dtype, config.compression,
-                           config.max_object_bytes),
-                mode=config.writer, slots=config.slots,
-            ),
-            "starting the snapshot writer", self.group, StoreError,
-        )
+        self._local_errors: dict[str, str] = {}  # snapshot -> error raised outside an exchange, reported at the next
         self._stage_dtype = _TORCH_DTYPES[config.dtype]
+        # validate everything (store, resume) before creating the writer's process and shared memory
+        self._startup()
+        self.resumed = self._resume_from_store() if resume else None
+        self.writer = self._start_writer()
+        _LIVE.add(self)
+
+    def _start_writer(self) -> SnapshotWriter:
+        writer, err = None, None
+        try:
+            writer = self._new_writer()
+        except Exception as e:  # noqa: BLE001 - exchanged below
+            err = e
+        try:
+            raise_if_any(err, "starting the snapshot writer", self.group, StoreError)
+        except StoreError:
+            if writer is not None:  # another rank failed: release this rank's process and shared memory
+                writer.close(timeout=5)
+            raise
+        return writer
 
     # ------------------------------------------------------------------ start-up
 
@@ -194,6 +209,11 @@ class SnapshotManager:
             run_and_check(rank0, f"opening {where}", self.group, StoreError)
         else:
             run_and_check(lambda: None, f"opening {where}", self.group, StoreError)
+        # one id per job start (names what this job writes apart from other jobs), and the committed
+        # snapshots known on every rank, so that every rank refuses a committed step the same way
+        job = f"j{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(4)}"
+        self.job, committed = all_gather_object((job, self.committed) if self.rank == 0 else None, self.group)[0]
+        self.committed_ids = {snap for snap, _ in committed}
         # every rank writes its own layout file: permanent storage problems show up here, at start-up
         run_and_check(lambda: write_layout(self.io, self.layout, self.rank), f"writing the layout to {where}",
                       self.group, StoreError)
@@ -240,10 +260,17 @@ class SnapshotManager:
             raise StoreError("snapshot() after close(): the EMA's store is closed")
         if ema.updates == 0:
             raise ValueError("snapshot() before the first update(): the EMA has no time yet; call update() first")
-        if self.last_step == ema.step:
-            return None  # already snapshotted at this step
+        if self.last_step == ema.step or self.last_t == ema._t_updated:
+            return None  # already snapshotted at this step, or the EMA has not moved since (update_every)
         snap = snapshot_id(ema.step)
-        self.last_step = ema.step
+        if snap in self.committed_ids:  # the same on every rank: refuse before anything is written
+            raise StoreError(
+                f"snapshot {snap} is already committed in {self.io.url}; this run repeats step {ema.step} of an "
+                f"earlier one. Committed snapshots are never rewritten: restore the EMA with "
+                f"ema.load_state_dict(...) from the training checkpoint you restarted from (the snapshots after it "
+                f"are then retired), or use a new store URL"
+            )
+        self.last_step, self.last_t = ema.step, ema._t_updated
         # agree first: commit what every rank finished, and learn whether every rank can stage now
         everyone_free = self.exchange()
         if not everyone_free and self.config.when_behind == "skip":
@@ -265,7 +292,11 @@ class SnapshotManager:
         buffers = None
         if self.rank == 0 and meta["buffers"]:
             buffers = [b.detach().cpu().numpy().copy() for b in ema.layout.buffers.values()]
-        jid = self.writer.submit({"kind": "data", "snap": snap, "buffers": buffers}, slot)
+        try:
+            jid = self.writer.submit({"kind": "data", "snap": snap, "buffers": buffers}, slot)
+        except StoreError as e:  # the writer died since the exchange: reported to every rank at the next one
+            self._local_errors[snap] = str(e)
+            jid = -1
         self.pending.append(_Pending(snap, jid, meta, float(meta["t"])))
         return snap
 
@@ -288,38 +319,25 @@ class SnapshotManager:
     def exchange(self, block: bool = False) -> bool:
         """Collect writer results, agree across ranks, commit what every rank finished. Collective.
 
-        Returns True when every rank has a free staging slot.
+        A writer process that died is found here on its rank and reported to every rank: with
+        ``on_error="raise"`` as one StoreError everywhere, with "warn" logged, its snapshots in
+        flight listed as skipped, and a new writer started. Returns True when every rank has a
+        free staging slot.
         """
-        self.writer.poll()
-        mine_done, mine_failed = [], {}
-        for p in self.pending:
-            res = self.writer.wait(p.jid) if block else self.writer.done(p.jid)
-            if res is None:
-                continue
-            if res["ok"]:
-                mine_done.append(p.snap)
-                self.bytes_written += res["bytes"]
-            else:
-                mine_failed[p.snap] = res["error"]
-        commit_ok, commit_failed = [], {}
-        for jid, snap in list(self.commit_jobs.items()):
-            res = self.writer.wait(jid) if block else self.writer.done(jid)
-            if res is not None:
-                self.writer.pop_result(jid)
-                del self.commit_jobs[jid]
-                if res["ok"]:
-                    commit_ok.append(snap)
-                else:
-                    commit_failed[snap] = res["error"]
-        free = bool(self.writer.free)
-        everyone = all_gather_object((mine_done, mine_failed, commit_ok, commit_failed, free), self.group)
+        mine_done, mine_failed, commit_ok, commit_failed, dead = self._collect(block)
+        free = bool(self.writer.free) or dead is not None
+        everyone = all_gather_object((mine_done, mine_failed, commit_ok, commit_failed, free, dead), self.group)
         failed: dict[str, list[str]] = {}
-        for r, (_, f, _, cf, _) in enumerate(everyone):
+        for r, (_, f, _, cf, _, _) in enumerate(everyone):
             for snap, e in {**f, **cf}.items():
                 failed.setdefault(snap, []).append(f"rank {r}: {e}")
-        confirmed = set(everyone[0][2]) | set(everyone[0][3])
-        self.unconfirmed = [x for x in self.unconfirmed if x not in confirmed]
-        done_everywhere = set.intersection(*(set(d) for d, _, _, _, _ in everyone))
+        deaths = [(r, e[5]) for r, e in enumerate(everyone) if e[5] is not None]
+        confirmed_ok, confirmed_failed = set(everyone[0][2]), set(everyone[0][3])
+        self.unconfirmed = [x for x in self.unconfirmed if x not in confirmed_ok | confirmed_failed]
+        self.committed_ids |= confirmed_ok
+        if self.rank == 0 and confirmed_failed:  # a commit that failed is not committed: forget it for retention
+            self.committed = [(s, t) for s, t in self.committed if s not in confirmed_failed]
+        done_everywhere = set.intersection(*(set(d) for d, *_ in everyone))
         keep: list[_Pending] = []
         for p in self.pending:
             if p.snap in failed:
@@ -335,6 +353,19 @@ class SnapshotManager:
         self.pending = keep
         if failed:
             self.skipped.extend(sorted(failed))
+        if deaths:
+            detail = "; ".join(f"rank {r}: {e}" for r, e in deaths)
+            if self.config.on_error == "raise":
+                raise StoreError(f"{detail}. To keep training through writer failures, pass on_error='warn'")
+            if self.rank == 0:
+                log.error("dist-ema: %s; starting a new writer (on_error='warn', training continues)", detail)
+            if dead is not None:
+                self.writer.close(timeout=5)
+            self.writer = run_and_check(
+                lambda: self._new_writer() if dead is not None else self.writer,
+                "starting a new snapshot writer", self.group, StoreError,
+            )
+        if failed:
             detail = "; ".join(f"{s}: {', '.join(es[:3])}" for s, es in sorted(failed.items()))
             if self.config.on_error == "raise":
                 raise StoreError(
@@ -344,6 +375,51 @@ class SnapshotManager:
             if self.rank == 0:
                 log.error("dist-ema: snapshot(s) NOT committed (on_error='warn', training continues): %s", detail)
         return all(e[4] for e in everyone)
+
+    def _new_writer(self) -> SnapshotWriter:
+        cfg = self.config
+        spec = WriterSpec(self.rank, self.ema.owned_numel, len(self.ema.profiles), cfg.dtype, cfg.compression,
+                          cfg.max_object_bytes)
+        return SnapshotWriter(self.io, spec, mode=cfg.writer, slots=cfg.slots)
+
+    def _collect(self, block: bool):
+        """This rank's writer results (local, never raises): done, failed, commits done/failed, death."""
+        mine_done, mine_failed, commit_ok, commit_failed = [], dict(self._local_errors), [], {}
+        self._local_errors = {}
+        dead = self.writer.dead()
+        if dead is None:
+            try:
+                self.writer.poll()
+                for p in self.pending:
+                    if p.snap in mine_failed:
+                        continue
+                    res = self.writer.wait(p.jid) if block else self.writer.done(p.jid)
+                    if res is None:
+                        continue
+                    if res["ok"]:
+                        mine_done.append(p.snap)
+                        self.bytes_written += res["bytes"]
+                    else:
+                        mine_failed[p.snap] = res["error"]
+                for jid, snap in list(self.commit_jobs.items()):
+                    res = self.writer.wait(jid) if block else self.writer.done(jid)
+                    if res is not None:
+                        self.writer.pop_result(jid)
+                        del self.commit_jobs[jid]
+                        if res["ok"]:
+                            commit_ok.append(snap)
+                        else:
+                            commit_failed[snap] = res["error"]
+            except StoreError as e:  # the writer died while we waited
+                dead = self.writer.dead() or str(e)
+        if dead is not None:  # nothing in flight on this rank will finish
+            for p in self.pending:
+                if p.snap not in mine_done:
+                    mine_failed.setdefault(p.snap, dead)
+            for jid, snap in list(self.commit_jobs.items()):
+                commit_failed[snap] = dead
+                del self.commit_jobs[jid]
+        return mine_done, mine_failed, commit_ok, commit_failed, dead
 
     def _commit(self, p: _Pending) -> None:
         times = [t for _, t in self.committed] + [p.t]
@@ -383,12 +459,43 @@ class SnapshotManager:
             self.flush()
         finally:
             self._closed = True
+            _LIVE.discard(self)
             self.writer.close()
+
+    def abandon(self) -> None:
+        """Stop the writer without collectives (an exception is propagating, maybe on this rank only)."""
+        if self._closed:
+            return
+        self._closed = True
+        _LIVE.discard(self)
+        if self.writer is not None:
+            self.writer.close(timeout=30)
+
+    def _at_exit(self) -> None:
+        """The interpreter exits without close(): commit when that is safe (one process), else say what is lost."""
+        if self._closed:
+            return
+        lost = [p.snap for p in self.pending] + list(self.unconfirmed)
+        if self.world == 1:  # the world size at start: a destroyed process group must not look like one rank
+            try:
+                self.close()
+                if lost:
+                    log.warning("dist-ema: the program ended without ema.close(); committed the pending "
+                                "snapshot(s) %s of %s at exit. Call ema.close() at the end of training", lost,
+                                self.io.url)
+                return
+            except Exception as e:  # noqa: BLE001 - at exit: report, never raise
+                log.error("dist-ema: committing the pending snapshot(s) %s at exit failed: %s", lost, e)
+        elif lost:
+            log.warning("dist-ema: rank %d: the program ended without ema.close(): snapshot(s) %s of %s are NOT "
+                        "committed (they are removed at the next start); call ema.close() on every rank at the "
+                        "end of training", self.rank, lost, self.io.url)
+        self.abandon()
 
     # ------------------------------------------------------------------ resume
 
     @torch.no_grad()
-    def resume(self) -> dict | None:
+    def _resume_from_store(self) -> dict | None:
         """Load the newest committed snapshot into the EMA (any world size). Collective. Returns its meta."""
         ema = self.ema
 
@@ -432,11 +539,41 @@ class SnapshotManager:
             return None
         ema.step, ema.t = int(meta["step"]), float(meta["t_now"])
         ema._t_updated, ema.updates = float(meta["t"]), int(meta["updates"])
-        self.last_step = ema.step
+        self.last_step, self.last_t = ema.step, ema._t_updated
         if self.rank == 0:
             log.info("dist-ema: resumed EMA from snapshot step %d (t=%g %s) of %s", ema.step, ema._t_updated,
                      meta["unit"], self.io.url)
         return meta
+
+    # ------------------------------------------------------------------ restarts from a checkpoint
+
+    def restored(self, step: int, t: float) -> list[int]:
+        """The EMA was restored to ``step`` from a training checkpoint (collective). Returns retired steps.
+
+        Committed snapshots after ``step`` belong to the abandoned trajectory: they are moved
+        to ``retired/<job>/`` (kept, listed by ``dist-ema ls``, never used by synthesis), so the
+        new trajectory never writes into them and synthesis never mixes the two.
+        """
+        self.flush()  # what this job already took is committed first (it may be among the retired)
+        newer = None
+        if self.rank == 0:
+            newer = sorted((snap for snap, _ in self.committed if int(snap.split("-")[1]) > step),
+                           key=lambda x: int(x.split("-")[1]))
+        newer = all_gather_object(newer, self.group)[0]
+        if newer:
+            reason = f"the EMA was restored to step {step} from a training checkpoint"
+            where = run_and_check(
+                lambda: retire_snapshots(self.io, newer, self.job, step, reason) if self.rank == 0 else None,
+                f"retiring snapshots {newer} of {self.io.url}", self.group, StoreError,
+            )
+            self.committed_ids -= set(newer)
+            if self.rank == 0:
+                self.committed = [(snap, t0) for snap, t0 in self.committed if snap not in set(newer)]
+                log.warning("dist-ema: restored to step %d from a training checkpoint: the %d snapshot(s) after it "
+                            "(steps %s) belong to the abandoned run; moved to %s/%s (kept, never used by "
+                            "synthesis)", step, len(newer), [int(x.split("-")[1]) for x in newer], self.io.url, where)
+        self.last_step, self.last_t = step, t
+        return [int(x.split("-")[1]) for x in newer or []]
 
     # ------------------------------------------------------------------ synthesis in training
 
@@ -450,7 +587,9 @@ class SnapshotManager:
             listed = run_and_check(reader.snapshots, "listing snapshots", self.group, StoreError)
         else:
             run_and_check(lambda: None, "listing snapshots", self.group, StoreError)
-        ids = [s.id for s in listed] if listed is not None else None
+        # rank 0 owns retention: snapshots it has dropped (maybe not deleted yet) are never planned for
+        kept = {snap for snap, _ in self.committed}
+        ids = [s.id for s in listed if s.id in kept] if listed is not None else None
         if is_distributed():
             import torch.distributed as dist
 
@@ -468,3 +607,13 @@ class SnapshotManager:
 
         # every rank learns if any rank could not see the list (no rank left alone in a later collective)
         return reader, run_and_check(mine, "reading the snapshot list", self.group, StoreError)
+
+
+# Managers not closed yet: at interpreter exit each commits (one process) or names what is lost.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    for m in list(_LIVE):
+        m._at_exit()

@@ -180,13 +180,15 @@ class PostHocEMA:
         self.t = 0.0  # time of the EMA state (in config.unit)
         self._t_updated = 0.0  # time of the last EMA update
         self.updates = 0
+        self.skipped_steps = 0  # update() calls after which no weight had changed (AMP overflow, ...)
+        self._update_calls = 0
+        self._warned_skips = False
+        self._odd_skips = 0
         self.snapshots = None
         if self.store_config is not None:
             from dist_ema.snapshots import SnapshotManager
 
             self.snapshots = SnapshotManager(self, self.store_config, resume=resume)
-            if resume:
-                self.snapshots.resume()
 
     # ------------------------------------------------------------------ layout
 
@@ -282,20 +284,24 @@ class PostHocEMA:
         No host-device synchronization, no allocation for fp32 shards.
         Returns True when the EMAs were updated.
         """
+        self._update_calls += 1
         if self._step_applied is not None and not self._step_applied():
+            self._skip("the engine skipped the optimizer step (fp16 overflow or a gradient-accumulation micro-step)",
+                       expected=True)
+            return False
+        seen = _OPTIMIZER_STEPS[0]
+        if seen != self._opt_steps_at_init and seen == self._opt_steps_at_update:
+            # no torch optimizer step since the previous update: torch.amp.GradScaler skipped it (inf
+            # gradients), or update() runs more often than the optimizer steps. The weights did not change.
+            self._skip("no optimizer step since the previous update() (GradScaler skipped it, or update() "
+                       "is called more than once per step)")
             return False
         if self._stale:  # the model loaded a checkpoint since the last update
             self.refresh_views()
-        seen = _OPTIMIZER_STEPS[0]
-        if seen != self._opt_steps_at_init and seen == self._opt_steps_at_update:
-            raise RuntimeError(
-                "PostHocEMA.update() was called twice without an optimizer step in between: call ema.update() "
-                "once, right after each optimizer.step() (or engine.step())"
-            )
         self._opt_steps_at_update = seen
         self.step += 1
-        unit = self.config.batch_size or 1
-        self.t = float(self.step * unit)
+        # each step advances time by its own samples: a resume may change the (global) batch size
+        self.t += float(self.config.batch_size or 1)
         if self.step % self.config.update_every != 0:
             return False
         t_delta = self.t - self._t_updated
@@ -309,6 +315,19 @@ class PostHocEMA:
             elif self.updates % every == every // 2:
                 self.snapshots.maybe_exchange()
         return True
+
+    def _skip(self, why: str, expected: bool = False) -> None:
+        """Count a step that changed no weight: time does not advance, the EMA is not updated."""
+        self.skipped_steps += 1
+        self._odd_skips += 0 if expected else 1
+        calls = self._update_calls
+        if not self._warned_skips and calls >= 20 and self._odd_skips * 2 >= calls:
+            self._warned_skips = True
+            log.warning("dist-ema: %d of %d update() calls changed no weight and were counted as skipped steps "
+                        "(last reason: %s); call ema.update() once, right after each optimizer step",
+                        self._odd_skips, calls, why)
+        else:
+            log.debug("dist-ema: update() skipped: %s", why)
 
     def snapshot(self) -> str | None:
         """Write a snapshot of every tracked profile now (collective: call on every rank).
@@ -341,7 +360,7 @@ class PostHocEMA:
             self.close()
         elif self.snapshots is not None:
             # an exception is propagating (maybe on this rank only): no collectives, just stop the writer
-            self.snapshots.writer.close(timeout=30)
+            self.snapshots.abandon()
 
     def _apply(self, t: float, t_delta: float) -> None:
         src = [self.pieces[i].source for i in self._fp32]
@@ -413,6 +432,8 @@ class PostHocEMA:
                     prof.flat.copy_(src)
         self.step, self.t = int(head["step"]), float(head["t"])
         self._t_updated, self.updates = float(head["t_updated"]), int(head["updates"])
+        if self.snapshots is not None:  # snapshots after a restored (older) checkpoint are retired
+            self.snapshots.restored(self.step, self._t_updated)
 
     # ------------------------------------------------------------------ gather
 
@@ -483,9 +504,13 @@ class PostHocEMA:
             if i == len(snaps):  # the live state
                 out.add_(self.profiles[k].flat.double(), alpha=x)
             else:
+                from dist_ema.collective import run_and_check
                 from dist_ema.snapshots import read_pieces
+                from dist_ema.store.fs import StoreError
 
-                vals = read_pieces(reader, snaps[i], k, self.pieces, self.offsets)
+                # a read error on one rank (a damaged or missing object) is raised on every rank
+                vals = run_and_check(lambda i=i, k=k: read_pieces(reader, snaps[i], k, self.pieces, self.offsets),
+                                     f"reading snapshot {snaps[i].id} for swapped()", None, StoreError)
                 out.add_(torch.from_numpy(vals).to(self.device).double(), alpha=x)
         self.last_synthesis_error = float(sol.error[0])
         return out.float()

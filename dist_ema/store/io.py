@@ -215,3 +215,50 @@ def read_commits(io: StoreIO, snaps: list[str] | None = None) -> tuple[list[Comm
                 raise StoreError(f"commit marker of {n} in {io.url} is corrupt ({e}); remove snapshots/{n}") from e
     done.sort(key=lambda c: (c.meta["step"], c.snap))
     return done, torn
+
+
+def retire_snapshots(io: StoreIO, snaps: list[str], job: str, restored_step: int, reason: str) -> str:
+    """Move committed snapshots of an abandoned trajectory to ``retired/<job>/`` (owner only).
+
+    Crash-safe in this order: the data is copied (a rename on local disks), then the record
+    ``retired/<job>/retired.json`` is written, then the originals are removed, marker first.
+    A crash before the removal leaves the committed original (retired again at the next
+    restore); after it, at worst an uncommitted original, which start-up cleans up.
+    Returns the key of the folder that keeps them.
+    """
+    base = f"retired/{job}"
+    for snap in snaps:
+        src, dst = io.path(f"snapshots/{snap}"), io.path(f"{base}/{snap}")
+        if io.protocol == "file":
+            import os
+
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.rename(src, dst)  # atomic: the marker moves with its data
+            io.fs.invalidate_cache()
+            continue
+        files = retry(lambda src=src: io.fs.find(src), f"list {io.url}/snapshots/{snap}", io.attempts)
+        for f in files:
+            rel = f[len(src):].lstrip("/")
+            retry(lambda f=f, to=f"{dst}/{rel}": io.fs.copy(f, to), f"copy {f}", io.attempts)
+    record = {"steps": sorted(int(s.split("-")[1]) for s in snaps), "snapshots": sorted(snaps),
+              "restored_step": restored_step, "job": job, "reason": reason, "time": time.time()}
+    io.put(f"{base}/retired.json", json.dumps(record, indent=1).encode())
+    if io.protocol != "file":
+        for snap in snaps:
+            remove_snapshot(io, snap)
+    return base
+
+
+def read_retired(io: StoreIO) -> list[tuple[str, dict, list[Committed]]]:
+    """Retired trajectories: (folder key, record, their snapshots' markers), oldest first."""
+    out = []
+    for job in io.list_dir("retired"):
+        base = f"retired/{job}"
+        try:
+            record = json.loads(io.get(f"{base}/retired.json"))
+        except FileNotFoundError:
+            continue  # a retirement still being copied (or interrupted): not complete
+        got = io.get_many([f"{base}/{s}/{COMMIT}" for s in record.get("snapshots", [])])
+        snaps = [Committed(k.split("/")[-2], json.loads(v)) for k, v in got.items() if not isinstance(v, Exception)]
+        out.append((base, record, sorted(snaps, key=lambda c: c.meta["step"])))
+    return sorted(out, key=lambda x: x[1].get("time", 0))

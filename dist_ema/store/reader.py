@@ -93,6 +93,15 @@ class SnapshotStore:
             log.debug("dist-ema: %d uncommitted snapshot(s) in %s ignored: %s", len(torn), self.url, torn[:5])
         return [_snapshot_from_meta(c.snap, c.meta) for c in done]
 
+    def retired(self) -> list[Snapshot]:
+        """Snapshots of abandoned trajectories (a restart from an older training checkpoint), oldest first.
+
+        They are kept under ``retired/<job>/`` and never used by synthesis; see docs/commit-protocol.md.
+        """
+        from dist_ema.store.io import read_retired
+
+        return [_snapshot_from_meta(c.snap, c.meta) for _, _, snaps in read_retired(self.io) for c in snaps]
+
     def torn(self) -> list[str]:
         return read_commits(self.io)[1]
 

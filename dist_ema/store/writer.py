@@ -106,7 +106,7 @@ def _process_main(conn, io: StoreIO, spec: WriterSpec, shm_names: Sequence[str])
         while True:
             try:
                 job = conn.recv()
-            except EOFError:
+            except (EOFError, OSError):  # the trainer exited (or closed the pipe): nothing to report to
                 return
             if job is None:
                 return
@@ -116,7 +116,10 @@ def _process_main(conn, io: StoreIO, spec: WriterSpec, shm_names: Sequence[str])
                 del buf
             except BaseException as e:  # noqa: BLE001 - every failure goes back to the trainer
                 res = _fail(job, e)
-            conn.send(res)
+            try:
+                conn.send(res)
+            except OSError:  # the trainer is gone
+                return
     finally:
         for s in shms:
             s.close()
@@ -135,12 +138,24 @@ class SnapshotWriter:
         if slots < 1:
             raise ValueError(f"slots must be >= 1; got {slots}")
         self.io, self.spec, self.mode = io, spec, mode
-        self._shms = [shared_memory.SharedMemory(create=True, size=spec.slot_bytes) for _ in range(slots)]
+        self._shms: list[shared_memory.SharedMemory] = []
         self.free = list(range(slots))
         self._job_slot: dict[int, int | None] = {}
         self._results: dict[int, dict] = {}
         self._next = 0
         self._closed = False
+        self.behind_waits = 0  # times a snapshot waited for a free staging slot
+        self.behind_seconds = 0.0
+        try:
+            self._shms = [shared_memory.SharedMemory(create=True, size=spec.slot_bytes) for _ in range(slots)]
+            self._start()
+        except BaseException:
+            self._closed = True
+            self._release()
+            raise
+
+    def _start(self) -> None:
+        io, spec, mode = self.io, self.spec, self.mode
         if mode == "process":
             # a fresh interpreter running this module: unlike multiprocessing's spawn it never re-imports
             # the user's training script (which may lack an `if __name__ == "__main__"` guard)
@@ -182,10 +197,15 @@ class SnapshotWriter:
             oldest = min((j for j, s in self._job_slot.items() if s is not None and j not in self._results),
                          default=None)
             if oldest is not None:
-                log.warning("dist-ema: snapshot writer is behind (all %d staging slots busy); training waits for "
-                            "the oldest write (backpressure)", len(self._shms))
+                # once as a warning, then counted (a short snapshot interval makes this the normal case)
+                first = self.behind_waits == 0
+                log.log(logging.WARNING if first else logging.DEBUG,
+                        "dist-ema: snapshot writer is behind (all %d staging slots busy); training waits for the "
+                        "oldest write (backpressure)%s", len(self._shms),
+                        "; further waits are counted and reported at close()" if first else "")
                 self.wait(oldest, timeout=timeout)
-                log.info("dist-ema: waited %.2fs for the snapshot writer", time.perf_counter() - t0)
+                self.behind_waits += 1
+                self.behind_seconds += time.perf_counter() - t0
         return self.free.pop(0) if self.free else None
 
     # ------------------------------------------------------------------ jobs
@@ -217,10 +237,17 @@ class SnapshotWriter:
             self.free.append(slot)
             self.free.sort()
 
+    def dead(self) -> str | None:
+        """Why the writer can no longer write (its process died), or None while it works."""
+        if self.mode == "process" and not self._closed and self._proc.poll() is not None:
+            return (f"the snapshot writer process of rank {self.spec.rank} died (exit code {self._proc.returncode}); "
+                    f"snapshots in flight on that rank are lost")
+        return None
+
     def _check_alive(self) -> None:
-        if self.mode == "process" and self._proc.poll() is not None:
-            raise StoreError(f"the snapshot writer process of rank {self.spec.rank} died "
-                             f"(exit code {self._proc.returncode}); snapshots in flight are lost")
+        why = self.dead()
+        if why is not None:
+            raise StoreError(why)
 
     def poll(self) -> None:
         """Collect finished results without blocking."""
@@ -275,6 +302,9 @@ class SnapshotWriter:
         if self._closed:
             return
         self._closed = True
+        if self.behind_waits and self.spec.rank == 0:
+            log.info("dist-ema: waited for the snapshot writer %d times, %.2fs in all (backpressure)",
+                     self.behind_waits, self.behind_seconds)
         try:
             if self.mode == "process":
                 try:
@@ -291,17 +321,23 @@ class SnapshotWriter:
                 self._q.put(None)
                 self._thread.join(timeout)
         finally:
-            for s in self._shms:
-                try:
-                    s.close()
-                    s.unlink()
-                except (FileNotFoundError, BufferError):
-                    pass
+            self._release()
+
+    def _release(self) -> None:
+        for s in self._shms:
+            try:
+                s.close()
+                s.unlink()
+            except (FileNotFoundError, BufferError):
+                pass
 
 
 def _child_entry(fd: int) -> None:
     conn = Connection(fd)
-    io, spec, names = conn.recv()
+    try:
+        io, spec, names = conn.recv()
+    except (EOFError, OSError):  # the trainer exited before sending the set-up
+        return
     _process_main(conn, io, spec, names)
 
 
