@@ -138,10 +138,42 @@ def _store_url(args: argparse.Namespace) -> tuple[str, dict | None]:
     return url, opts
 
 
-def _cmd_ls(args: argparse.Namespace) -> int:
-    from dist_ema.store import open_store
+def _open_store(args: argparse.Namespace):
+    """open_store with errors that say what the path is when it is not a store (one line each)."""
+    import os
 
-    store = open_store(*_store_url(args))
+    from dist_ema.store import open_store
+    from dist_ema.store.fs import StoreError, StoreIO
+    from dist_ema.store.layout import STORE_MARKER
+    from dist_ema.synthesis import MARKER
+
+    url, opts = _store_url(args)
+    local = "://" not in url or url.startswith("file://")
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if local and os.path.isfile(path):
+        hint = ""
+        synth = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        if path.endswith(".safetensors") and os.path.isfile(os.path.join(synth, "zarr", STORE_MARKER)):
+            store = os.path.join(synth, "zarr")
+            hint = f"; it was written by a synthesis whose store is {store}: dist-ema {args.command} {store}"
+        raise ValueError(f"{url} is a file, not a dist-ema store (a folder holding {STORE_MARKER}); give the "
+                         f"store's folder{hint}")
+    try:
+        return open_store(url, opts)
+    except StoreError:
+        io = StoreIO(url, opts)
+        if io.exists(f"zarr/{STORE_MARKER}"):  # a safetensors synthesis output: its store is one level down
+            store = f"{url.rstrip('/')}/zarr"
+            raise StoreError(f"{url} is a synthesis output, not a snapshot store; the synthesized store is "
+                             f"{store}: dist-ema {args.command} {store}") from None
+        if io.exists(MARKER):
+            raise StoreError(f"{url} holds a synthesis output that is not complete (a failed or running job; "
+                             f"{MARKER} is there but no store yet); rerun the synthesis") from None
+        raise
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    store = _open_store(args)
     snaps = store.snapshots()
     rows = []
     problems: list[str] = []
@@ -165,9 +197,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from dist_ema.store import open_store
-
-    store = open_store(*_store_url(args))
+    store = _open_store(args)
     snap = store.snapshot(args.step)
     lay = store.layout(snap)
     meta = {k: v for k, v in snap.meta.items() if k not in ("coefficients", "rows")}
@@ -192,7 +222,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_synthesize(args: argparse.Namespace) -> int:
     import os
 
-    from dist_ema.synthesis import summary, synthesize
+    from dist_ema.synthesis import HIGH_ERROR, high_error_warnings, summary, synthesize
 
     url, opts = _store_url(args)
     res = synthesize(
@@ -202,10 +232,12 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
     )
     # synthesize() has left the process group by now: the launcher's RANK says who prints
     if int(os.environ.get("RANK", "0")) == 0:
-        rows = [[f"{x['sigma_rel']:.4f}", f"{x['gamma']:.3f}", f"{x['t']:g}", f"{100 * x['error']:.3f}%"]
-                for x in res.targets]
-        print(_format_table(["sigma_rel", "gamma", "t", "rel. error"], rows))
+        rows = [[f"{x['sigma_rel']:.4f}", f"{x['gamma']:.3f}", f"{x['t']:g}", f"{100 * x['error']:.3f}%",
+                 "HIGH (see below)" if x["error"] > HIGH_ERROR else ""] for x in res.targets]
+        print(_format_table(["sigma_rel", "gamma", "t", "rel. error", "note"], rows))
         print(summary(res))
+        for line in high_error_warnings(res.targets):
+            print(f"WARNING: {line}")
     return 0
 
 
@@ -282,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, StoreError, FileExistsError, KeyError) as e:
         print(f"dist-ema {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that is not what it should be (a file for a folder, no permission, ...)
+        print(f"dist-ema {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
 

@@ -13,31 +13,42 @@ Map-reduce over the store:
    commits the output (metadata, then the marker) after every rank succeeded, and exports
    safetensors when asked. On any failure every rank raises and the output is removed.
 
+The output folder is claimed by a marker (``MARKER``) written before anything else; only
+what a marked synthesis wrote is ever removed or replaced (see ``_check_output``). A
+snapshot that disappears while it is read (retention of a running training job) makes
+every rank re-plan from a fresh listing, for the same target time (``REPLANS`` times).
+
 A unit's result depends only on the unit, never on which rank computed it, so the output
 is bitwise identical for any synthesis world size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import posixpath
 import resource
+import socket
 import time
+import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from dist_ema import phema
-from dist_ema.collective import is_distributed, raise_if_any, run_and_check
+from dist_ema.collective import all_gather_object, is_distributed, raise_if_any, run_and_check
 from dist_ema.store.fs import StoreError, StoreIO
 from dist_ema.store.io import (
+    COMMIT,
     array_key,
     commit_snapshot,
     ensure_store,
@@ -48,6 +59,7 @@ from dist_ema.store.io import (
 from dist_ema.store.layout import (
     FORMAT_VERSION,
     STORAGE_DTYPES,
+    STORE_MARKER,
     Layout,
     Read,
     Unit,
@@ -61,9 +73,15 @@ from dist_ema.store.layout import (
 )
 from dist_ema.store.reader import Snapshot, SnapshotStore
 
-__all__ = ["SynthesisResult", "plan_coefficients", "synthesize"]
+__all__ = ["HIGH_ERROR", "MARKER", "SynthesisResult", "high_error_warnings", "plan_coefficients", "synthesize",
+           "target_folder"]
 
 log = logging.getLogger("dist_ema")
+T = TypeVar("T")
+
+MARKER = ".dist-ema-synthesis.json"  # at the top of an output: written first, names the job and what it owns
+HIGH_ERROR = 0.10                    # a target's reconstruction error above this is logged as a WARNING
+REPLANS = 3                          # re-plans when planned snapshots disappear while they are read
 
 
 
@@ -128,9 +146,12 @@ def _choose_time(snaps: list[Snapshot], t: float | None, step: int | None) -> fl
     return t
 
 
-def _plan(store: SnapshotStore, sigma_rels, gammas, t, step, out_dtype: str) -> dict:
-    """Rank 0: everything every rank needs (plain data, broadcast as one object)."""
-    s_targets, g_targets = _targets(sigma_rels, gammas)
+def _plan(store: SnapshotStore, s_targets: list[float], g_targets: list[float], t, step, out_dtype: str) -> dict:
+    """Rank 0: everything every rank needs (plain data and the Snapshot records, broadcast as one object).
+
+    The snapshots are listed here once; the other ranks use these records and never list
+    the store themselves (a listing taken later could disagree while training thins it).
+    """
     if out_dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}; got {out_dtype!r}")
     snaps = store.snapshots()
@@ -161,9 +182,11 @@ def _plan(store: SnapshotStore, sigma_rels, gammas, t, step, out_dtype: str) -> 
         "targets": [{"sigma_rel": s, "gamma": g, "t": target_t, "error": float(e), "condition": float(c)}
                     for s, g, e, c in zip(s_targets, g_targets, sol.error, sol.condition)],
         "snapshots": [s.id for s in used],
+        "used": used,
         "rows": rows,
         "X": X.tolist(),
         "ref": ref.id,
+        "params": ref_layout.params,
         "source": store.url,
         "unit": ref.unit,
         "step": ref.step if target_t == ref.t else None,
@@ -219,61 +242,91 @@ def synthesize(
     """Synthesize the EMA for target sigma_rels at time t from the snapshots in ``url``.
 
     Runs in one process or on every rank of a torchrun job (any world size, independent
-    of the training world size); all ranks must call it with the same arguments.
+    of the training world size); all ranks must call it with the same arguments. Safe to
+    run while training writes (and thins) the store: a snapshot removed while it is read
+    makes the job re-plan from a fresh listing (up to 3 times).
 
     Args:
         url: the snapshot store.
         sigma_rels / gammas: target profiles (one output per target).
         t / step: target time (default: the newest snapshot's); ``step`` picks a snapshot's time.
-        out: output location: for ``format="zarr"`` a new store URL; for ``"safetensors"`` a
-            directory that receives ``zarr/`` (the synthesized store) and, per target,
-            ``sigma_rel-<s>/model.safetensors`` (or shards + ``model.safetensors.index.json``).
+        out: output location, a new or empty folder outside the store: for ``format="zarr"`` the
+            synthesized store itself; for ``"safetensors"`` a directory that receives ``zarr/`` (the
+            synthesized store), ``synthesis.json`` and, per target, ``sigma_rel-<s>/model.safetensors``
+            (or shards + ``model.safetensors.index.json``). The job first writes
+            ``<out>/.dist-ema-synthesis.json`` (its marker); only what a marked synthesis wrote is
+            ever removed or replaced.
         dtype: output dtype ("float32", "bfloat16", "float16"); accumulation is float64.
         storage_options: fsspec options of the store (default: the environment, AWS_*, FSSPEC_S3_*).
         out_storage_options: options of the output (default: storage_options when ``out`` uses the
             same protocol as ``url``, otherwise the environment).
-        overwrite: replace an existing output (never done silently).
+        overwrite: replace a complete earlier synthesis in ``out`` (never done silently; never
+            files that a synthesis did not write).
         unit_bytes: size of one unit of work (and of one output object). Default: the size of the
             newest snapshot's stored objects, so that every object is fetched exactly once.
         prefetch: snapshot reads in flight per rank.
         max_file_bytes: safetensors shard size.
 
     Example:
-        >>> res = synthesize("runs/x/snapshots", sigma_rels=[0.1, 0.15], out="out/")
+        >>> res = synthesize("runs/x/snapshots", sigma_rels=[0.1, 0.15], out="runs/x/synth")
         >>> res.targets[0]["error"], res.files
     """
     if format not in ("zarr", "safetensors"):
         raise ValueError(f"format must be 'zarr' or 'safetensors'; got {format!r}")
-    if out is None:
-        raise ValueError("out= is required: a directory (safetensors) or store URL (zarr) for the result")
+    if not isinstance(out, str) or not out:
+        raise ValueError("out= is required: a new or empty folder (safetensors) or store URL (zarr) for the result")
     if (unit_bytes is not None and unit_bytes < 4) or prefetch < 1:
         raise ValueError(f"unit_bytes must be >= 4 and prefetch >= 1; got {unit_bytes}, {prefetch}")
+    s_targets, g_targets = _targets(sigma_rels, gammas)
+    if format == "safetensors":
+        _check_folder_names(s_targets)
+    _check_not_store(out, url)
     if out_storage_options is None and storage_options and out.split("://")[0] == url.split("://")[0] and "://" in out:
         out_storage_options = storage_options  # same backend: same credentials by default
     joined = _init_dist()
     try:
-        return _synthesize(url, sigma_rels, gammas, t, step, out, format, dtype, storage_options,
+        return _synthesize(url, s_targets, g_targets, t, step, out, format, dtype, storage_options,
                            out_storage_options, overwrite, unit_bytes, prefetch, max_file_bytes, progress)
     finally:
         if joined:
             dist.destroy_process_group()
 
 
-def _synthesize(url, sigma_rels, gammas, t, step, out, format, dtype, storage_options, out_storage_options,
-                overwrite, unit_bytes, prefetch, max_file_bytes, progress) -> SynthesisResult:
-    t0 = time.perf_counter()
-    rank = dist.get_rank() if is_distributed() else 0
-    world = dist.get_world_size() if is_distributed() else 1
-    store_url = out if format == "zarr" else f"{out.rstrip('/')}/zarr"
-    out_io = StoreIO(store_url, out_storage_options)
+class _SnapshotGone(StoreError):
+    """A planned snapshot lost its commit marker while it was read: retention removed it. Re-plan."""
 
-    # ---- plan on rank 0, broadcast plan or error
+
+def _guarded(store: SnapshotStore, snap: Snapshot, fn: Callable[[], T]) -> T:
+    """Run a read of ``snap``; a failure after the snapshot's marker went away is :class:`_SnapshotGone`.
+
+    Retention deletes the marker first and the data after it, so missing objects under a
+    present marker are damage (raised as is), and missing objects without one are a removal.
+    """
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - classified, then re-raised
+        try:
+            gone = not store.io.exists(f"snapshots/{snap.id}/{COMMIT}")
+        except Exception:  # noqa: BLE001 - cannot tell: report the read error itself
+            gone = False
+        if gone:
+            raise _SnapshotGone(f"snapshot {snap.id} was removed while it was read (its commit marker is gone: "
+                                f"retention of a training job, or a user); {type(e).__name__}: {e}") from e
+        if isinstance(e, StoreError):
+            raise
+        raise StoreError(f"snapshot {snap.id}: read failed ({type(e).__name__}: {e})") from e
+
+
+def _share_plan(store: SnapshotStore | None, store_url: str, storage_options: dict | None, args: tuple, rank: int,
+                check: Callable[[dict], None] | None) -> tuple[dict, SnapshotStore | None]:
+    """Rank 0 plans from a fresh listing (and runs ``check`` on the plan); every rank gets the plan or the error."""
     plan, err = None, None
     if rank == 0:
         try:
-            store = SnapshotStore(url, storage_options)
-            plan = _plan(store, sigma_rels, gammas, t, step, dtype)
-            plan["clear"] = _check_output(out_io, out, format, out_storage_options, overwrite, plan)
+            store = store or SnapshotStore(store_url, storage_options)
+            plan = _plan(store, *args)
+            if check is not None:
+                check(plan)
         except Exception as e:  # noqa: BLE001 - raised on every rank below
             err = e
     msg = _broadcast(None if err is None else f"{type(err).__name__}: {err}")
@@ -281,89 +334,145 @@ def _synthesize(url, sigma_rels, gammas, t, step, out, format, dtype, storage_op
         if err is not None:
             raise err
         raise StoreError(f"synthesis planning failed on rank 0: {msg}")
-    plan = _broadcast(plan)
-    store = SnapshotStore(url, storage_options)
-    snaps = {s.id: s for s in store.snapshots() if s.id in set(plan["snapshots"])}
-    used = [snaps[i] for i in plan["snapshots"]]
-    X = np.asarray(plan["X"], dtype=np.float64)  # => [rows, targets]
-    rows = [tuple(r) for r in plan["rows"]]
-    ref = snaps[plan["ref"]]
-    layout = store.layout(ref)
-    m = X.shape[1]
-    if unit_bytes is None:  # one unit per stored object of the newest snapshot: each object is fetched once
-        per_object = int(ref.meta["max_object_bytes"]) // STORAGE_DTYPES[ref.dtype]
-        unit_bytes = per_object * STORAGE_DTYPES[dtype]
-    units = plan_units(layout, dtype, unit_bytes)
-    mine = assign_units(units, world)[rank]
+    return _broadcast(plan), store  # type: ignore[return-value]
 
-    # ---- output skeleton (rank 0), then every rank writes its units
-    snap_name = snapshot_id(plan["step"] if plan["step"] is not None else int(round(plan["targets"][0]["t"])))
-    if rank == 0:
-        def prepare() -> None:
-            if plan["clear"]:
-                _cleanup(out_io, out, format, out_storage_options)
-            _prepare_output(out_io, layout)
 
-        run_and_check(prepare, f"creating {store_url}", None, StoreError)
-    else:
-        run_and_check(lambda: None, f"creating {store_url}", None, StoreError)
+def _synthesize(url, s_targets, g_targets, t, step, out, format, dtype, storage_options, out_storage_options,
+                overwrite, unit_bytes, prefetch, max_file_bytes, progress) -> SynthesisResult:
+    t0 = time.perf_counter()
+    rank = dist.get_rank() if is_distributed() else 0
+    world = dist.get_world_size() if is_distributed() else 1
+    top = StoreIO(out, out_storage_options)
+    store_url = out if format == "zarr" else f"{out.rstrip('/')}/zarr"
+    out_io = top if format == "zarr" else StoreIO(store_url, out_storage_options)
+    job = uuid.uuid4().hex
+    state: dict = {"claimed": False, "marker": None}
 
-    stats = {"bytes": 0}
-    err = None
+    def check(plan: dict) -> None:  # rank 0, first plan: may the output be written at all?
+        owned = _owned(format, plan, dtype, max_file_bytes)
+        prev, made = _check_output(top, out, overwrite)
+        state["marker"] = _marker_doc(job, url, format, plan, owned, prev, made)
+        state["prev"] = prev
+
+    store: SnapshotStore | None = None
+    stats = {"bytes": 0}  # bytes read by this rank, every attempt
     try:
-        _map_units(store, used, rows, X, layout, mine, out_io, snap_name, dtype, unit_bytes, prefetch, stats,
-                   progress and rank == 0, m)
-    except Exception as e:  # noqa: BLE001
-        err = e
-    try:
-        raise_if_any(err, "synthesis", None, StoreError)
-    except Exception as e:  # a StoreError from a rank, or the process group losing a dead peer
+        for attempt in range(REPLANS + 1):
+            plan, store0 = _share_plan(store, url, storage_options, (s_targets, g_targets, t, step, dtype), rank,
+                                       check if attempt == 0 else None)
+            if store is None:  # rank 0 opened it to plan; the others open it now, errors exchanged
+                def open_store(s=store0) -> SnapshotStore:
+                    return s if s is not None else SnapshotStore(url, storage_options)
+
+                store = run_and_check(open_store, f"opening {url}", None, StoreError)
+            assert store is not None
+            used: list[Snapshot] = plan["used"]
+            X = np.asarray(plan["X"], dtype=np.float64)  # => [rows, targets]
+            rows = [tuple(r) for r in plan["rows"]]
+            ref = used[-1]
+
+            def local_setup(ref=ref, store=store):
+                lay = store.layout(ref)
+                ub = unit_bytes
+                if ub is None:  # one unit per stored object of the newest snapshot: each object is fetched once
+                    ub = int(ref.meta["max_object_bytes"]) // STORAGE_DTYPES[ref.dtype] * STORAGE_DTYPES[dtype]
+                return lay, ub, assign_units(plan_units(lay, dtype, ub), world)[rank]
+
+            layout, ub, mine = run_and_check(local_setup, "planning the units", None, StoreError)
+            m = X.shape[1]
+            snap_name = snapshot_id(plan["step"] if plan["step"] is not None else int(round(plan["targets"][0]["t"])))
+
+            # ---- output skeleton (rank 0): the marker first, then the store's skeleton
+            def prepare(first=attempt == 0, layout=layout) -> None:
+                if first:
+                    _claim(top, state["marker"], state["prev"])
+                    state["claimed"] = True
+                else:  # a re-plan: start the store over (it is this job's own)
+                    _remove_owned(top, state["marker"]["owned"])
+                _prepare_output(out_io, layout)
+
+            run_and_check(prepare if rank == 0 else (lambda: None), f"creating {store_url}", None, StoreError)
+
+            # ---- every rank reads its units; rank 0 also the buffers of the newest snapshot
+            err, bufs = None, {}
+            try:
+                _map_units(store, used, rows, X, layout, mine, out_io, snap_name, dtype, ub, prefetch, stats,
+                           progress and rank == 0, m)
+                if rank == 0 and ref.meta.get("buffers"):
+                    bufs = _guarded(store, ref, lambda ref=ref, store=store: store.read_buffers(ref))
+            except Exception as e:  # noqa: BLE001 - exchanged below
+                err = e
+            everyone = all_gather_object(None if err is None else (isinstance(err, _SnapshotGone), str(err)))
+            if all(x is None for x in everyone):
+                break
+            if any(x is not None and not x[0] for x in everyone):  # real errors: every rank raises them
+                raise_if_any(err, "synthesis", None, StoreError)
+            gone = [x[1] for x in everyone if x is not None]
+            if rank == 0:
+                log.warning("dist-ema: %s; re-planning (%d of %d) from a fresh listing", gone[0], attempt + 1,
+                            REPLANS)
+            # keep the target time: the same EMA, from the snapshots that are left
+            t, step = plan["targets"][0]["t"], None
+        else:
+            raise StoreError(
+                f"synthesis from {url}: planned snapshots disappeared while they were read under {REPLANS + 1} "
+                f"plans ({gone[0]}); a training job with keep=K removes them faster than this job reads them. "
+                f"Synthesize after training, from a copy of the store, or at an earlier step= that is kept"
+            )
+
         if rank == 0:
-            _cleanup(out_io, out, format, out_storage_options)
-        if isinstance(e, StoreError):
+            for line in high_error_warnings(plan["targets"]):
+                log.warning("dist-ema: %s", line)
+
+        # ---- commit (rank 0), export
+        meta = {
+            "format": "dist-ema-snapshot", "version": FORMAT_VERSION, "kind": "synthesized",
+            "step": ref.step if plan["step"] is not None else int(round(plan["targets"][0]["t"])),
+            "t": plan["targets"][0]["t"], "t_now": plan["targets"][0]["t"], "updates": 0, "unit": plan["unit"],
+            "profiles": [{"sigma_rel": tg["sigma_rel"], "gamma": tg["gamma"], "array": f"p{j}",
+                          "error": tg["error"], "condition": tg["condition"]} for j, tg in enumerate(plan["targets"])],
+            "dtype": dtype, "compression": None, "max_object_bytes": ub, "world_size": layout.world_size,
+            "engine": layout.engine, "layout": layout.layout_id(), "model": layout.model_fingerprint(),
+            "buffers": ref.meta.get("buffers", []), "source": store.url, "snapshots": plan["snapshots"],
+            "coefficients": plan["X"], "rows": plan["rows"], "created": time.time(),
+        }
+
+        def commit() -> None:
+            for r in range(layout.world_size):
+                for j in range(m):
+                    if layout.rank_numel(r):
+                        _, _, doc = _array_doc(layout.rank_numel(r), dtype, ub)
+                        out_io.put(f"{array_key(snap_name, r, j)}/zarr.json", doc)
+                out_io.put(f"snapshots/{snap_name}/r{r:05d}/zarr.json", group_doc({"rank": r}))
+            if meta["buffers"]:
+                _write_buffers(bufs, out_io, snap_name)
+            commit_snapshot(out_io, snap_name, meta)
+
+        run_and_check(commit if rank == 0 else (lambda: None), f"committing {store_url}", None, StoreError)
+
+        files: list[str] = []
+        if format == "safetensors":
+            files = _export_safetensors(out_io, top, out, plan, snap_name, rank, world, max_file_bytes)
+
+        def finish() -> None:  # the marker, rewritten last: this output is complete
+            doc = dict(state["marker"], state="complete", owned=_owned(format, plan, dtype, max_file_bytes),
+                       finished=time.time())
+            top.put(MARKER, json.dumps(doc, indent=1).encode())
+
+        run_and_check(finish if rank == 0 else (lambda: None), f"finishing {out}", None, StoreError)
+    except Exception as e:
+        # rank 0 removes what this job wrote (only where its own marker is); then every rank raises
+        if rank == 0 and state["claimed"]:
+            _cleanup(top, job)
+        if isinstance(e, (StoreError, ValueError, FileExistsError)):
             raise
-        raise StoreError(f"synthesis failed: a rank stopped responding ({type(e).__name__}: {e}); the partial "
-                         f"output was removed, rerun the job") from e
-
-    # ---- commit (rank 0), export
-    meta = {
-        "format": "dist-ema-snapshot", "version": FORMAT_VERSION, "kind": "synthesized",
-        "step": ref.step if plan["step"] is not None else int(round(plan["targets"][0]["t"])),
-        "t": plan["targets"][0]["t"], "t_now": plan["targets"][0]["t"], "updates": 0, "unit": plan["unit"],
-        "profiles": [{"sigma_rel": tg["sigma_rel"], "gamma": tg["gamma"], "array": f"p{j}", "error": tg["error"],
-                      "condition": tg["condition"]} for j, tg in enumerate(plan["targets"])],
-        "dtype": dtype, "compression": None, "max_object_bytes": unit_bytes, "world_size": layout.world_size,
-        "engine": layout.engine, "layout": layout.layout_id(), "model": layout.model_fingerprint(),
-        "buffers": ref.meta.get("buffers", []), "source": store.url, "snapshots": plan["snapshots"],
-        "coefficients": plan["X"], "rows": plan["rows"], "created": time.time(),
-    }
-
-    def commit() -> None:
-        for r in range(layout.world_size):
-            for j in range(m):
-                if layout.rank_numel(r):
-                    _, _, doc = _array_doc(layout.rank_numel(r), dtype, unit_bytes)
-                    out_io.put(f"{array_key(snap_name, r, j)}/zarr.json", doc)
-            out_io.put(f"snapshots/{snap_name}/r{r:05d}/zarr.json", group_doc({"rank": r}))
-        if meta["buffers"]:
-            _copy_buffers(store, ref, out_io, snap_name)
-        commit_snapshot(out_io, snap_name, meta)
-
-    if rank == 0:
-        run_and_check(commit, f"committing {store_url}", None, StoreError)
-    else:
-        run_and_check(lambda: None, f"committing {store_url}", None, StoreError)
-
-    files: list[str] = []
-    if format == "safetensors":
-        files = _export_safetensors(out_io, out, out_storage_options, plan, snap_name, rank, world, max_file_bytes)
+        if is_distributed() and isinstance(e, RuntimeError):  # a collective failed: the process group lost a peer
+            raise StoreError(f"synthesis failed: a rank stopped responding ({type(e).__name__}: {e}); the partial "
+                             f"output was removed, rerun the job") from e
+        raise StoreError(f"synthesis failed ({type(e).__name__}: {e}); the partial output was removed") from e
 
     everyone = [stats["bytes"], _peak_rss_mib()]
-    if is_distributed():
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, everyone)
-    else:
-        gathered = [everyone]
+    gathered = all_gather_object(everyone)
     res = SynthesisResult(
         targets=plan["targets"], snapshots=plan["snapshots"], out=out, files=files,
         bytes_read=int(sum(g[0] for g in gathered)), seconds=time.perf_counter() - t0,
@@ -372,6 +481,16 @@ def _synthesize(url, sigma_rels, gammas, t, step, out, format, dtype, storage_op
     if rank == 0:
         log.info("dist-ema synthesis: %s", summary(res))
     return res
+
+
+def high_error_warnings(targets: Sequence[dict], limit: float = HIGH_ERROR) -> list[str]:
+    """One line per target whose reconstruction error is above ``limit`` (what it is, and the fix)."""
+    return [
+        f"target sigma_rel {tg['sigma_rel']:.4f} has a reconstruction error of {100 * tg['error']:.1f}% (above "
+        f"{100 * limit:g}%): the synthesized weights are far from that EMA. Use more snapshots (a smaller "
+        f"snapshot_every) or tracked profiles closer to it; check a schedule with `dist-ema error`"
+        for tg in targets if tg["error"] > limit
+    ]
 
 
 def summary(res: SynthesisResult) -> str:
@@ -388,28 +507,160 @@ def _array_doc(numel: int, dtype: str, unit_bytes: int):
     return _array_template(numel, dtype, chunk_elems(numel, dtype, unit_bytes), None)
 
 
-def _check_output(out_io: StoreIO, out: str, format: str, opts: dict | None, overwrite: bool, plan: dict) -> bool:
-    """Refuse an existing output unless ``overwrite``. Returns True when the output must be cleared first.
+# ----------------------------------------------------------------------------- the output and its marker
+#
+# Nothing is ever removed or replaced in ``out`` unless a synthesis marked it as its own: the
+# marker (MARKER, at the top of ``out``) is the first object a job writes and lists every key
+# the job owns ("owned"; a folder there is the job's as a whole). A failed job removes exactly
+# those, a later job replaces a leftover ("writing") or, with overwrite, a complete output, and
+# anything else in ``out`` makes the job refuse before it writes a byte.
 
-    A leftover of a job that died before committing (a store without any commit marker and
-    no exported file) holds nothing usable: it is cleared with a warning.
+_ZARR_OWNED = ("zarr.json", STORE_MARKER, "snapshots", "layouts")
+
+
+def target_folder(sigma_rel: float) -> str:
+    """The folder of one target's safetensors file(s): ``sigma_rel-0.1500``."""
+    return f"sigma_rel-{sigma_rel:.4f}"
+
+
+def _check_folder_names(sigma_rels: Sequence[float]) -> None:
+    seen: dict[str, float] = {}
+    for s in sigma_rels:
+        f = target_folder(s)
+        if f in seen:
+            raise ValueError(
+                f"targets sigma_rel {seen[f]:g} and {s:g} would both be written to {f}/ (folder names keep 4 "
+                f"decimals); give targets that differ in the first 4 decimals, synthesize them into different "
+                f"out= folders, or use format='zarr' (one array per target)"
+            )
+        seen[f] = s
+
+
+def _location(url: str) -> tuple[str, str]:
+    """(scheme, normalized absolute path) of a URL: local paths resolved (symlinks, ``..``), others as keys."""
+    if "://" not in url or url.startswith("file://"):
+        path = url[len("file://"):] if url.startswith("file://") else url
+        return "file", os.path.realpath(os.path.expanduser(path))
+    scheme, rest = url.split("://", 1)
+    scheme = {"s3a": "s3", "s3n": "s3", "gcs": "gs"}.get(scheme, scheme)
+    return scheme, posixpath.normpath("/" + rest.strip("/"))  # "/bucket/prefix"
+
+
+def _check_not_store(out: str, url: str) -> None:
+    """Refuse an output that is the store, lies inside it, or contains it (compared as normalized locations)."""
+    (so, o), (ss, s) = _location(out), _location(url)
+    if so != ss:
+        return
+
+    def within(a: str, b: str) -> bool:
+        return a == b or a.startswith(b.rstrip("/") + "/")
+
+    parent = url.rstrip("/").rsplit("/", 1)[0]
+    sibling = f"{parent}/synth" if "/" in url.rstrip("/") and not parent.endswith(":/") else f"{url.rstrip('/')}-synth"
+    fix = f"choose a folder outside the store, e.g. out={sibling!r}"
+    if o == s:
+        raise ValueError(f"out={out!r} is the snapshot store {url!r} itself; synthesis never writes into the store "
+                         f"it reads: {fix}")
+    if within(o, s):
+        raise ValueError(f"out={out!r} is inside the snapshot store {url!r}; synthesis never writes into the store "
+                         f"it reads: {fix}")
+    if within(s, o):
+        raise ValueError(f"out={out!r} contains the snapshot store {url!r} (and may hold more of your run); "
+                         f"synthesis never writes around the store it reads: {fix}")
+
+
+def _owned(format: str, plan: dict, dtype: str, max_file_bytes: int) -> list[str]:
+    """Keys (under ``out``) that this job writes; a folder is owned as a whole."""
+    if format == "zarr":
+        return list(_ZARR_OWNED)
+    _, names = _pack_files(plan["params"], STORAGE_DTYPES[dtype], max_file_bytes)
+    per = names + (["model.safetensors.index.json"] if len(names) > 1 else [])
+    return ["zarr", "synthesis.json", *(f"{target_folder(tg['sigma_rel'])}/{n}" for tg in plan["targets"]
+                                         for n in per)]
+
+
+def _read_marker(top: StoreIO, out: str) -> dict:
+    try:
+        doc = json.loads(top.get(MARKER))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a marker we cannot read protects nothing: refuse
+        raise FileExistsError(f"the synthesis marker {out}/{MARKER} is unreadable ({type(e).__name__}: {e}); "
+                              f"check {out} and remove it by hand if it is a synthesis output") from e
+    if not isinstance(doc, dict) or doc.get("format") != "dist-ema-synthesis" or not isinstance(doc.get("owned"),
+                                                                                                list):
+        raise FileExistsError(f"{out}/{MARKER} is not a dist-ema synthesis marker; check {out} and remove it by "
+                              f"hand if it is a synthesis output")
+    return doc
+
+
+def _check_output(top: StoreIO, out: str, overwrite: bool) -> tuple[dict | None, bool]:
+    """May this job write ``out``? Returns (the previous synthesis' marker to replace or None, folder is new).
+
+    Raises FileExistsError for a file, a folder with anything a synthesis did not write, and a
+    complete synthesis without ``overwrite``.
     """
-    exists = out_io.list_dir("") != []
-    files = False
-    if format == "safetensors":
-        top = StoreIO(out, opts)
-        files = any(n.startswith("sigma_rel-") for n in top.list_dir(""))
-    if exists and not files and not overwrite:
-        from dist_ema.store.io import read_commits
+    if top.protocol == "file" and os.path.isfile(top.root):
+        raise FileExistsError(f"out={out!r} is a file; a synthesis writes a folder: give a new or empty folder")
+    made = top.protocol == "file" and not os.path.exists(top.root)
+    names = top.list_dir("")
+    if not names:
+        return None, made
+    if MARKER not in names:
+        raise FileExistsError(
+            f"output folder {out} is not empty and was not written by a dist-ema synthesis (no {MARKER}; it holds "
+            f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); dist-ema never deletes or overwrites it, "
+            f"even with overwrite=True: choose a new or empty folder for out="
+        )
+    prev = _read_marker(top, out)
+    claimed = {k.split("/", 1)[0] for k in prev["owned"]} | {MARKER}
+    foreign = [n for n in names if n not in claimed and not any(n.startswith(c + ".tmp-") for c in claimed)]
+    if foreign:
+        raise FileExistsError(
+            f"output folder {out} holds files that no dist-ema synthesis wrote ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}) next to a synthesis output; dist-ema never removes them, even "
+            f"with overwrite=True: move them away or choose another out="
+        )
+    if prev.get("state") == "complete":
+        if not overwrite:
+            what = ", ".join(f"{x:g}" for x in prev.get("targets", []))
+            raise FileExistsError(f"output {out} already exists (a complete synthesis of sigma_rel {what}); choose "
+                                  f"another out= or pass overwrite=True (--overwrite) to replace it")
+    else:
+        log.warning("dist-ema: %s holds the partial output left by a synthesis that did not finish (job %s, "
+                    "started %s); replacing it", out, prev.get("job"), time.ctime(prev.get("created", 0)))
+    return prev, False
 
-        if not read_commits(out_io)[0]:
-            log.warning("dist-ema: %s holds an uncommitted synthesis (a failed job); replacing it", out)
-            return True
-    exists = exists or files
-    if exists and not overwrite:
-        raise FileExistsError(f"output {out} already exists; choose another out= or pass overwrite=True "
-                              f"(--overwrite) to replace it")
-    return exists and overwrite
+
+def _marker_doc(job: str, url: str, format: str, plan: dict, owned: list[str], prev: dict | None,
+                made: bool) -> dict:
+    # while writing, the marker also claims what the replaced synthesis owned: a job that dies
+    # half-way through the replacement leaves a leftover that the next job can still clear
+    claimed = list(dict.fromkeys([*owned, *(prev["owned"] if prev else [])]))
+    return {"format": "dist-ema-synthesis", "version": 1, "job": job, "state": "writing", "created": time.time(),
+            "host": socket.gethostname(), "source": url, "output": format,
+            "targets": [tg["sigma_rel"] for tg in plan["targets"]], "t": plan["targets"][0]["t"],
+            "owned": claimed, "made_folder": made or bool(prev and prev.get("made_folder"))}
+
+
+def _claim(top: StoreIO, marker: dict, prev: dict | None) -> None:
+    """Write the marker, before any other output; then remove what the replaced synthesis wrote."""
+    try:
+        top.put(MARKER, json.dumps(marker, indent=1).encode(), exclusive=prev is None)
+    except FileExistsError:
+        raise FileExistsError(f"another synthesis started writing {top.url} at the same time; give each job its "
+                              f"own out=") from None
+    if prev is not None:
+        _remove_owned(top, prev["owned"])
+
+
+def _remove_owned(top: StoreIO, owned: Sequence[str]) -> None:
+    for key in owned:
+        top.remove(key)
+    if top.protocol == "file":  # folders of owned files, once empty (a user's file keeps its folder)
+        for d in sorted({k.rsplit("/", 1)[0] for k in owned if "/" in k}, key=len, reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(top.path(d))
 
 
 def _prepare_output(out_io: StoreIO, layout: Layout) -> None:
@@ -418,17 +669,23 @@ def _prepare_output(out_io: StoreIO, layout: Layout) -> None:
         write_layout(out_io, layout, r)
 
 
-def _cleanup(out_io: StoreIO, out: str, format: str, opts: dict | None) -> None:
-    """Remove a failed synthesis' partial output."""
+def _cleanup(top: StoreIO, job: str) -> None:
+    """Remove a failed job's partial output: what its marker lists, then the marker. Nothing else, ever."""
     try:
-        out_io.remove("")
-        if format == "safetensors":
-            top = StoreIO(out, opts)
-            for n in top.list_dir(""):
-                if n.startswith("sigma_rel-"):
-                    top.remove(n)
+        try:
+            doc = _read_marker(top, top.url)
+        except FileNotFoundError:
+            doc = None
+        if doc is None or doc.get("job") != job:
+            log.error("dist-ema: not removing the partial output in %s: its marker is not this job's", top.url)
+            return
+        _remove_owned(top, doc["owned"])
+        top.remove(MARKER)
+        if doc.get("made_folder") and top.protocol == "file":
+            with contextlib.suppress(OSError):
+                os.rmdir(top.root)
     except Exception as e:  # noqa: BLE001 - the original error matters more
-        log.error("dist-ema: could not remove the partial output %s: %s", out, e)
+        log.error("dist-ema: could not remove the partial output %s: %s", top.url, e)
 
 
 def _map_units(store: SnapshotStore, used: list[Snapshot], rows, X: np.ndarray, layout: Layout, units: list[Unit],
@@ -461,7 +718,7 @@ def _map_units(store: SnapshotStore, used: list[Snapshot], rows, X: np.ndarray, 
         else:  # written at another world size: gather the unit's parameter segments from that layout
             reads = merge_reads(translate(indexes[snap.layout_id], segs))
         buf = np.empty(unit.numel, dtype=np.float32)
-        nbytes = store.read_reads(snap, k, reads, buf)
+        nbytes = _guarded(store, snap, lambda: store.read_reads(snap, k, reads, buf))
         return buf, nbytes
 
     try:
@@ -514,31 +771,20 @@ def _write_unit(out_io: StoreIO, layout: Layout, snap_name: str, unit: Unit, acc
         arr[unit.start : unit.start + unit.numel] = data  # exactly one whole object (units are objects)
 
 
-def _copy_buffers(store: SnapshotStore, ref: Snapshot, out_io: StoreIO, snap_name: str) -> None:
+def _write_buffers(bufs: dict[str, np.ndarray], out_io: StoreIO, snap_name: str) -> None:
     import zarr
 
     from dist_ema.store.io import buffer_key
 
-    for i, (name, values) in enumerate(store.read_buffers(ref).items()):
+    for i, values in enumerate(bufs.values()):
         flat = np.ascontiguousarray(values).reshape(-1)
         z = zarr.create_array(out_io.zarr_store, name=buffer_key(snap_name, i), shape=flat.shape, dtype=flat.dtype,
                               chunks=(max(1, flat.size),), overwrite=True, zarr_format=3)
         z[:] = flat
-        del name
 
 
-def _export_safetensors(out_io: StoreIO, out: str, opts: dict | None, plan: dict, snap_name: str, rank: int,
-                        world: int, max_file_bytes: int) -> list[str]:
-    """Per target, safetensors file(s) keyed by the model's parameter names; files split across ranks."""
-    from safetensors.torch import save as st_save
-
-    reader = SnapshotStore(out_io.url, io=out_io)
-    snap = reader.snapshot()
-    params = reader.layout(snap).params
-    buffers = snap.meta.get("buffers", [])
-    top = StoreIO(out, opts)
-    itemsize = STORAGE_DTYPES[snap.dtype]
-    # files: greedy packing in parameter order, the usual sharded-checkpoint convention
+def _pack_files(params, itemsize: int, max_file_bytes: int) -> tuple[list[list[str]], list[str]]:
+    """Parameters per safetensors file (greedy, in parameter order: the sharded-checkpoint convention), names."""
     files: list[list[str]] = [[]]
     size = 0
     for f, shape, _ in params:
@@ -548,20 +794,35 @@ def _export_safetensors(out_io: StoreIO, out: str, opts: dict | None, plan: dict
             size = 0
         files[-1].append(f)
         size += b
+    n = len(files)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return files, names
+
+
+def _export_safetensors(out_io: StoreIO, top: StoreIO, out: str, plan: dict, snap_name: str, rank: int,
+                        world: int, max_file_bytes: int) -> list[str]:
+    """Per target, safetensors file(s) keyed by the model's parameter names; files split across ranks.
+
+    Writes only the keys that ``_owned`` lists (the marker claimed them before the job began).
+    """
+    from safetensors.torch import save as st_save
+
+    reader = SnapshotStore(out_io.url, io=out_io)
+    snap = reader.snapshot()
+    params = reader.layout(snap).params
+    buffers = snap.meta.get("buffers", [])
+    itemsize = STORAGE_DTYPES[snap.dtype]
+    files, names = _pack_files(params, itemsize, max_file_bytes)
     nfiles = len(files)
-    names = ["model.safetensors"] if nfiles == 1 else [f"model-{i + 1:05d}-of-{nfiles:05d}.safetensors"
-                                                       for i in range(nfiles)]
     shapes = {f: s for f, s, _ in params}
-    written: list[str] = []
     jobs = [(j, fi) for j in range(len(plan["targets"])) for fi in range(nfiles)]
-    err = None
-    try:
+
+    def mine() -> None:
         bufvals = reader.read_buffers(snap) if buffers else {}
         for n, (j, fi) in enumerate(jobs):
             if n % world != rank:
                 continue
             tg = plan["targets"][j]
-            folder = f"sigma_rel-{tg['sigma_rel']:.4f}"
             tensors = {}
             for f in files[fi]:
                 vals = reader.read_region(snap, j, f, 0, math.prod(shapes[f])).reshape(shapes[f])
@@ -572,27 +833,21 @@ def _export_safetensors(out_io: StoreIO, out: str, opts: dict | None, plan: dict
             md = {"format": "pt", "dist_ema": json.dumps({
                 "sigma_rel": tg["sigma_rel"], "gamma": tg["gamma"], "t": tg["t"], "error": tg["error"],
                 "unit": plan["unit"], "snapshots": plan["snapshots"], "source_store": plan["source"]})}
-            top.put(f"{folder}/{names[fi]}", st_save(tensors, metadata=md))
-            written.append(f"{folder}/{names[fi]}")
-    except Exception as e:  # noqa: BLE001
-        err = e
-    try:
-        raise_if_any(err, "safetensors export", None, StoreError)
-    except StoreError:
-        if rank == 0:
-            _cleanup(out_io, out, "safetensors", opts)
-        raise
-    if rank == 0:
+            top.put(f"{target_folder(tg['sigma_rel'])}/{names[fi]}", st_save(tensors, metadata=md))
+
+    def index() -> None:  # rank 0, after every rank wrote its files
         for tg in plan["targets"]:
-            folder = f"sigma_rel-{tg['sigma_rel']:.4f}"
             if nfiles > 1:
                 total = sum(math.prod(shapes[f]) * itemsize for f in shapes)
-                index = {"metadata": {"total_size": total},
-                         "weight_map": {f: names[fi] for fi, fs in enumerate(files) for f in fs}}
-                index["weight_map"].update({b[0]: names[-1] for b in buffers})
-                top.put(f"{folder}/model.safetensors.index.json", json.dumps(index, indent=1).encode())
+                doc = {"metadata": {"total_size": total},
+                       "weight_map": {f: names[fi] for fi, fs in enumerate(files) for f in fs}}
+                doc["weight_map"].update({b[0]: names[-1] for b in buffers})
+                top.put(f"{target_folder(tg['sigma_rel'])}/model.safetensors.index.json",
+                        json.dumps(doc, indent=1).encode())
         top.put("synthesis.json", json.dumps({
             "source": plan["source"], "targets": plan["targets"], "snapshots": plan["snapshots"], "zarr": "zarr",
-            "files": {f"sigma_rel-{tg['sigma_rel']:.4f}": names for tg in plan["targets"]}}, indent=1).encode())
-    out_files = [f"sigma_rel-{tg['sigma_rel']:.4f}/{n}" for tg in plan["targets"] for n in names]
-    return [f"{out.rstrip('/')}/{f}" for f in out_files]
+            "files": {target_folder(tg["sigma_rel"]): names for tg in plan["targets"]}}, indent=1).encode())
+
+    run_and_check(mine, "safetensors export", None, StoreError)
+    run_and_check(index if rank == 0 else (lambda: None), "safetensors index", None, StoreError)
+    return [f"{out.rstrip('/')}/{target_folder(tg['sigma_rel'])}/{n}" for tg in plan["targets"] for n in names]

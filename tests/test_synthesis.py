@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,13 +285,151 @@ def test_cli_ls_inspect_synthesize(small_store, tmp_path):
     assert r.returncode == 2 and "no dist-ema store" in r.stderr
 
 
-def test_uncommitted_leftover_output_is_replaced(small_store, tmp_path):
-    from dist_ema.store.fs import StoreIO
-    from dist_ema.store.io import ensure_store
+def test_uncommitted_leftover_output_is_replaced(small_store, tmp_path, monkeypatch):
+    """A job that died before committing (here: its cleanup never ran) leaves a marked leftover: replaced.
+
+    The same folder without the marker is not a synthesis' to replace (tests/test_synthesis_output.py)."""
+    import dist_ema.synthesis as syn
 
     out = tmp_path / "o"
-    ensure_store(StoreIO(str(out / "zarr")), create=True)  # what a job that died before committing leaves
-    (out / "zarr" / "snapshots" / "step-000000000009").mkdir(parents=True)
+    with monkeypatch.context() as mp:
+        mp.setattr(syn, "_cleanup", lambda *a, **k: None)  # as after a SIGKILL
+        def export_fails(*a, **k):
+            raise OSError("disk full")
+
+        mp.setattr("safetensors.torch.save", export_fails)
+        with pytest.raises(StoreError, match="disk full"):
+            synthesize(small_store, sigma_rels=[0.1], out=str(out), progress=False)
+    assert json.loads((out / syn.MARKER).read_text())["state"] == "writing"
+    assert [s.step for s in open_store(str(out / "zarr")).snapshots()] == [9]  # committed store, no files
     res = synthesize(small_store, sigma_rels=[0.1], out=str(out), progress=False)
     assert [s.step for s in open_store(str(out / "zarr")).snapshots()] == [9]
     assert os.path.exists(res.files[0])
+    assert json.loads((out / syn.MARKER).read_text())["state"] == "complete"
+
+
+# ----------------------------------------------------------------------------- snapshots removed while reading
+
+
+@pytest.fixture
+def long_store(tmp_path):
+    """8 committed snapshots (steps 2, 4, ..., 16), written like a training job's."""
+    url = str(tmp_path / "long")
+    torch.manual_seed(0)
+    m = TinyNet()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with PostHocEMA(m, store=url, snapshot_every=2, writer="sync", max_object_bytes=64) as ema:
+        for _ in range(16):
+            m(torch.arange(7)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            ema.update()
+    return url
+
+
+def _remove_before_reading(monkeypatch, url, doomed: set[str], data_only: bool = False) -> list[str]:
+    """Hook: the first read of a doomed snapshot first removes it the way retention does (marker, then data)."""
+    from dist_ema.store.fs import StoreIO
+    from dist_ema.store.io import remove_snapshot
+    from dist_ema.store.reader import SnapshotStore
+
+    removed: list[str] = []
+    real = SnapshotStore.read_reads
+
+    def read_reads(self, snap, profile, reads, out):
+        if snap.id in doomed:
+            doomed.discard(snap.id)
+            io = StoreIO(url)
+            if data_only:  # damage: the objects go, the marker stays
+                io.remove(f"snapshots/{snap.id}/r00000")
+            else:
+                remove_snapshot(io, snap.id)
+            removed.append(snap.id)
+        return real(self, snap, profile, reads, out)
+
+    monkeypatch.setattr(SnapshotStore, "read_reads", read_reads)
+    return removed
+
+
+def _assert_brute_force(url, res, out_store):
+    store = open_store(url)
+    names = list(store.params())
+    ref, _ = brute_force(store, res.targets, names)  # a plain read of what is left, an independent solve
+    assert res.snapshots == [s.id for s in store.snapshots()]
+    for j, tg in enumerate(res.targets):
+        for n in names:
+            torch.testing.assert_close(out_store.read(None, tg["sigma_rel"], n).double(), ref[j][n], rtol=1e-5,
+                                       atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("when", ["after_planning", "while_reading"])
+def test_snapshot_removed_during_synthesis_replans(long_store, tmp_path, monkeypatch, caplog, when):
+    import logging
+
+    import dist_ema.synthesis as syn
+    from dist_ema.store.fs import StoreIO
+    from dist_ema.store.io import remove_snapshot
+
+    victim = "step-000000000008"
+    if when == "while_reading":
+        removed = _remove_before_reading(monkeypatch, long_store, {victim})
+    else:  # between the plan (which lists the victim) and the first read
+        removed = []
+        real = syn.plan_coefficients
+
+        def plan_then_remove(*a, **k):
+            r = real(*a, **k)
+            if not removed:
+                remove_snapshot(StoreIO(long_store), victim)
+                removed.append(victim)
+            return r
+
+        monkeypatch.setattr(syn, "plan_coefficients", plan_then_remove)
+    with caplog.at_level(logging.INFO, logger="dist_ema"):
+        res = synthesize(long_store, sigma_rels=[0.08, 0.15], out=str(tmp_path / "o"), format="zarr",
+                         unit_bytes=64, progress=False)
+    assert removed == [victim] and victim not in res.snapshots and len(res.snapshots) == 7
+    assert "re-planning (1 of 3)" in caplog.text and victim in caplog.text
+    assert res.targets[0]["t"] == 16.0
+    _assert_brute_force(long_store, res, open_store(str(tmp_path / "o")))
+
+
+def test_snapshots_that_keep_disappearing_fail_clearly(long_store, tmp_path, monkeypatch):
+    doomed = {f"step-{s:012d}" for s in (2, 4, 6, 8, 10, 12, 14)}
+    removed = _remove_before_reading(monkeypatch, long_store, doomed)
+    with pytest.raises(StoreError, match=r"disappeared while they were read.*4 plans.*keep"):
+        synthesize(long_store, sigma_rels=[0.12], out=str(tmp_path / "o"), format="zarr", prefetch=1,
+                   progress=False)
+    assert len(removed) == 4  # the first plan and 3 re-plans, one snapshot removed under each
+    assert not (tmp_path / "o").exists()
+
+
+def test_objects_missing_under_a_marker_are_damage_not_retention(long_store, tmp_path, monkeypatch, caplog):
+    _remove_before_reading(monkeypatch, long_store, {"step-000000000008"}, data_only=True)
+    with pytest.raises(StoreError, match=r"step-000000000008.*damaged"):
+        synthesize(long_store, sigma_rels=[0.12], out=str(tmp_path / "o"), format="zarr", progress=False)
+    assert "re-planning" not in caplog.text
+    assert not (tmp_path / "o").exists()
+
+
+def worker_synthesize_vanish(rank, ws, out, url, victim):
+    """Rank 1 alone sees the victim disappear; every rank must re-plan the same way."""
+    import dist_ema.synthesis as syn
+
+    if rank == 1:
+        _remove_before_reading(pytest.MonkeyPatch(), url, {victim})
+    res = syn.synthesize(url, sigma_rels=[0.08, 0.15], out=os.path.join(out, "synth"), format="zarr",
+                         unit_bytes=64, progress=False)
+    Path(out, f"res{rank}.json").write_text(json.dumps({"snapshots": res.snapshots, "targets": res.targets}))
+
+
+@pytest.mark.timeout(300)
+def test_snapshot_removed_on_one_rank_replans_on_every_rank(long_store, tmp_path):
+    victim = "step-000000000010"
+    run_workers("tests.test_synthesis:worker_synthesize_vanish", 2, tmp_path / "w",
+                kwargs=dict(url=long_store, victim=victim))
+    got = [json.loads((tmp_path / "w" / f"res{r}.json").read_text()) for r in range(2)]
+    assert got[0] == got[1] and victim not in got[0]["snapshots"] and len(got[0]["snapshots"]) == 7
+    from types import SimpleNamespace
+
+    _assert_brute_force(long_store, SimpleNamespace(**got[0]), open_store(str(tmp_path / "w" / "synth")))
