@@ -96,6 +96,7 @@ class SynthesisResult:
     bytes_read: int = 0  # all ranks
     seconds: float = 0.0
     peak_rss_mib: list[float] = field(default_factory=list)  # per rank
+    replans: int = 0  # times the job re-planned because planned snapshots disappeared (retention)
 
     @property
     def throughput_mib_s(self) -> float:
@@ -476,7 +477,7 @@ def _synthesize(url, s_targets, g_targets, t, step, out, format, dtype, storage_
     res = SynthesisResult(
         targets=plan["targets"], snapshots=plan["snapshots"], out=out, files=files,
         bytes_read=int(sum(g[0] for g in gathered)), seconds=time.perf_counter() - t0,
-        peak_rss_mib=[float(g[1]) for g in gathered],
+        peak_rss_mib=[float(g[1]) for g in gathered], replans=attempt,
     )
     if rank == 0:
         log.info("dist-ema synthesis: %s", summary(res))

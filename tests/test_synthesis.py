@@ -388,7 +388,7 @@ def test_snapshot_removed_during_synthesis_replans(long_store, tmp_path, monkeyp
     with caplog.at_level(logging.INFO, logger="dist_ema"):
         res = synthesize(long_store, sigma_rels=[0.08, 0.15], out=str(tmp_path / "o"), format="zarr",
                          unit_bytes=64, progress=False)
-    assert removed == [victim] and victim not in res.snapshots and len(res.snapshots) == 7
+    assert removed == [victim] and victim not in res.snapshots and len(res.snapshots) == 7 and res.replans == 1
     assert "re-planning (1 of 3)" in caplog.text and victim in caplog.text
     assert res.targets[0]["t"] == 16.0
     _assert_brute_force(long_store, res, open_store(str(tmp_path / "o")))
