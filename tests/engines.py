@@ -18,6 +18,9 @@ import torch.distributed as dist
 from torch import nn
 
 ENGINES = ("replicated", "ddp", "fsdp2", "fsdp2_bf16", "fsdp1", "fsdp1_flat", "zero1", "zero2", "zero3")
+# Variants whose every FSDP unit (not only the root) keeps its unsharded parameters after
+# forward: FSDP2 with reshard_after_forward=False, FSDP1 SHARD_GRAD_OP (use_orig_params=True).
+KEEP_UNSHARDED = ("fsdp2_keep", "fsdp1_grad_op")
 
 
 class TinyNet(nn.Module):
@@ -92,23 +95,28 @@ def build(engine: str, seed: int = 0, lr: float = 0.05, grad_accum: int = 1) -> 
 
         return Setup(engine, eng.module, eng, step, full)
 
-    if engine in ("fsdp2", "fsdp2_bf16"):
+    if engine in ("fsdp2", "fsdp2_bf16", "fsdp2_keep"):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if engine == "fsdp2_bf16" else MixedPrecisionPolicy()
-        fully_shard(net.fc1, mp_policy=mp)
-        fully_shard(net.fc2, mp_policy=mp)
+        keep = {"reshard_after_forward": False} if engine == "fsdp2_keep" else {}
+        fully_shard(net.fc1, mp_policy=mp, **keep)
+        fully_shard(net.fc2, mp_policy=mp, **keep)
         fully_shard(net, mp_policy=mp)
         model = net
 
         def full() -> dict[str, torch.Tensor]:
             return {n: p.full_tensor().detach().double().clone() for n, p in model.named_parameters()}
 
-    elif engine in ("fsdp1", "fsdp1_flat"):
+    elif engine in ("fsdp1", "fsdp1_flat", "fsdp1_grad_op"):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import ShardingStrategy
 
-        net.fc1 = FSDP(net.fc1, use_orig_params=(engine == "fsdp1"), device_id=torch.device("cpu"))
-        model = FSDP(net, use_orig_params=(engine == "fsdp1"), device_id=torch.device("cpu"))
+        opts = dict(use_orig_params=(engine != "fsdp1_flat"), device_id=torch.device("cpu"))
+        if engine == "fsdp1_grad_op":
+            opts["sharding_strategy"] = ShardingStrategy.SHARD_GRAD_OP
+        net.fc1 = FSDP(net.fc1, **opts)
+        model = FSDP(net, **opts)
 
         def full() -> dict[str, torch.Tensor]:
             with FSDP.summon_full_params(model, writeback=False):

@@ -81,9 +81,16 @@ class ShardLayout:
             full and identical on every rank under every supported engine. The
             tracker copies them into snapshots (or averages them, by option).
         process_group: the group the shards are split over (None = default group).
-        refresh: re-lists the pieces (after a checkpoint load replaced storages).
-        after_load: called after ``load_target``/``source`` were written (e.g. to
-            re-sync derived copies); may be None.
+        refresh: re-lists the pieces (after a checkpoint load replaced storages). The
+            new layout's ``after_load`` works on the new storages.
+        after_load: called on every rank together (it may run collectives) right after
+            ``load_target``/``source`` were written, when a swap puts the EMA in and
+            again when it puts the training weights back. Afterwards the next forward of
+            every rank must compute with what was written, in every layer: it re-syncs
+            replicated copies from the owners' slices (DDP, ZeRO-1/2), re-gathers
+            persistent ZeRO-3 params, and drops the unsharded copies FSDP keeps after
+            forward (the root unit, ``reshard_after_forward=False``, SHARD_GRAD_OP). It
+            must not write anything back into ``source``. None when nothing needs it.
     """
 
     engine: str

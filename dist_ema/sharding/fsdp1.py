@@ -13,7 +13,9 @@ stays fp32 under ``MixedPrecision``; ``_mp_shard`` is the low-precision copy).
 Private FSDP1 attributes used (torch 2.13): ``FullyShardedDataParallel._handle``,
 ``FlatParamHandle.flat_param``, ``FlatParamHandle._offload_params``,
 ``FlatParameter._fqns``, ``._shapes``, ``._shard_param_infos``, ``._local_shard``,
-``._sharded_size``, ``._params``, and ``_FSDPState._inter_node_pg`` (hybrid sharding).
+``._sharded_size``, ``._params``, ``_FSDPState._inter_node_pg`` (hybrid sharding), and for
+``after_load`` (drop unsharded copies) ``FlatParamHandle.needs_unshard``,
+``.uses_sharded_strategy`` and ``torch.distributed.fsdp._runtime_utils._reshard``.
 Each is read through a helper that names the attribute if a torch release removes it.
 
 Strategies: FULL_SHARD / SHARD_GRAD_OP (one owner per element); HYBRID_SHARD and
@@ -37,7 +39,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 from dist_ema.sharding.base import ShardLayout, ShardPiece, UnsupportedEngineError
 from dist_ema.sharding.replicated import clean_fqn, even_split, persistent_buffers
 
-__all__ = ["fsdp1_layout", "fsdp1_units", "is_flat_param"]
+__all__ = ["fsdp1_layout", "fsdp1_units", "is_flat_param", "reshard_all"]
 
 _MISSING = object()
 _HYBRID = (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2)
@@ -216,4 +218,35 @@ def fsdp1_layout(model: nn.Module, include_frozen: bool = True) -> ShardLayout:
         buffers=persistent_buffers(model),
         process_group=process_group,
         refresh=functools.partial(fsdp1_layout, model, include_frozen),
+        after_load=functools.partial(reshard_all, [unit for _, unit in units]),
     )
+
+
+def reshard_all(units: list[FullyShardedDataParallel]) -> None:
+    """Free every unit's unsharded flat parameter, so the next forward all-gathers the shards.
+
+    FSDP1 keeps the root unit's unsharded flat parameter after forward (for backward),
+    and every unit's under SHARD_GRAD_OP / _HYBRID_SHARD_ZERO2; its next forward then
+    skips the all-gather (``FlatParamHandle.needs_unshard()`` is False) and computes
+    with that copy, so writes to ``_local_shard`` are not seen until a backward reshards.
+    This runs FSDP's own post-forward reshard with freeing
+    (``torch.distributed.fsdp._runtime_utils._reshard``), which points the flat parameter
+    (and, with ``use_orig_params=True``, the original parameters) back at the shard and
+    copies nothing back. NO_SHARD units compute with the flat parameter itself: nothing
+    to drop. Units inside forward/backward or ``summon_full_params`` are left alone.
+    """
+    from torch.distributed.fsdp import _runtime_utils
+    from torch.distributed.fsdp._common_utils import TrainingState
+
+    reshard = _private(_runtime_utils, "_reshard", "torch.distributed.fsdp._runtime_utils")
+    for unit in units:
+        handle = _private(unit, "_handle", "FullyShardedDataParallel")
+        if handle is None or not _private(handle, "uses_sharded_strategy", "FlatParamHandle"):
+            continue
+        if _private(unit, "training_state", "FullyShardedDataParallel") != TrainingState.IDLE:
+            continue
+        if getattr(handle.flat_param, "_full_param_padded", None) is None:
+            continue  # FSDP's lazy init (first forward) has not allocated an unsharded copy yet
+        if _private(handle, "needs_unshard", "FlatParamHandle")():
+            continue  # already sharded: the next forward all-gathers the shards
+        reshard(unit, handle, True)

@@ -7,7 +7,8 @@ ranks may hold none), i.e. one contiguous flat range of the row-major parameter:
 ``[row0 * row_size, (row0 + rows) * row_size)``. The local tensor is the fp32 master
 even under ``MixedPrecisionPolicy(param_dtype=bf16)``, and the optimizer updates it in
 place, so a 1-d view of it taken once stays live across steps (until a checkpoint load
-with ``assign=True`` swaps storages: use ``ShardLayout.refresh``).
+with ``assign=True`` swaps storages: use ``ShardLayout.refresh``). ``after_load``
+reshards every unit, so a forward after a write to the shards all-gathers them.
 
 Supported placements: ``(Shard(0),)`` on a 1-d mesh, and HSDP ``(Replicate(), Shard(0))``
 on a 2-d mesh. In HSDP every replica tracks its shard, but only the replica with
@@ -29,7 +30,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from dist_ema.sharding.base import ShardLayout, ShardPiece, UnsupportedEngineError
 from dist_ema.sharding.replicated import clean_fqn, persistent_buffers
 
-__all__ = ["fsdp2_layout"]
+__all__ = ["fsdp2_layout", "reshard_all"]
 
 _SUPPORTED = "(Shard(0),) on a 1-d device mesh (FSDP) or (Replicate(), Shard(0)) on a 2-d mesh (HSDP)"
 
@@ -167,4 +168,22 @@ def fsdp2_layout(model: nn.Module, include_frozen: bool = True) -> ShardLayout:
         buffers=persistent_buffers(model),
         process_group=None if mesh is None else mesh.get_group(shard_mesh_dim),
         refresh=functools.partial(fsdp2_layout, model, include_frozen),
+        after_load=functools.partial(reshard_all, model),
     )
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Drop every FSDP2 unit's unsharded parameters, so the next forward all-gathers the shards.
+
+    FSDP2 does not reshard the root after forward (``reshard_after_forward`` is off for
+    the root, and for any unit created with ``reshard_after_forward=False``): after an
+    eval forward, which has no backward to reshard it, the unit keeps computing with its
+    all-gathered copy, and a write to its shards stays invisible until the next backward.
+    ``FSDPModule.reshard()`` (public, not recursive) frees that copy and re-registers the
+    sharded parameters; it copies nothing back, and is a no-op for a sharded unit.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for mod in model.modules():
+        if isinstance(mod, FSDPModule):
+            mod.reshard()

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_ema.sharding.base import ShardLayout, ShardPiece, UnsupportedEngineError
+from dist_ema.sharding.resync import make_replicated_resync
 
 __all__ = [
     "clean_fqn",
@@ -140,6 +141,7 @@ def replicated_layout(
     Returns:
         A ``ShardLayout`` with engine ``"replicated"``. Every piece is a view of the live
         parameter (``p.detach().view(-1)[a:b]``), so it sees every optimizer step.
+        ``after_load`` all-gathers the owned slices into every rank's full parameters.
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedEngineError(f"replicated_layout expects an nn.Module, got {type(model).__name__}")
@@ -157,13 +159,15 @@ def replicated_layout(
 
     pieces: list[ShardPiece] = []
     params: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    full: dict[str, torch.Tensor] = {}
     for fqn, p in _named_tracked(inner, include_frozen):
         shape = tuple(p.shape)
         params[fqn] = (shape, p.dtype)
+        flat = _flat_view(p, fqn)  # also for params this rank holds nothing of: the resync writes them
+        full[fqn] = p
         start, end = even_split(p.numel(), world, rank)
         if end <= start:
             continue
-        flat = _flat_view(p, fqn)
         pieces.append(ShardPiece(fqn, shape, p.dtype, start, end - start, flat[start:end], owner=True))
 
     return ShardLayout(
@@ -173,4 +177,7 @@ def replicated_layout(
         buffers=persistent_buffers(inner),
         process_group=process_group,
         refresh=functools.partial(replicated_layout, model, include_frozen, process_group),
+        # each rank writes only its own slices: one all-gather fills in the others' (None in
+        # a single process); it holds these parameter tensors, refresh() re-lists new ones
+        after_load=make_replicated_resync(full, pieces, process_group),
     )

@@ -23,6 +23,10 @@ def make_replicated_resync(
     """Return a callable that fills every rank's full params from the owners' slices.
 
     ``full_params``: {fqn: full working parameter} on this rank (same names as the pieces).
+    The callable writes into exactly these tensors: after a load that replaced them
+    (``load_state_dict(..., assign=True)``) build a new one (``ShardLayout.refresh`` does).
+    Building runs no collective; the first call exchanges every rank's owned ranges once
+    (all ranks call it together, as ``PostHocEMA.swapped`` does).
     Returns None in a single process (nothing to synchronize).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
@@ -33,22 +37,25 @@ def make_replicated_resync(
     if missing:
         raise ValueError(f"resync: shard pieces name parameters the model does not have: {missing[:5]}")
     ws = dist.get_world_size(group)
-    everyone: list = [None] * ws
-    dist.all_gather_object(everyone, mine, group=group)  # once: the layout does not change
-    sizes = [sum(n for _, _, n in ranges) for ranges in everyone]
-    width = max(sizes) if sizes else 0
+    me = dist.get_rank(group)
+    everyone: list = []  # every rank's owned ranges, exchanged at the first call
 
     @torch.no_grad()
     def resync() -> None:
+        if not everyone:
+            gathered: list = [None] * ws
+            dist.all_gather_object(gathered, mine, group=group)  # once: the layout does not change
+            everyone.extend(gathered)
+        sizes = [sum(n for _, _, n in ranges) for ranges in everyone]
+        width = max(sizes) if sizes else 0
         if width == 0:
             return
         some = next(iter(flat.values()))
         buf = torch.zeros(width, dtype=torch.float32, device=some.device)
         if mine:
-            torch.cat([flat[f][s : s + n].float() for f, s, n in mine], out=buf[: sizes[dist.get_rank(group)]])
+            torch.cat([flat[f][s : s + n].float() for f, s, n in mine], out=buf[: sizes[me]])
         out = [torch.empty_like(buf) for _ in range(ws)]
         dist.all_gather(out, buf, group=group)
-        me = dist.get_rank(group)
         for r, ranges in enumerate(everyone):
             if r == me:
                 continue
