@@ -243,6 +243,7 @@ class SnapshotManager:
             "engine": self.layout.engine,
             "layout": self.layout_id,
             "model": self.layout.model_fingerprint(),
+            "ties": dict(ema.ties),  # {alias: stored name} of tied parameters
             "buffers": [[n, list(b.shape), str(b.dtype).replace("torch.", "")]
                         for n, b in ema.layout.buffers.items()] if cfg.buffers == "copy" else [],
             "created": time.time(),

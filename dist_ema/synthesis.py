@@ -189,6 +189,7 @@ def _plan(store: SnapshotStore, s_targets: list[float], g_targets: list[float], 
         "ref": ref.id,
         "params": ref_layout.params,
         "source": store.url,
+        "ties": dict(ref.meta.get("ties") or {}),  # {alias: stored name}: exported under both names
         "unit": ref.unit,
         "step": ref.step if target_t == ref.t else None,
     }
@@ -815,6 +816,7 @@ def _export_safetensors(out_io: StoreIO, top: StoreIO, out: str, plan: dict, sna
     itemsize = STORAGE_DTYPES[snap.dtype]
     files, names = _pack_files(params, itemsize, max_file_bytes)
     nfiles = len(files)
+    ties = plan.get("ties") or {}
     shapes = {f: s for f, s, _ in params}
     jobs = [(j, fi) for j in range(len(plan["targets"])) for fi in range(nfiles)]
 
@@ -828,12 +830,16 @@ def _export_safetensors(out_io: StoreIO, top: StoreIO, out: str, plan: dict, sna
             for f in files[fi]:
                 vals = reader.read_region(snap, j, f, 0, math.prod(shapes[f])).reshape(shapes[f])
                 tensors[f] = torch.from_numpy(vals).to(getattr(torch, snap.dtype)).contiguous()
+            for alias, name in ties.items():  # safetensors stores no shared tensors: a copy per name
+                if name in tensors:
+                    tensors[alias] = tensors[name].clone()
             if fi == nfiles - 1:
                 for bname, bval in bufvals.items():
                     tensors[bname] = torch.from_numpy(np.ascontiguousarray(bval))
             md = {"format": "pt", "dist_ema": json.dumps({
                 "sigma_rel": tg["sigma_rel"], "gamma": tg["gamma"], "t": tg["t"], "error": tg["error"],
-                "unit": plan["unit"], "snapshots": plan["snapshots"], "source_store": plan["source"]})}
+                "unit": plan["unit"], "snapshots": plan["snapshots"], "source_store": plan["source"],
+                "ties": ties})}
             top.put(f"{target_folder(tg['sigma_rel'])}/{names[fi]}", st_save(tensors, metadata=md))
 
     def index() -> None:  # rank 0, after every rank wrote its files
@@ -843,6 +849,7 @@ def _export_safetensors(out_io: StoreIO, top: StoreIO, out: str, plan: dict, sna
                 doc = {"metadata": {"total_size": total},
                        "weight_map": {f: names[fi] for fi, fs in enumerate(files) for f in fs}}
                 doc["weight_map"].update({b[0]: names[-1] for b in buffers})
+                doc["weight_map"].update({a: doc["weight_map"][n] for a, n in ties.items() if n in doc["weight_map"]})
                 top.put(f"{target_folder(tg['sigma_rel'])}/model.safetensors.index.json",
                         json.dumps(doc, indent=1).encode())
         top.put("synthesis.json", json.dumps({

@@ -165,6 +165,9 @@ class PostHocEMA:
             layout = make_layout(model_or_engine, include_frozen=include_frozen)
             verify_layout(layout)
         self.layout = layout
+        # tied parameters (head.weight = emb.weight): the engines list each once; the other names
+        # are recorded so full state dicts and exported files load with a strict load_state_dict
+        self.ties = _tied_names(model_or_engine, layout)
         self._resync = _replicated_resync(model_or_engine, layout)
         self._step_applied = _step_applied_fn(model_or_engine, layout)
         self._set_pieces(layout.pieces)
@@ -244,6 +247,8 @@ class PostHocEMA:
             )
         self.layout = new
         self._set_pieces(new.pieces)
+        # the resync writes into the parameter tensors it was built with: rebuild it too
+        self._resync = _replicated_resync(self.model, new)
         self._stale = False
 
     # ------------------------------------------------------------------ properties
@@ -461,6 +466,7 @@ class PostHocEMA:
             for fqn, start, values in part:
                 out[fqn][start : start + values.numel()] = values
         out = {k: v.view(self.layout.params[k][0]) for k, v in out.items()}
+        out.update({alias: out[name] for alias, name in self.ties.items()})
         if self.config.buffers == "copy":
             out.update({k: b.detach().cpu().clone() for k, b in self.layout.buffers.items()})
         return out
@@ -542,6 +548,9 @@ class PostHocEMA:
 
     @contextlib.contextmanager
     def _swapped_values(self, values: Sequence[torch.Tensor]) -> Iterator[None]:
+        # values are indexed like self.pieces; a refresh keeps the pieces' order (or raises)
+        if self._stale:  # the model loaded a checkpoint (maybe assign=True) since the views were listed
+            self.refresh_views()
         backups = []
         with torch.no_grad():
             for p, v in zip(self.pieces, values):
@@ -592,8 +601,30 @@ def _unwrap_module(obj: object) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) else obj  # type: ignore[return-value]
 
 
+def _tied_names(model_or_engine: object, layout: ShardLayout) -> dict[str, str]:
+    """{alias: tracked name} for parameters registered under several names (tied weights)."""
+    from dist_ema.sharding.replicated import clean_fqn
+
+    module = _unwrap_module(model_or_engine)
+    if not isinstance(module, torch.nn.Module):
+        return {}
+    first: dict[int, str] = {}
+    ties: dict[str, str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        name = clean_fqn(name)
+        if id(p) not in first:
+            first[id(p)] = name
+        elif first[id(p)] in layout.params and name not in layout.params:
+            ties[name] = first[id(p)]
+    return ties
+
+
 def _replicated_resync(model_or_engine: object, layout: ShardLayout):
-    """Engines whose working weights are full on every rank, while each rank owns a slice."""
+    """Engines whose working weights are full on every rank, while each rank owns a slice.
+
+    Only for layouts without ``after_load`` (one passed in by hand): the adapters set
+    ``after_load`` themselves, and re-create it with every ``refresh``.
+    """
     if layout.engine not in ("replicated", "zero1", "zero2") or layout.after_load is not None:
         return None
     from dist_ema.sharding.resync import make_replicated_resync

@@ -50,10 +50,18 @@ def clean_fqn(name: str) -> str:
 
 
 def unwrap_ddp(model: nn.Module) -> nn.Module:
-    """Return ``model.module`` for a ``DistributedDataParallel`` model, else ``model``."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
+    """The user's module inside ``DistributedDataParallel`` and ``torch.compile`` wrappers, in any order.
+
+    ``torch.compile(DDP(m))``, ``DDP(torch.compile(m))`` and ``DDP(m)`` all give ``m``, so
+    parameter names are the user's (no ``module.`` or ``_orig_mod.`` prefix).
+    """
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # torch.compile's wrapper
+        else:
+            return model
 
 
 def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
