@@ -143,7 +143,7 @@ def _open_store(args: argparse.Namespace):
     import os
 
     from dist_ema.store import open_store
-    from dist_ema.store.fs import StoreError, StoreIO
+    from dist_ema.store.fs import StoreError, StoreIO, StoreUnreachableError
     from dist_ema.store.layout import STORE_MARKER
     from dist_ema.synthesis import MARKER
 
@@ -160,6 +160,8 @@ def _open_store(args: argparse.Namespace):
                          f"store's folder{hint}")
     try:
         return open_store(url, opts)
+    except StoreUnreachableError:
+        raise  # nothing to look for there
     except StoreError:
         io = StoreIO(url, opts)
         if io.exists(f"zarr/{STORE_MARKER}"):  # a safetensors synthesis output: its store is one level down
@@ -305,19 +307,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
-    from dist_ema.store.fs import StoreError
+    # dist-ema's own lines at INFO (DEBUG with -v); other libraries' only from WARNING (e.g. not
+    # botocore's "Found credentials in environment variables")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from dist_ema.store.fs import UNREACHABLE, StoreError, classify, unreachable_message
 
     try:
         return int(args.func(args) or 0)
     except (ValueError, StoreError, FileExistsError, KeyError) as e:
         print(f"dist-ema {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a path that is not what it should be (a file for a folder, no permission, ...)
-        print(f"dist-ema {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if classify(e) == UNREACHABLE:  # e.g. from a zarr read, below dist-ema's retries
+            print(f"dist-ema {args.command}: error: {unreachable_message(e, args.command)}", file=sys.stderr)
+            return 2
+        if isinstance(e, OSError):  # a path that is not what it should be (a file for a folder, no permission)
+            print(f"dist-ema {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

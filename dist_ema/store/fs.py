@@ -9,15 +9,32 @@ permanent ones (permissions, missing bucket) are raised at once.
 
 from __future__ import annotations
 
+import errno
+import functools
+import http.client
 import logging
 import os
 import random
+import socket
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["StoreError", "StoreIO", "is_transient", "redact", "retry"]
+__all__ = [
+    "PERMANENT",
+    "TRANSIENT",
+    "UNREACHABLE",
+    "StoreError",
+    "StoreIO",
+    "StoreUnreachableError",
+    "classify",
+    "endpoint_of",
+    "is_transient",
+    "redact",
+    "retry",
+    "unreachable_message",
+]
 
 log = logging.getLogger("dist_ema")
 T = TypeVar("T")
@@ -42,33 +59,224 @@ def redact(options: dict | None) -> dict:
     return out
 
 
+# ------------------------------------------------------------------ retries, by type
+
+TRANSIENT = "transient"  # worth retrying with backoff: throttling, 5xx, timeouts, dropped connections
+UNREACHABLE = "unreachable"  # nothing answers at the endpoint (refused, no route, unknown host): fail fast
+PERMANENT = "permanent"  # retrying cannot help: raised at once
+
+# S3 (and S3-compatible) error codes that mean "try again"; any other code is permanent
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequests", "TooManyRequestsException", "RequestLimitExceeded",
+    "BandwidthLimitExceeded", "ProvisionedThroughputExceededException", "InternalError", "ServiceUnavailable",
+    "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "OperationAborted",
+})
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_TRANSIENT_ERRNOS = frozenset(getattr(errno, n) for n in (
+    "ECONNRESET", "ECONNABORTED", "ETIMEDOUT", "EPIPE", "EAGAIN", "EINTR", "EIO", "ENETRESET", "ENETDOWN", "EBUSY",
+) if hasattr(errno, n))
+_UNREACHABLE_ERRNOS = frozenset(getattr(errno, n) for n in (
+    "ECONNREFUSED", "EHOSTUNREACH", "ENETUNREACH", "EHOSTDOWN", "EADDRNOTAVAIL",
+) if hasattr(errno, n))
+_PERMANENT_TYPES = (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
+
+UNREACHABLE_ATTEMPTS = 3  # tries before an unreachable endpoint is reported (a refusal is immediate)
+
+
+@functools.lru_cache(maxsize=1)
+def _net_types() -> dict[str, tuple[type, ...]]:
+    """Exception types of the S3 stack (botocore, aiohttp), when installed."""
+    out: dict[str, tuple[type, ...]] = {"client_error": (), "unreachable": (), "transient": (), "permanent": (),
+                                        "connector": (), "aio_transient": (), "aio_permanent": (),
+                                        "aio_response": ()}
+    try:
+        import botocore.exceptions as b
+
+        out["client_error"] = (b.ClientError,)
+        # ConnectTimeoutError subclasses botocore's ConnectionError: "transient" is checked first
+        from botocore.parsers import ResponseParserError  # throttling answers with broken XML (see s3fs)
+
+        out["transient"] = (b.ConnectTimeoutError, b.ReadTimeoutError, b.HTTPClientError, ResponseParserError)
+        out["unreachable"] = (b.EndpointConnectionError, b.ProxyConnectionError)
+        out["permanent"] = (b.SSLError, b.NoCredentialsError, b.PartialCredentialsError, b.ParamValidationError,
+                            b.NoRegionError)
+    except ImportError:  # pragma: no cover - local-only installs
+        pass
+    try:
+        import aiohttp
+
+        out["aio_permanent"] = tuple(t for t in (getattr(aiohttp, "ClientSSLError", None),
+                                                 getattr(aiohttp, "InvalidURL", None)) if t)
+        out["connector"] = (aiohttp.ClientConnectorError,)
+        out["aio_transient"] = (aiohttp.ServerDisconnectedError, aiohttp.ServerTimeoutError,
+                                aiohttp.ClientPayloadError, aiohttp.ClientOSError)
+        out["aio_response"] = (aiohttp.ClientResponseError,)
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """e and the exceptions it was raised from (explicit cause, else the implicit context)."""
+    out: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and len(out) < 8 and all(cur is not x for x in out):
+        out.append(cur)
+        cur = cur.__cause__ if cur.__cause__ is not None else (None if cur.__suppress_context__ else cur.__context__)
+    return out
+
+
+def _by_response(e: BaseException) -> str | None:
+    """Classify an HTTP-level error by its S3 error code and status; None if e carries no response."""
+    t = _net_types()
+    if t["client_error"] and isinstance(e, t["client_error"]):
+        resp = getattr(e, "response", None) or {}
+        code = str((resp.get("Error") or {}).get("Code", ""))
+        status = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        try:
+            status = int(status) if status is not None else (int(code) if code.isdigit() else None)
+        except (TypeError, ValueError):
+            status = None
+        return TRANSIENT if code in _TRANSIENT_CODES or status in _TRANSIENT_STATUS else PERMANENT
+    if t["aio_response"] and isinstance(e, t["aio_response"]):
+        return TRANSIENT if getattr(e, "status", None) in _TRANSIENT_STATUS else PERMANENT
+    return None
+
+
+def _by_type(e: BaseException) -> str | None:
+    """Classify by exception type and errno; None when the type says nothing (look further down the chain)."""
+    if isinstance(e, (StoreError, *_PERMANENT_TYPES)):
+        return PERMANENT  # a StoreError was already retried, or is not about I/O
+    t = _net_types()
+    if t["permanent"] and isinstance(e, t["permanent"]):
+        return PERMANENT
+    if t["transient"] and isinstance(e, t["transient"]):
+        return TRANSIENT
+    if t["unreachable"] and isinstance(e, t["unreachable"]):
+        return UNREACHABLE
+    if t["aio_permanent"] and isinstance(e, t["aio_permanent"]):
+        return PERMANENT
+    if t["connector"] and isinstance(e, t["connector"]):
+        inner = getattr(e, "os_error", None)
+        if isinstance(inner, socket.gaierror) or (inner is not None and inner.errno in _UNREACHABLE_ERRNOS):
+            return UNREACHABLE
+        return TRANSIENT
+    if t["aio_transient"] and isinstance(e, t["aio_transient"]):
+        return TRANSIENT
+    if isinstance(e, socket.gaierror):
+        return UNREACHABLE  # host name not found
+    if isinstance(e, ConnectionRefusedError):
+        return UNREACHABLE
+    if isinstance(e, (TimeoutError, ConnectionError, http.client.IncompleteRead)):
+        return TRANSIENT
+    if isinstance(e, OSError) and e.errno is not None:
+        if e.errno in _UNREACHABLE_ERRNOS:
+            return UNREACHABLE
+        return TRANSIENT if e.errno in _TRANSIENT_ERRNOS else PERMANENT
+    return None
+
+
+def classify(e: BaseException) -> str:
+    """TRANSIENT, UNREACHABLE or PERMANENT, by exception type, HTTP status / S3 error code and errno.
+
+    The message text is never looked at (a permanent error about a key such as
+    ``step-000000005000`` is not a 500). An S3 response anywhere in the chain decides
+    (s3fs raises ``OSError(EIO)`` *from* the ClientError it could not map); otherwise the
+    first exception in the chain whose type says something. Anything else is permanent.
+    """
+    chain = _chain(e)
+    for x in chain:
+        kind = _by_response(x)
+        if kind is not None:
+            return kind
+    for x in chain:
+        kind = _by_type(x)
+        if kind is not None:
+            return kind
+    return PERMANENT
+
+
 def is_transient(e: BaseException) -> bool:
-    """True for errors worth retrying: timeouts, connection resets, throttling, 5xx."""
-    if isinstance(e, (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
-        return False
-    if isinstance(e, (TimeoutError, ConnectionError)):
-        return True
-    name = type(e).__name__
-    text = str(e)
-    transient_words = ("Timeout", "timed out", "Connection", "SlowDown", "Throttl", "503", "500", "502", "504",
-                       "ServiceUnavailable", "InternalError", "RequestTimeTooSkewed", "EndpointConnectionError",
-                       "ServerDisconnected", "ClientOSError", "IncompleteRead", "Reset")
-    if any(w in name or w in text for w in transient_words):
-        return True
-    return isinstance(e, OSError) and e.errno in (None, 5, 104, 110, 111, 112, 113)  # EIO, resets, timeouts
+    """True for errors worth retrying: throttling, 5xx, timeouts, dropped or refused connections."""
+    return classify(e) != PERMANENT
+
+
+class StoreUnreachableError(StoreError, ConnectionError):
+    """Nothing answers at the store's endpoint (connection refused, no route, unknown host)."""
+
+
+def endpoint_of(e: BaseException) -> str | None:
+    """scheme://host:port of the endpoint an exception (or its cause) failed to reach, if it says."""
+    from urllib.parse import urlsplit
+
+    for x in _chain(e):
+        url = (getattr(x, "kwargs", None) or {}).get("endpoint_url") if hasattr(x, "kwargs") else None
+        if isinstance(url, str) and url:
+            parts = urlsplit(url)
+            return f"{parts.scheme}://{parts.netloc}" if parts.netloc else url
+        host, port = getattr(x, "host", None), getattr(x, "port", None)
+        if isinstance(host, str) and host:
+            return f"{host}:{port}" if port else host
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    for x in _chain(e):
+        if isinstance(x, socket.gaierror):
+            return "host name not found"
+        os_error = getattr(x, "os_error", None)
+        if isinstance(os_error, socket.gaierror):
+            return "host name not found"
+        for err in (x, os_error):
+            if isinstance(err, OSError) and err.errno in _UNREACHABLE_ERRNOS:
+                return {errno.ECONNREFUSED: "connection refused"}.get(err.errno, os.strerror(err.errno).lower())
+    return f"{type(e).__name__}: {_short(e)}"
+
+
+def _short(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def unreachable_message(e: BaseException, what: str, attempts: int | None = None) -> str:
+    """One line: which endpoint could not be reached, for what, and where the endpoint comes from."""
+    where = endpoint_of(e)
+    tries = f" after {attempts} attempt(s)" if attempts else ""
+    target = f"the storage endpoint {where}" if where else "the storage endpoint"
+    return (f"cannot reach {target} ({_reason(e)}{tries}; {what}); check that the server is running and the "
+            f"endpoint: FSSPEC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, or endpoint_url in storage_options")
+
+
+def _retry_level() -> int:
+    """Retry lines at WARNING on rank 0 (and in a single process), DEBUG on the other ranks."""
+    return logging.WARNING if os.environ.get("RANK", "0") in ("", "0") else logging.DEBUG
 
 
 def retry(fn: Callable[[], T], what: str, attempts: int = 6, base_delay: float = 0.2, max_delay: float = 10.0) -> T:
-    """Call fn, retrying transient errors with jittered exponential backoff."""
+    """Call fn, retrying what :func:`classify` calls transient with jittered exponential backoff.
+
+    Each retry is one log line (WARNING on rank 0, DEBUG elsewhere). An unreachable endpoint
+    gets at most ``UNREACHABLE_ATTEMPTS`` short tries, then a :class:`StoreUnreachableError`
+    (a StoreError and a ConnectionError) naming the endpoint. Permanent errors are raised at once.
+    """
     for i in range(attempts):
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - classified below
-            if i == attempts - 1 or not is_transient(e):
+            kind = classify(e)
+            limit = {TRANSIENT: attempts, UNREACHABLE: min(attempts, UNREACHABLE_ATTEMPTS)}.get(kind, 1)
+            if i + 1 >= limit:
+                if kind == UNREACHABLE:
+                    raise StoreUnreachableError(unreachable_message(e, what, i + 1)) from e
                 raise
-            delay = min(max_delay, base_delay * 2**i) * (0.5 + random.random())
-            log.warning("dist-ema: %s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e, i + 1,
-                        attempts - 1, delay)
+            if kind == UNREACHABLE:
+                delay = min(1.0, 0.25 * 2**i)
+                why = f"cannot connect to {endpoint_of(e) or 'the endpoint'} ({_reason(e)})"
+            else:
+                delay = min(max_delay, base_delay * 2**i) * (0.5 + random.random())
+                why = f"failed ({type(e).__name__}: {_short(e)})"
+            log.log(_retry_level(), "dist-ema: %s %s; attempt %d/%d, retry in %.1fs", what, why, i + 1, limit, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -89,6 +297,20 @@ def _s3_env_endpoint(opts: dict) -> None:
     url = os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
     if url:
         opts["endpoint_url"] = url
+
+
+def _s3_botocore_retries(opts: dict, total_attempts: int) -> bool:
+    """Set botocore's own (silent) retries to ``total_attempts`` unless the user configured them.
+
+    botocore's default ("legacy", 5 attempts with up to 8 s sleeps) made an unreachable endpoint
+    cost ~10 s per attempt with no output; :func:`retry` retries (and says so) instead.
+    """
+    ck = dict(opts.get("config_kwargs") or {})
+    if "retries" in ck or os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE"):
+        return False
+    ck["retries"] = {"mode": "standard", "total_max_attempts": total_attempts}
+    opts["config_kwargs"] = ck
+    return True
 
 
 class StoreIO:
@@ -136,10 +358,15 @@ class StoreIO:
             # one GET per object instead of HEAD + GET (zarr reads whole objects)
             opts.setdefault("max_concurrency", 1)
             _s3_env_endpoint(opts)
+            # every call on this filesystem goes through retry(): no hidden retries below it
+            quiet = _s3_botocore_retries(opts, 1)
         try:
-            return fsspec.filesystem(self.protocol, **opts)
+            fs = fsspec.filesystem(self.protocol, **opts)
         except (ImportError, ValueError) as e:
             raise ImportError(f"no fsspec backend for {self.protocol}:// ({e}); install the matching package") from e
+        if self.protocol == "s3" and quiet:
+            fs.retries = 1  # s3fs's own loop (timeouts, SlowDown): retry() does it, one log line per attempt
+        return fs
 
     def __repr__(self) -> str:
         return f"StoreIO({self.url!r}, storage_options={redact(self.storage_options)!r})"
@@ -162,6 +389,8 @@ class StoreIO:
                 if self.protocol == "s3":
                     opts.setdefault("max_concurrency", 1)
                     _s3_env_endpoint(opts)
+                    # zarr's reads are not all wrapped in retry(): a few quick botocore retries stay here
+                    _s3_botocore_retries(opts, 3)
                 self._zarr_store = zs.FsspecStore.from_url(f"{self.protocol}://{self.root}", storage_options=opts)
         return self._zarr_store
 
