@@ -10,14 +10,16 @@
 # Output: <out>/sigma_rel-<s>/model.safetensors per target (loadable with safetensors.torch.load_file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the project's .venv (launch/setup_env.sh makes it), unless another environment is active
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 NPROC_PER_NODE=${NPROC_PER_NODE:-2}
 NNODES=${NNODES:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if [ "$NNODES" -gt 1 ]; then
   : "${MASTER_ADDR:?set MASTER_ADDR (host of the rendezvous) for a multi-node synthesis}"
   MASTER_PORT=${MASTER_PORT:-29501}
-  exec ${TORCHRUN:-torchrun} --nnodes "$NNODES" --node-rank "${NODE_RANK:-0}" --nproc-per-node "$NPROC_PER_NODE" \
+  exec ${TORCHRUN:-python launch/run_torchrun.py} --nnodes "$NNODES" --node-rank "${NODE_RANK:-0}" --nproc-per-node "$NPROC_PER_NODE" \
     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-dist-ema-synth-$MASTER_PORT}" \
     -m dist_ema synthesize "$@"
 fi
-exec ${TORCHRUN:-torchrun} --standalone --nproc-per-node "$NPROC_PER_NODE" -m dist_ema synthesize "$@"
+exec ${TORCHRUN:-python launch/run_torchrun.py} --standalone --nproc-per-node "$NPROC_PER_NODE" -m dist_ema synthesize "$@"

@@ -8,6 +8,8 @@
 # --standalone: a private rendezvous on a free local port, so several runs can share a machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the project's .venv (launch/setup_env.sh makes it), unless another environment is active
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 NPROC_PER_NODE=${NPROC_PER_NODE:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec ${TORCHRUN:-torchrun} --standalone --nproc-per-node "$NPROC_PER_NODE" launch/train.py "$@"
+exec ${TORCHRUN:-python launch/run_torchrun.py} --standalone --nproc-per-node "$NPROC_PER_NODE" launch/train.py "$@"

@@ -42,13 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_ema import PostHocEMA  # dist-ema
-from dist_ema.config import add_config_arguments, config_from_args, load_toml  # dist-ema
+from dist_ema.config import add_config_arguments, apply_overrides, config_from_args, load_toml  # dist-ema
 
 log = logging.getLogger("dist_ema")
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINES = ("fsdp2", "fsdp1", "ddp", "zero1", "zero2", "zero3")
 HELD_OUT = 360  # digits kept out of training (of 1797), the same for every run
+DEFAULT_SNAPSHOTS = 20  # snapshots over a run when --snapshot-every is not given (see `dist-ema error`)
 TRAIN_DEFAULTS: dict[str, Any] = {  # [train] table keys and their defaults
     "engine": "fsdp2",  # one of ENGINES
     "steps": 500,  # optimizer steps in total (a resumed run continues up to this)
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # deepspeed's own flag: accepted
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                    help="set by the deepspeed launcher / torch.distributed.launch (LOCAL_RANK wins when set)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error on every rank (default: one line, from rank 0)")
     add_config_arguments(p)  # dist-ema: --config, --store, --sigma-rels, --snapshot-every, ...
     return p
 
@@ -363,6 +366,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     s = train_settings(args)
     ema_cfg = config_from_args(args)  # dist-ema: [dist_ema] table of --config, flags override
+    if ema_cfg.store is not None and ema_cfg.snapshot_every is None:
+        # dist-ema: without a schedule a run would write one snapshot (at the end), from which no other
+        # sigma_rel can be reconstructed: default to DEFAULT_SNAPSHOTS spread over the run
+        every = max(1, s.steps // (DEFAULT_SNAPSHOTS * ema_cfg.update_every))
+        ema_cfg = apply_overrides(ema_cfg, {"snapshot_every": every})
+        n = s.steps // (every * ema_cfg.update_every)
+        default_schedule = (f"dist-ema: no snapshot_every given: a snapshot every {every} EMA update(s), {n} over "
+                            f"{s.steps} steps; plan yours with `dist-ema error` and pass --snapshot-every")
+    else:
+        default_schedule = None
     ema_kwargs = ema_cfg.ema_kwargs()  # dist-ema: validated before any process starts talking
     if args.resume and not args.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir (the model/optimizer checkpoint of the previous run)")
@@ -370,12 +383,15 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--resume needs a snapshot store (--store or [dist_ema] store) to resume the EMA from")
 
     rank, world, device = init_distributed(args.device, args.local_rank)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+    # this script's and dist-ema's lines from rank 0 (warnings from every rank); other libraries' from WARNING
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     log.info("train: engine=%s ranks=%d device=%s steps=%d lr=%g batch=%dx%d", s.engine, world, device, s.steps,
              s.lr, world, s.batch_size)
     log.info("dist-ema: %s", ema_cfg.describe())
+    if default_schedule:
+        log.info(default_schedule)
 
     x_train, y_train = (t.to(device) for t in load_digits_split("train"))
     x_held, y_held = (t.to(device) for t in load_digits_split("heldout"))
@@ -442,6 +458,55 @@ def _summary(s: TrainSettings, world: int, device: torch.device, start: int, sec
         log.warning("train: non-finite held-out loss; lower --lr")
 
 
+# library wording -> this script's flags, in one-line error messages
+_SCRIPT_WORDS = (("pass resume=True", "pass --resume"), ("resume=True", "--resume"),
+                 ('on_error="warn"', "--on-error warn"), ('when_behind="skip"', "--when-behind skip"))
+GRACE_S = 5.0  # a rank other than 0 waits this long before reporting an error itself (rank 0 usually does)
+
+
+def user_error(e: BaseException) -> bool:
+    """An error the user can fix from the command line (a setting, the store, the endpoint): no traceback."""
+    from dist_ema.sharding.base import UnsupportedEngineError
+    from dist_ema.store.fs import UNREACHABLE, StoreError, classify
+
+    fixable = (ValueError, StoreError, UnsupportedEngineError, FileExistsError)
+    return isinstance(e, fixable) or classify(e) == UNREACHABLE
+
+
+def error_line(e: BaseException) -> str:
+    """The one line printed for a user error, phrased for this script."""
+    from dist_ema.store.fs import UNREACHABLE, StoreError, classify, unreachable_message
+
+    if not isinstance(e, (ValueError, StoreError)) and classify(e) == UNREACHABLE:
+        text = unreachable_message(e, "the snapshot store")
+    else:
+        text = str(e)
+    text = " ".join(text.split())
+    for lib, script in _SCRIPT_WORDS:
+        text = text.replace(lib, script)
+    return f"train.py: error: {text}"
+
+
+def report_and_exit_code(e: BaseException, debug: bool) -> int:
+    """Print a failure the launcher way: one line from rank 0 for user errors, tracebacks with --debug.
+
+    Every rank of the job usually raises the same error (dist-ema raises store errors on every
+    rank). Rank 0 prints it; the other ranks wait GRACE_S first: the launcher stops them when rank
+    0 exits, so the job prints one line. A rank that fails alone still prints its line after the wait.
+    """
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if debug or not user_error(e):
+        traceback.print_exc()
+        return 2 if user_error(e) else 1
+    if rank != 0:
+        sys.stderr.flush()
+        time.sleep(GRACE_S)
+        print(f"{error_line(e)} (rank {rank})", file=sys.stderr)
+    else:
+        print(error_line(e), file=sys.stderr)
+    return 2
+
+
 if __name__ == "__main__":
     code = 1
     try:
@@ -451,9 +516,8 @@ if __name__ == "__main__":
             dist.destroy_process_group()
     except SystemExit as e:  # argparse --help / usage errors
         code = e.code if isinstance(e.code, int) else 1
-    except ValueError as e:  # a setting the user can fix: no traceback
-        print(f"train.py: error: {e}", file=sys.stderr)
-        code = 2
+    except Exception as e:  # noqa: BLE001 - reported in one line (user errors) or with its traceback
+        code = report_and_exit_code(e, "--debug" in sys.argv[1:])
     except BaseException:
         traceback.print_exc()
         code = 1

@@ -58,7 +58,7 @@ def _tail(text: str | bytes | None) -> str:
 
 
 def launch_many(cmds: list[tuple[list[str], dict[str, str] | None]], timeout: float = 240,
-                expect_rc: int = 0) -> list[str]:
+                expect_rc: int | list[int] = 0) -> list[str]:
     """Start every command at once (each in its own process group), wait for all; return their outputs."""
     procs = [subprocess.Popen(cmd, cwd=str(ROOT), env=base_env(env), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, start_new_session=True) for cmd, env in cmds]
@@ -76,11 +76,12 @@ def launch_many(cmds: list[tuple[list[str], dict[str, str] | None]], timeout: fl
             out, _ = p.communicate()
         outs.append(out)
     texts = [o.decode(errors="replace") for o in outs]
-    bad = [i for i, p in enumerate(procs) if timed_out or p.returncode != expect_rc]
+    want = expect_rc if isinstance(expect_rc, list) else [expect_rc] * len(procs)
+    bad = [i for i, p in enumerate(procs) if timed_out or p.returncode != want[i]]
     if bad:
         why = f"timed out after {timeout:.0f} s" if timed_out else "unexpected exit code"
         report = "\n".join(
-            f"----- $ {shlex.join(cmds[i][0])}  (exit {procs[i].returncode}, expected {expect_rc})\n{_tail(texts[i])}"
+            f"----- $ {shlex.join(cmds[i][0])}  (exit {procs[i].returncode}, expected {want[i]})\n{_tail(texts[i])}"
             for i in bad)
         pytest.fail(f"{why}\n{report}", pytrace=False)
     return texts
@@ -316,3 +317,116 @@ def test_launch_scripts_parse_and_document_themselves() -> None:
     for stage in (1, 2, 3):  # the JSON configs train.py reads for --engine zero<stage>
         cfg = json.loads((ROOT / "configs" / f"ds_zero{stage}.json").read_text())
         assert cfg["zero_optimization"]["stage"] == stage
+
+
+# ------------------------------------------------------------------------------ the newcomer's path (issue 16)
+
+
+def _refused_port() -> int:
+    return free_port()  # bound once and closed: nothing listens there
+
+
+def test_common_mistakes_are_one_line_per_job(runs_root: Path, tmp_path: Path, s3_env) -> None:
+    """Real torchrun jobs (2 ranks): a store that holds snapshots (the recipe table's row 2 reusing row 1's
+    store), a missing bucket and an unreachable endpoint each print one error line from rank 0, phrased for
+    the script, exit 2, no traceback and no ChildFailedError report; meanwhile, a run with a store and no
+    snapshot schedule gets a default one that synthesis can use."""
+    env, bucket = s3_env
+    used = train_run("ddp", runs_root)["store"]
+    before = steps_of(used)
+    port = _refused_port()
+    default_store = str(tmp_path / "default" / "snapshots")
+    base = ["bash", "launch/torchrun.sh", "--engine", "ddp", "--steps", "40", "--log-every", "40"]
+    outs = launch_many([
+        (base + ["--store", used], None),
+        (base + ["--store", f"s3://no-such-bucket-{bucket}/exp1/snapshots"], env),
+        (base + ["--store", "s3://my-bucket/exp1/snapshots"],
+         {**env, "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}),
+        (base + ["--store", default_store], None),
+    ], timeout=400, expect_rc=[2, 2, 2, 0])
+    for out, needles in zip(outs[:3], [("already holds", "--resume", used),
+                                       (f"no-such-bucket-{bucket}",),
+                                       (f"http://127.0.0.1:{port}", "connection refused", "FSSPEC_S3_ENDPOINT_URL")]):
+        errors = [ln for ln in out.splitlines() if "error:" in ln.lower() or "Error" in ln]
+        assert len(errors) == 1 and errors[0].startswith("train.py: error: "), out
+        assert all(n in errors[0] for n in needles), (needles, errors[0])
+        assert "Traceback" not in out and "ChildFailedError" not in out and "resume=True" not in out, out
+        assert len(out.splitlines()) <= 8, out
+    retries = [ln for ln in outs[2].splitlines() if "retry in" in ln and "127.0.0.1" in ln]
+    assert 1 <= len(retries) <= 2 and all("[rank 0]" in ln for ln in retries), outs[2]
+    assert steps_of(used) == before  # nothing written to the refused store
+    print("\n".join(outs[:3]))  # the messages, for the record (pytest -s)
+
+    # no --snapshot-every, no --config: a default schedule (20 snapshots), said at start with `dist-ema error`
+    assert "no snapshot_every given" in outs[3] and "dist-ema error" in outs[3]
+    assert steps_of(default_store) == list(range(2, 41, 2))
+    res = synthesize(default_store, sigma_rels=[0.15, 0.2], out=str(tmp_path / "synth"), progress=False)
+    assert all(x["error"] < 0.05 for x in res.targets), res.targets
+
+
+def test_train_debug_shows_tracebacks_and_other_ranks_wait(monkeypatch, capsys) -> None:
+    """Rank 0 prints the one line at once; another rank waits first (the launcher stops it when rank 0 exits);
+    --debug prints the traceback instead."""
+    sys.path.insert(0, str(LAUNCH))
+    import train
+
+    from dist_ema.store.fs import StoreError
+
+    slept: list[float] = []
+    monkeypatch.setattr(train.time, "sleep", slept.append)
+
+    def fail() -> int:
+        try:
+            raise StoreError("runs/x already holds 2 committed snapshot(s); pass resume=True to continue that run")
+        except StoreError as e:
+            monkeypatch.setenv("RANK", rank)
+            return train.report_and_exit_code(e, debug)
+
+    for rank, debug in (("0", False), ("1", False), ("0", True)):
+        code = fail()
+        err = capsys.readouterr().err
+        assert code == 2
+        if debug:
+            assert "Traceback" in err and "StoreError" in err
+        else:
+            assert err.count("\n") == 1 and "pass --resume to continue" in err and "resume=True" not in err
+            assert ("(rank 1)" in err) == (rank == "1")
+    assert slept == [train.GRACE_S]
+    parser = train.build_parser()
+    assert parser.parse_args(["--debug"]).debug
+
+
+def test_deepspeed_hostfile_decides_ranks_per_node() -> None:
+    """With a hostfile the launcher gets no --num_gpus (its slots decide) unless NUM_GPUS caps them."""
+    def argv(env: dict[str, str]) -> list[str]:
+        out = launch(["bash", "launch/deepspeed.sh", "--store", "s3://b/x"], env={"DEEPSPEED": "echo", **env},
+                     timeout=60)
+        return out.split()
+
+    multi = {"HOSTFILE": "launch/hostfile.example", "MASTER_ADDR": "node-0"}
+    got = argv(multi)
+    assert "--num_gpus" not in got and got[got.index("--hostfile") + 1] == "launch/hostfile.example"
+    got = argv({**multi, "NUM_GPUS": "4"})
+    assert got[got.index("--num_gpus") + 1] == "4"
+    got = argv({})
+    assert got[got.index("--num_gpus") + 1] == "2" and "--hostfile" not in got
+
+
+def test_launch_scripts_find_the_venv(tmp_path: Path) -> None:
+    """Without an active environment, every launcher uses the checkout's .venv when there is one."""
+    (tmp_path / "launch").mkdir()
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "activate").write_text(f'export PATH="{bin_dir}:$PATH" VIRTUAL_ENV="{tmp_path / ".venv"}"\n')
+    for tool in ("python", "deepspeed"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "venv {tool} $*"\n')
+        (bin_dir / tool).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env.update(PATH="/usr/bin:/bin", NNODES="2", MASTER_ADDR="127.0.0.1")
+    for name in ("torchrun.sh", "torchrun_multinode.sh", "synthesize.sh", "deepspeed.sh"):
+        script = tmp_path / "launch" / name
+        script.write_text((LAUNCH / name).read_text())
+        r = subprocess.run(["bash", str(script), "--store", "x"], capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 0 and r.stdout.startswith("venv "), (name, r.stdout, r.stderr)
+        if name != "deepspeed.sh":
+            assert "launch/run_torchrun.py" in r.stdout, r.stdout

@@ -276,7 +276,7 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 6, base_delay: float =
             else:
                 delay = min(max_delay, base_delay * 2**i) * (0.5 + random.random())
                 why = f"failed ({type(e).__name__}: {_short(e)})"
-            log.log(_retry_level(), "dist-ema: %s %s; attempt %d/%d, retry in %.1fs", what, why, i + 1, limit, delay)
+            log.log(_retry_level(), "dist-ema: %s: %s; attempt %d/%d, retry in %.1fs", what, why, i + 1, limit, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
 
