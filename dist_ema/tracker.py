@@ -48,6 +48,12 @@ class EMAConfig:
             equals the parameter; tracking them keeps synthesized state dicts complete).
         buffers: "copy" stores each buffer's current value with every snapshot and in
             full state dicts; "ignore" leaves buffers out.
+        update_impl: how update() runs. "auto" (default): each source read once for all
+            profiles where that helps: small tensors staged into one flat buffer (one copy
+            call, then one flat update per profile), runs of >= 64Ki elements through one
+            torch.compile'd kernel for all profiles (compiled once per process; if compile
+            is unavailable or fails it is logged once and foreach is used). "fused": also
+            compile the small runs. "foreach": one ``torch._foreach_lerp_`` per profile.
     """
 
     sigma_rels: tuple[float, ...] | None = None
@@ -56,6 +62,7 @@ class EMAConfig:
     batch_size: int | None = None
     include_frozen: bool = True
     buffers: str = "copy"
+    update_impl: str = "auto"
 
     def __post_init__(self) -> None:
         if self.sigma_rels is None and self.gammas is None:
@@ -73,6 +80,8 @@ class EMAConfig:
             )
         if self.buffers not in ("copy", "ignore"):
             raise ValueError(f"buffers must be 'copy' or 'ignore'; got {self.buffers!r}")
+        if self.update_impl not in ("auto", "fused", "foreach"):
+            raise ValueError(f"update_impl must be 'auto', 'fused' or 'foreach'; got {self.update_impl!r}")
 
     @property
     def unit(self) -> str:
@@ -102,7 +111,7 @@ class PostHocEMA:
     collective check that the shards cover every parameter exactly once).
 
     Args:
-        sigma_rels / gammas / update_every / batch_size / include_frozen / buffers: what to
+        sigma_rels / gammas / update_every / batch_size / include_frozen / buffers / update_impl: what to
             track, see :class:`EMAConfig` (defaults: sigma_rels (0.05, 0.10), every step, time
             in steps, frozen parameters tracked, buffers copied into snapshots).
         store: snapshot store URL (local path, ``file://``, ``s3://bucket/prefix``, any fsspec
@@ -124,6 +133,7 @@ class PostHocEMA:
         batch_size: int | None = None,
         include_frozen: bool = True,
         buffers: str = "copy",
+        update_impl: str = "auto",
         store: str | None = None,
         snapshot_every: int | None = None,
         storage_options: dict | None = None,
@@ -144,6 +154,7 @@ class PostHocEMA:
             batch_size=batch_size,
             include_frozen=include_frozen,
             buffers=buffers,
+            update_impl=update_impl,
         )
         self.store_config = None
         if store is not None:
@@ -196,9 +207,8 @@ class PostHocEMA:
     # ------------------------------------------------------------------ layout
 
     def _set_pieces(self, pieces: Sequence[ShardPiece]) -> None:
-        # owned pieces first: a snapshot writes one contiguous prefix of each flat buffer
-        order = sorted(range(len(pieces)), key=lambda i: not pieces[i].owner)
-        self.pieces: list[ShardPiece] = [pieces[i] for i in order]
+        self.pieces: list[ShardPiece] = [pieces[i] for i in _piece_order(pieces)]
+        self._update_plan = None  # built at the next update, over these sources
         devices = {p.source.device for p in self.pieces}
         if len(devices) > 1:
             raise ValueError(
@@ -237,7 +247,7 @@ class PostHocEMA:
             return
         new = self.layout.refresh()
         old_keys = [(p.fqn, p.flat_start, p.numel, p.owner) for p in self.pieces]
-        order = sorted(range(len(new.pieces)), key=lambda i: not new.pieces[i].owner)
+        order = _piece_order(new.pieces)
         new_keys = [(new.pieces[i].fqn, new.pieces[i].flat_start, new.pieces[i].numel, new.pieces[i].owner)
                     for i in order]
         if old_keys != new_keys:
@@ -368,10 +378,23 @@ class PostHocEMA:
             self.snapshots.abandon()
 
     def _apply(self, t: float, t_delta: float) -> None:
+        weights = [1.0 - phema.power_beta(prof.gamma, t, t_delta) for prof in self.profiles]  # host floats: no sync
+        if self.config.update_impl != "foreach" and self.pieces:
+            if self._update_plan is None:
+                from dist_ema.kernels import DEFAULT_MIN_NUMEL, FusedUpdate
+
+                fused = self.config.update_impl == "fused"
+                self._update_plan = FusedUpdate([prof.views for prof in self.profiles],
+                                                [p.source for p in self.pieces],
+                                                min_numel=1 if fused else DEFAULT_MIN_NUMEL)
+            self._update_plan(weights)
+            return
+        self._apply_foreach(weights)
+
+    def _apply_foreach(self, weights: Sequence[float]) -> None:
         src = [self.pieces[i].source for i in self._fp32]
         src_other = [self.pieces[i].source.float() for i in self._other]  # allocates: non-fp32 sources only
-        for prof in self.profiles:
-            w = 1.0 - phema.power_beta(prof.gamma, t, t_delta)  # host float: no sync
+        for prof, w in zip(self.profiles, weights):
             if src:
                 torch._foreach_lerp_([prof.views[i] for i in self._fp32], src, w)
             if src_other:
@@ -380,25 +403,107 @@ class PostHocEMA:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        """Resumable state, safe to save with torch.distributed.checkpoint (DCP) or torch.save.
+        """Resumable state; the EMA reshards like the model's state under torch.distributed.checkpoint.
 
-        ``{"dist_ema": {step, t, ...}, "dist_ema_rank<r>": {"pieces": ..., "p0": flat, ...}}``:
-        the scalars are the same on every rank; each rank's EMA buffers live under a key of
-        its own, so DCP saves every rank's data (a key shared by all ranks would be treated
-        as replicated and saved once). Loading needs the same sharding; to resume at another
-        world size, resume from the snapshot store, which reshards.
+        ``PostHocEMA`` follows DCP's ``Stateful`` protocol, so it goes into a DCP state dict as
+        it is, next to the model and optimizer; DCP calls this method, loads the saved values
+        in place (at any world size) and then calls :meth:`load_state_dict`::
 
-        Example (DCP):
-            >>> sd = {"model": model.state_dict(), "ema": ema.state_dict()}
-            >>> dcp.save(sd, checkpoint_id=path)
-            >>> ...; sd = {"model": model.state_dict(), "ema": ema.state_dict()}
-            >>> dcp.load(sd, checkpoint_id=path); ema.load_state_dict(sd["ema"])
+            >>> dcp.save({"model": model_sd, "optim": optim_sd, "ema": ema}, checkpoint_id=path)
+            >>> dcp.load({"model": model_sd, "optim": optim_sd, "ema": ema}, checkpoint_id=path)
+
+        Layout (format ``dist_ema.tracker/3``): ``{"dist_ema": {step, t, ...},
+        "sigma_rel_<s>": {fqn: tensor, ...}, ...}``, one entry per tracked profile keyed by the
+        model's parameter names, each tensor with the parameter's global shape: under FSDP2 a
+        ``DTensor`` with the parameter's mesh and placements around this rank's EMA shard;
+        under the other engines a tensor that lists this rank's flat ranges of the parameter
+        as rectangular chunks for DCP. Both reshard through DCP (another world size, another
+        engine). The tensors are views of the live EMA buffers: nothing is copied or gathered.
+
+        ``torch.save(ema.state_dict())`` per rank works too (reloaded at the same sharding).
+        """
+        header = {
+            "format": _FORMAT,
+            "step": self.step,
+            "t": self.t,
+            "t_updated": self._t_updated,
+            "updates": self.updates,
+            "skipped_steps": self.skipped_steps,
+            "unit": self.config.unit,
+            "gammas": list(self.gammas),
+            "sigma_rels": list(self.sigma_rels),
+            "engine": self.layout.engine,
+        }
+        out: dict = {"dist_ema": header}
+        if self.layout.engine == "fsdp2":
+            make = self._dtensor_entries()
+        else:
+            make = self._flat_entries
+        by = self._pieces_by_fqn()
+        for prof in self.profiles:
+            # torch.save writes each entry as plain flat ranges (DTensors of views do not pickle)
+            plain = {fqn: ([[self.pieces[i].flat_start, self.pieces[i].numel] for i in idx],
+                           [prof.views[i] for i in idx]) for fqn, idx in by.items()}
+            out[_profile_key(prof.sigma_rel)] = _ProfileState(make(prof), plain)
+        return out
+
+    def _pieces_by_fqn(self) -> dict[str, list[int]]:
+        by: dict[str, list[int]] = {}
+        for i, p in enumerate(self.pieces):
+            by.setdefault(p.fqn, []).append(i)
+        return by
+
+    def _flat_entries(self, prof: _Profile) -> dict[str, torch.Tensor]:
+        out = {}
+        for fqn, idx in self._pieces_by_fqn().items():
+            shape = self.layout.params[fqn][0]
+            out[fqn] = _FlatShards(shape, [(self.pieces[i].flat_start, prof.views[i]) for i in idx])
+        return out
+
+    def _dtensor_entries(self):
+        from torch.distributed.tensor import DTensor
+
+        from dist_ema.sharding.replicated import clean_fqn
+
+        module = _unwrap_module(self.model)
+        live = {}
+        for name, p in module.named_parameters():
+            name = clean_fqn(name)
+            if name in self.layout.params and isinstance(p, DTensor):
+                live[name] = p
+        missing = sorted(set(self.layout.params) - set(live))
+        if missing:
+            raise ValueError(f"state_dict(): the FSDP2 parameters {missing[:3]} are no longer DTensors of the model")
+        by = self._pieces_by_fqn()
+
+        def make(prof: _Profile) -> dict[str, torch.Tensor]:
+            out = {}
+            for fqn, p in live.items():
+                idx = by.get(fqn, [])
+                if len(idx) > 1:
+                    raise ValueError(f"state_dict(): {len(idx)} FSDP2 shard pieces of {fqn!r} on one rank")
+                if idx:
+                    local = prof.views[idx[0]].view(-1, *p.shape[1:])
+                else:  # this rank holds no rows of the parameter
+                    local = prof.flat.new_empty((0, *p.shape[1:]))
+                out[fqn] = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                                              shape=p.shape, stride=p.stride())
+            return out
+
+        return make
+
+    def per_rank_state_dict(self) -> dict:
+        """The previous format (``dist_ema.tracker/2``): each rank's buffers under a key of its own.
+
+        Only for loading a checkpoint written in that format (same world size and wrapping),
+        e.g. ``sd = {"ema": ema.per_rank_state_dict()}; dcp.load(sd, ...); ema.load_state_dict(sd["ema"])``.
+        New checkpoints use :meth:`state_dict`, which reshards.
         """
         from dist_ema.collective import rank
 
         return {
             "dist_ema": {
-                "format": "dist_ema.tracker/2",
+                "format": _FORMAT_PER_RANK,
                 "step": self.step,
                 "t": self.t,
                 "t_updated": self._t_updated,
@@ -413,32 +518,75 @@ class PostHocEMA:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a :meth:`state_dict` saved with the same sharding (same world size and wrapping)."""
-        from dist_ema.collective import rank
+        """Restore a :meth:`state_dict` (collective: every rank calls it).
 
+        After ``dcp.load`` (any world size; the values were loaded in place) or with a
+        state dict this rank saved with ``torch.save`` (same sharding). Restores the EMA,
+        the clock (step, time, updates) and the profiles' schedule: the next ``update()``
+        continues exactly. With a store attached, snapshots after the restored step (an
+        older checkpoint) are retired. The previous per-rank format (``dist_ema.tracker/2``)
+        loads at the same sharding.
+        """
         head = state.get("dist_ema") if isinstance(state, dict) else None
-        if not isinstance(head, dict) or head.get("format") != "dist_ema.tracker/2":
-            raise ValueError("not a dist-ema tracker state dict (no 'dist_ema' entry of format dist_ema.tracker/2)")
+        fmt = head.get("format") if isinstance(head, dict) else None
+        if fmt not in (_FORMAT, _FORMAT_PER_RANK):
+            raise ValueError(
+                f"not a dist-ema tracker state dict (no 'dist_ema' entry of format {_FORMAT} or "
+                f"{_FORMAT_PER_RANK}; got {fmt!r})"
+            )
         if not np.allclose(head["gammas"], self.gammas, rtol=1e-9):
             raise ValueError(f"state dict tracks gammas {head['gammas']}, this EMA tracks {list(self.gammas)}")
         if head["unit"] != self.config.unit:
-            raise ValueError(f"state dict counts time in {head['unit']}, this EMA in {self.config.unit}")
+            raise ValueError(
+                f"state dict counts time in {head['unit']}, this EMA in {self.config.unit} (batch_size= must "
+                f"be given in both or in neither)"
+            )
+        from dist_ema.collective import is_distributed, run_and_check
+
+        fill = self._fill_per_rank if fmt == _FORMAT_PER_RANK else self._fill
+        if is_distributed():  # a rank whose part does not fit fails every rank, before anything collective
+            run_and_check(lambda: fill(state), "loading the EMA state dict", None, ValueError)
+        else:
+            fill(state)
+        self.step, self.t = int(head["step"]), float(head["t"])
+        self._t_updated, self.updates = float(head["t_updated"]), int(head["updates"])
+        self.skipped_steps = int(head.get("skipped_steps", self.skipped_steps))
+        if self.snapshots is not None:  # snapshots after a restored (older) checkpoint are retired
+            self.snapshots.restored(self.step, self._t_updated)
+
+    @torch.no_grad()
+    def _fill(self, state: dict) -> None:
+        by = self._pieces_by_fqn()
+        for prof in self.profiles:
+            key = _profile_key(prof.sigma_rel)
+            entries = state.get(key)
+            if not isinstance(entries, dict):
+                raise ValueError(f"state dict has no entry {key!r} for the tracked profile sigma_rel={prof.sigma_rel}")
+            for fqn, idx in by.items():
+                if fqn not in entries:
+                    raise ValueError(f"state dict has no EMA of this rank's shard of {fqn!r} (profile {key}): it was "
+                                     f"saved with another sharding (world size, engine or wrapping); {_RESHARD_HINT}")
+                mine = [(self.pieces[i].flat_start, prof.views[i]) for i in idx]
+                for (_, dst), src in zip(mine, _local_values(entries[fqn], mine, fqn)):
+                    if src.data_ptr() != dst.data_ptr():  # DCP loaded in place
+                        dst.copy_(src.reshape(-1))
+
+    @torch.no_grad()
+    def _fill_per_rank(self, state: dict) -> None:
+        from dist_ema.collective import rank
+
         key = f"dist_ema_rank{rank():05d}"
         mine = [[p.fqn, p.flat_start, p.numel] for p in self.pieces]
         if key not in state or json.loads(state[key]["pieces"]) != mine:
             raise ValueError(
-                "state dict was saved with a different sharding (world size or wrapping); "
-                "resume from the snapshot store instead (PostHocEMA(..., store=url, resume=True)), which reshards"
+                f"state dict ({_FORMAT_PER_RANK}, per-rank buffers) was saved with a different sharding (world size "
+                "or wrapping); resume from the snapshot store instead (PostHocEMA(..., store=url, resume=True)), "
+                "which reshards, or load it at the world size and wrapping it was saved with"
             )
-        with torch.no_grad():
-            for k, prof in enumerate(self.profiles):
-                src = state[key][f"p{k}"]
-                if src.data_ptr() != prof.flat.data_ptr():  # DCP loads in place
-                    prof.flat.copy_(src)
-        self.step, self.t = int(head["step"]), float(head["t"])
-        self._t_updated, self.updates = float(head["t_updated"]), int(head["updates"])
-        if self.snapshots is not None:  # snapshots after a restored (older) checkpoint are retired
-            self.snapshots.restored(self.step, self._t_updated)
+        for k, prof in enumerate(self.profiles):
+            src = state[key][f"p{k}"]
+            if src.data_ptr() != prof.flat.data_ptr():  # DCP loads in place
+                prof.flat.copy_(src)
 
     # ------------------------------------------------------------------ gather
 
@@ -601,6 +749,32 @@ def _unwrap_module(obj: object) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) else obj  # type: ignore[return-value]
 
 
+def _piece_order(pieces: Sequence[ShardPiece]) -> list[int]:
+    """The order of the pieces in the EMA's flat buffers.
+
+    Owned pieces first: a snapshot writes one contiguous prefix of each flat buffer. Within
+    each part, blocks of pieces that are neighbours in the source's memory (a flat parameter,
+    a ZeRO partition) stay together and in order, so the update sees them as one run; small
+    blocks go last, next to each other, so the update stages them as one flat run.
+    """
+    from dist_ema.kernels import DEFAULT_MIN_NUMEL
+
+    def neighbours(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return (a.is_contiguous() and b.is_contiguous() and a.dtype == b.dtype and a.device == b.device
+                and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                and a.storage_offset() + a.numel() == b.storage_offset())
+
+    blocks: list[list[int]] = []
+    for i, p in enumerate(pieces):
+        if blocks and pieces[blocks[-1][-1]].owner == p.owner and neighbours(pieces[blocks[-1][-1]].source, p.source):
+            blocks[-1].append(i)
+        else:
+            blocks.append([i])
+    small = [sum(pieces[i].numel for i in b) < DEFAULT_MIN_NUMEL for b in blocks]
+    order = sorted(range(len(blocks)), key=lambda b: (not pieces[blocks[b][0]].owner, small[b]))
+    return [i for b in order for i in blocks[b]]
+
+
 def _tied_names(model_or_engine: object, layout: ShardLayout) -> dict[str, str]:
     """{alias: tracked name} for parameters registered under several names (tied weights)."""
     from dist_ema.sharding.replicated import clean_fqn
@@ -642,3 +816,163 @@ def _step_applied_fn(model_or_engine: object, layout: ShardLayout):
         if fn is not None:
             return lambda: fn(model_or_engine)
     return None
+
+
+# ----------------------------------------------------------------------------- checkpoint state
+
+_FORMAT = "dist_ema.tracker/3"  # profiles keyed by parameter name, laid out like the parameters (reshards)
+_FORMAT_PER_RANK = "dist_ema.tracker/2"  # each rank's flat buffers under a key of its own (same sharding only)
+_RESHARD_HINT = (
+    "load it with torch.distributed.checkpoint, which reshards (dcp.load({'ema': ema}, ...)), or resume from "
+    "the snapshot store (PostHocEMA(..., store=url, resume=True))"
+)
+
+
+def _profile_key(sigma_rel: float) -> str:
+    return f"sigma_rel_{sigma_rel:.6g}"
+
+
+def _flat_blocks(start: int, stop: int, shape: tuple[int, ...]) -> list[tuple[tuple, tuple, int, int]]:
+    """Rectangular blocks ``(offsets, sizes, a, b)`` that cover the flat range [start, stop) of a row-major
+    tensor of ``shape``, in order; block i holds the flat elements [a, b), contiguously.
+
+    A flat range of an N-d tensor is at most 2N - 1 such blocks (a partial row, full rows, a partial row,
+    recursively), which is what DCP needs to reshard chunks of any engine's flat shards.
+    """
+    if start >= stop:
+        return []
+    if not shape:
+        return [((), (), start, stop)]
+    inner = math.prod(shape[1:])
+    r0, o0 = divmod(start, inner)
+    r1, o1 = divmod(stop, inner)
+    out: list[tuple[tuple, tuple, int, int]] = []
+
+    def within(row: int, a: int, b: int) -> None:
+        for offs, sizes, x, y in _flat_blocks(a, b, shape[1:]):
+            out.append(((row, *offs), (1, *sizes), row * inner + x, row * inner + y))
+
+    if r0 == r1:
+        within(r0, o0, o1)
+        return out
+    if o0:
+        within(r0, o0, inner)
+        r0 += 1
+    if r1 > r0:
+        out.append(((r0,) + (0,) * (len(shape) - 1), (r1 - r0, *shape[1:]), r0 * inner, r1 * inner))
+    if o1:
+        within(r1, 0, o1)
+    return out
+
+
+class _ProfileState(dict):
+    """One profile's ``{fqn: tensor}`` for DCP; pickled (``torch.save``) as plain flat ranges of this rank.
+
+    DCP flattens it like any mapping and never pickles it. ``torch.save`` writes
+    ``{fqn: {"dist_ema_flat_ranges": [[start, numel], ...], "values": [1-d tensor, ...]}}``
+    (plain types: ``torch.load(..., weights_only=True)`` reads it), which
+    :meth:`PostHocEMA.load_state_dict` accepts at the same sharding.
+    """
+
+    def __init__(self, entries: dict, plain: dict[str, tuple[list, list]]) -> None:
+        super().__init__(entries)
+        self._plain = plain
+
+    def __reduce_ex__(self, protocol):
+        from collections import OrderedDict
+
+        items = [(fqn, OrderedDict([("dist_ema_flat_ranges", r), ("values", v)]))
+                 for fqn, (r, v) in self._plain.items()]
+        return (OrderedDict, (items,))
+
+
+class _FlatShards(torch.Tensor):
+    """A parameter-shaped tensor of which this rank holds some flat ranges (views of the EMA buffer).
+
+    For torch.distributed.checkpoint only: it implements DCP's checkpointable protocol
+    (``__create_write_items__``, ``__create_chunk_list__``, ``__get_tensor_shard__``) and lists
+    each range as rectangular chunks of the global shape, so DCP saves and loads them in place
+    and reshards to any other layout (world size, engine). It has no storage and supports no
+    operations. ``torch.save`` stores it as ``{"dist_ema_flat_ranges": [[start, numel], ...],
+    "values": [tensor, ...]}`` (plain types, loadable with ``weights_only=True``).
+    """
+
+    _pieces: list[tuple[int, torch.Tensor]]
+    _chunks: list[tuple[torch.Size, torch.Size, torch.Tensor]]
+
+    @staticmethod
+    def __new__(cls, shape: tuple[int, ...], pieces: list[tuple[int, torch.Tensor]]) -> _FlatShards:
+        t = torch.Tensor._make_wrapper_subclass(cls, torch.Size(shape), dtype=torch.float32,
+                                                device=pieces[0][1].device)
+        t._pieces = pieces
+        t._chunks = []
+        for start, view in pieces:
+            for offs, sizes, a, b in _flat_blocks(start, start + view.numel(), tuple(shape)):
+                t._chunks.append((torch.Size(offs), torch.Size(sizes), view[a - start : b - start].view(sizes)))
+        return t
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise TypeError(f"a dist-ema checkpoint shard supports no tensor operations (called {func})")
+
+    def __repr__(self) -> str:
+        ranges = [(s, s + v.numel()) for s, v in self._pieces]
+        return f"_FlatShards(shape={tuple(self.shape)}, flat_ranges={ranges})"
+
+    def __reduce_ex__(self, protocol):
+        from collections import OrderedDict
+
+        items = [("dist_ema_flat_ranges", [[s, v.numel()] for s, v in self._pieces]),
+                 ("values", [v for _, v in self._pieces])]
+        return (OrderedDict, (items,))
+
+    def __create_write_items__(self, fqn: str, object: object) -> list:
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+        return [
+            WriteItem(index=MetadataIndex(fqn, offs, i), type=WriteItemType.SHARD,
+                      tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=offs, sizes=sizes),
+                                                  properties=TensorProperties(dtype=torch.float32),
+                                                  size=self.shape))
+            for i, (offs, sizes, _) in enumerate(self._chunks)
+        ]
+
+    def __create_chunk_list__(self) -> list:
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+        return [ChunkStorageMetadata(offsets=offs, sizes=sizes) for offs, sizes, _ in self._chunks]
+
+    def __get_tensor_shard__(self, index) -> torch.Tensor:
+        i = index.index
+        if i is not None and i < len(self._chunks) and self._chunks[i][0] == index.offset:
+            return self._chunks[i][2]
+        for offs, _, view in self._chunks:
+            if offs == index.offset:
+                return view
+        raise ValueError(f"no EMA chunk at offset {tuple(index.offset)} of {index.fqn!r} on this rank")
+
+
+def _local_values(entry: object, mine: list[tuple[int, torch.Tensor]], fqn: str) -> list[torch.Tensor]:
+    """This rank's values of one parameter's EMA in a state dict entry, aligned with ``mine`` [(start, view)]."""
+    want = [[s, v.numel()] for s, v in mine]
+    if isinstance(entry, _FlatShards):
+        got, values = [[s, v.numel()] for s, v in entry._pieces], [v for _, v in entry._pieces]
+    elif isinstance(entry, dict) and "dist_ema_flat_ranges" in entry:  # torch.save'd _FlatShards
+        got, values = [list(map(int, r)) for r in entry["dist_ema_flat_ranges"]], list(entry["values"])
+    elif hasattr(entry, "__create_chunk_list__") and hasattr(entry, "to_local"):  # DTensor (FSDP2)
+        local = entry.to_local()
+        chunks = entry.__create_chunk_list__()
+        row = math.prod(entry.shape[1:])
+        got = [[int(c.offsets[0]) * row, local.numel()] for c in chunks if local.numel()]
+        values = [local.reshape(-1)] if local.numel() else []
+    else:
+        raise ValueError(f"state dict entry of {fqn!r} is a {type(entry).__name__}, not a dist-ema EMA shard")
+    if got != want or any(v.numel() != n for v, (_, n) in zip(values, got)):
+        raise ValueError(
+            f"the EMA of {fqn!r} in this state dict covers the flat ranges {got} on this rank, this EMA holds "
+            f"{want}: it was saved with another sharding (world size, engine or wrapping); {_RESHARD_HINT}"
+        )
+    return values

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -90,35 +89,6 @@ def test_deepspeed_engines(engine, ws, tmp_path):
     pytest.importorskip("deepspeed")
     run_workers("tests.test_tracker:worker_ema_matches_reference", ws, tmp_path,
                 kwargs=dict(engine=engine, update_every=2 if ws == 3 else 1, steps=10))
-
-
-def worker_dcp_round_trip(rank, ws, out):
-    import torch.distributed.checkpoint as dcp
-
-    setup = build("fsdp2")
-    ema = PostHocEMA(setup.target, sigma_rels=SIGMAS)
-    for _ in range(3):
-        setup.step()
-        ema.update()
-    dcp.save({"ema": ema.state_dict()}, checkpoint_id=os.path.join(out, "ckpt"))
-    ref = ema.full_state_dict(sigma_rel=0.10)
-    for _ in range(2):  # move on, then restore
-        setup.step()
-        ema.update()
-    fresh = PostHocEMA(setup.target, sigma_rels=SIGMAS)
-    sd = {"ema": fresh.state_dict()}
-    dcp.load(sd, checkpoint_id=os.path.join(out, "ckpt"))
-    fresh.load_state_dict(sd["ema"])
-    assert (fresh.step, fresh.t, fresh.updates) == (3, 3.0, 3)
-    got = fresh.full_state_dict(sigma_rel=0.10)
-    if rank == 0:
-        for k in ref:
-            assert torch.equal(got[k], ref[k]), k
-
-
-@pytest.mark.timeout(300)
-def test_dcp_save_load_keeps_every_rank(tmp_path):
-    run_workers("tests.test_tracker:worker_dcp_round_trip", 3, tmp_path)
 
 
 # ----------------------------------------------------------------------------- single process
