@@ -13,6 +13,10 @@ and the live shard views never change between steps):
    memory become one view. FSDP1 flat parameters and DeepSpeed ZeRO fp32 partitions
    collapse to one run per flat buffer; FSDP2 and plain modules keep one run per
    parameter (each parameter shard is its own allocation).
+   Then stretches of small fp32 runs whose EMA views are adjacent (the tracker places small
+   pieces next to each other) become ONE run over a staging buffer, filled each step by a
+   single ``torch.cat(..., out=stage)``: a model of 1,200 small tensors costs a few calls per
+   step instead of K calls per tensor (per-call overhead, not bytes, dominates small tensors).
 2. Runs of at least ``min_numel`` elements are bucketed by (numel, dtype) into groups
    of at most ``group`` runs. Each distinct group signature is ``torch.compile``d once
    (static shapes: inductor's dynamic-shape kernel was 2x slower here) into one kernel
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 
 import torch
@@ -144,7 +149,8 @@ class FusedUpdate:
     """
 
     def __init__(self, emas: Sequence[Sequence[torch.Tensor]], sources: Sequence[torch.Tensor], *,
-                 compile: bool | None = None, min_numel: int = DEFAULT_MIN_NUMEL, group: int = DEFAULT_GROUP) -> None:
+                 compile: bool | None = None, min_numel: int = DEFAULT_MIN_NUMEL, group: int = DEFAULT_GROUP,
+                 staged: bool = True) -> None:
         if not emas:
             raise ValueError("emas is empty: give one list of EMA tensors per tracked profile")
         if group < 1 or min_numel < 1:
@@ -164,6 +170,13 @@ class FusedUpdate:
         emas_c, src_c = coalesce(emas, sources)
         self.runs = len(src_c)
         self.compile = compile_enabled() if compile is None else bool(compile)
+        # small runs whose EMA views are adjacent become one staged run: their sources are copied into
+        # one flat buffer with a single torch.cat (one call instead of one per tensor and profile)
+        self._stages: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+        if staged:
+            emas_c, src_c = self._stage_small(emas_c, src_c, min_numel)
+        self.staged_runs = sum(len(srcs) for srcs, _ in self._stages)  # runs copied into staging buffers
+        self.stages = len(self._stages)  # staging buffers (each one run of the update)
         small: list[int] = []
         buckets: dict[tuple, list[int]] = {}
         for i, s in enumerate(src_c):
@@ -195,6 +208,40 @@ class FusedUpdate:
         # 0-d weights, refilled each step: the compiled kernels read them, so they never recompile
         self._w = [torch.zeros((), dtype=torch.float32, device=device) for _ in range(self.K)]
         self.failed: str | None = None
+        self.compile_seconds = 0.0  # time of the first call of each compiled kernel
+
+    def _stage_small(self, emas_c: list[list[torch.Tensor]], src_c: list[torch.Tensor], min_numel: int
+                     ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+        """Replace stretches of >= 2 small fp32 runs with adjacent EMA views by one run over a staging buffer."""
+        K, n = self.K, len(src_c)
+        out_src: list[torch.Tensor] = []
+        out_emas: list[list[torch.Tensor]] = [[] for _ in range(K)]
+
+        def small(i: int) -> bool:
+            s = src_c[i]
+            return s.numel() < min_numel and s.dtype == torch.float32 and s.is_contiguous()
+
+        i = 0
+        while i < n:
+            j = i
+            if small(i):
+                while j + 1 < n and small(j + 1) and src_c[j + 1].device == src_c[i].device and all(
+                    _adjacent(emas_c[k][j], emas_c[k][j + 1]) for k in range(K)
+                ):
+                    j += 1
+            if j == i:
+                out_src.append(src_c[i])
+                for k in range(K):
+                    out_emas[k].append(emas_c[k][i])
+            else:
+                total = sum(src_c[x].numel() for x in range(i, j + 1))
+                stage = torch.empty(total, dtype=torch.float32, device=src_c[i].device)
+                self._stages.append((list(src_c[i : j + 1]), stage))
+                out_src.append(stage)
+                for k in range(K):
+                    out_emas[k].append(_span(emas_c[k][i], total))
+            i = j + 1
+        return out_emas, out_src
 
     @property
     def mode(self) -> str:
@@ -213,6 +260,8 @@ class FusedUpdate:
     def __call__(self, weights: Sequence[float]) -> None:
         if len(weights) != self.K:
             raise ValueError(f"need {self.K} weights (one per profile); got {len(weights)}")
+        for srcs, stage in self._stages:  # one copy of many small sources (no allocation: out=)
+            torch.cat(srcs, out=stage)
         if self._groups:
             for w, x in zip(self._w, weights):
                 w.fill_(float(x))
@@ -221,6 +270,8 @@ class FusedUpdate:
                 if sig in bad:
                     foreach_update(emas, src, weights)
                     continue
+                first = sig not in self._ran
+                t0 = time.perf_counter()
                 try:
                     self._fn(sig)(self._w, src, emas)
                 except Exception as e:  # noqa: BLE001 - compile failures: no C++ compiler, unsupported Python, ...
@@ -231,6 +282,8 @@ class FusedUpdate:
                     self._note_failure(e)
                     foreach_update(emas, src, weights)
                     continue
+                if first:  # the first call of a kernel compiles it (inductor caches on disk across processes)
+                    self.compile_seconds += time.perf_counter() - t0
                 self._ran.add(sig)
             if bad:
                 self._demote(bad)

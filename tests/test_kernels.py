@@ -172,3 +172,71 @@ def test_runtime_error_after_a_kernel_ran_is_raised(monkeypatch):
     plan([0.1, 0.2])
     with pytest.raises(RuntimeError, match="device lost"):
         plan([0.1, 0.2])
+
+
+# ----------------------------------------------------------------------------- staged small runs, in the tracker
+
+
+def test_small_runs_are_staged_into_one_run():
+    sizes = [32, 64, 288, 9, 1152] * 240  # 1,200 small tensors
+    flats, views, sources = _setup(sizes)
+    ref = _reference(flats, sources, sizes, WEIGHTS)
+    plan = FusedUpdate(views, sources, compile=False)
+    assert plan.staged_runs == len(sizes) and plan.stages == 1
+    for w in WEIGHTS:
+        plan(w)
+    for a, b in zip(flats, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # the plan reads the live sources at every call: a changed source is seen
+    with torch.no_grad():
+        for s in sources:
+            s.add_(1.0)
+    ref = _reference(flats, sources, sizes, [[0.5, 0.5]])
+    plan([0.5, 0.5])
+    for a, b in zip(flats, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _convnet(n_layers=150):
+    layers = []
+    for _ in range(n_layers):  # 4 tensors a layer: conv weight/bias, norm weight/bias
+        layers += [torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.GroupNorm(2, 8)]
+    return torch.nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("impl", ["auto", "foreach"])
+def test_tracker_update_paths_agree_with_a_brute_force_ema(impl):
+    from dist_ema import phema
+    from dist_ema.tracker import PostHocEMA
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(_convnet(150), torch.nn.Flatten(), torch.nn.Linear(8 * 16, 60))
+    ema = PostHocEMA(m, sigma_rels=(0.05, 0.10), update_impl=impl, update_every=2)
+    traj = []
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    for step in range(1, 7):
+        m(torch.randn(2, 8, 4, 4)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if ema.update():
+            traj.append((float(step), {k: v.detach().double().clone() for k, v in m.named_parameters()}))
+    if impl == "auto":
+        plan = ema._update_plan
+        assert plan.staged_runs >= 600 and plan.stages <= 2  # ~1 call per profile instead of 600+
+    for g in ema.gammas:
+        got = ema.full_state_dict(gamma=g)
+        ref, t_prev = None, 0.0
+        for t, params in traj:  # independent: EMA recursion with the exact beta of each update
+            beta = (1 - (t - t_prev) / t) ** (g + 1)
+            ref = params if ref is None else {k: beta * ref[k] + (1 - beta) * params[k] for k in ref}
+            t_prev = t
+        for k in ref:
+            torch.testing.assert_close(got[k].double(), ref[k], rtol=1e-5, atol=1e-6)
+    assert phema.sigma_rel_to_gamma(0.05) in [pytest.approx(g) for g in ema.gammas]
+
+
+def test_update_impl_is_validated():
+    from dist_ema.tracker import PostHocEMA
+
+    with pytest.raises(ValueError, match="update_impl must be 'auto', 'fused' or 'foreach'"):
+        PostHocEMA(torch.nn.Linear(2, 2), update_impl="fast")
