@@ -1,0 +1,106 @@
+"""A tiny Lightning run with PostHocEMACallback, started by tests/test_integrations.py under torchrun.
+
+    torchrun --nproc-per-node 2 tests/apps/lightning_app.py OUT PHASE STRATEGY
+
+Phase "a" trains 6 optimizer steps (accumulate_grad_batches=2) and saves a checkpoint; phase "b"
+resumes it to step 10. Rank 0 writes what the test compares with a brute-force EMA: the weights
+after every optimizer step, the weights validation saw, the weights after validation, the EMA.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import lightning as L  # noqa: N812
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dist_ema.integrations.lightning import PostHocEMACallback
+
+SIGMAS = (0.05, 0.10)
+
+
+def params(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("_forward_module."): v.detach().clone().float() for k, v in module.named_parameters()}
+
+
+class Net(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 3)
+        self.seen_in_validation: list = []
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x))).sum(-1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return ((self(x) - y) ** 2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            self.seen_in_validation.append((self.trainer.global_step, params(self)))
+        x, y = batch
+        self.log("val_loss", ((self(x) - y) ** 2).mean(), sync_dist=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.3)
+
+    def _data(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        return DataLoader(TensorDataset(torch.randn(n, 4, generator=g), torch.randn(n, generator=g)), batch_size=2)
+
+    def train_dataloader(self):
+        return self._data(16, 1)  # 2 ranks x 4 batches per epoch = 2 optimizer steps per epoch
+
+    def val_dataloader(self):
+        return self._data(4, 2)
+
+
+class Recorder(L.Callback):
+    def __init__(self) -> None:
+        self.trajectory, self.after_validation, self.seen = [], [], None
+
+    def on_train_start(self, trainer, pl_module):
+        self.seen = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self.seen:
+            self.seen = trainer.global_step
+            self.trajectory.append(params(pl_module))
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.after_validation.append((trainer.global_step, params(pl_module)))
+
+
+def main() -> None:
+    out, phase, strategy = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    cb = PostHocEMACallback(sigma_rels=SIGMAS, store=str(out / "store"), snapshot_every=2, validate_with=0.10)
+    rec = Recorder()
+    model = Net()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=6 if phase == "a" else 10,
+                        accumulate_grad_batches=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[cb, rec])
+    trainer.fit(model, ckpt_path=None if phase == "a" else str(out / "a.ckpt"))
+    if phase == "a":
+        trainer.save_checkpoint(str(out / "a.ckpt"))
+    ema = {s: cb.ema.full_state_dict(sigma_rel=s) for s in SIGMAS}
+    if trainer.global_rank == 0:
+        torch.save({"trajectory": rec.trajectory, "validation": model.seen_in_validation,
+                    "after_validation": rec.after_validation, "ema": ema,
+                    "clock": (cb.ema.step, cb.ema.t, cb.ema.updates)}, out / f"{phase}.pt")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    torch.distributed.destroy_process_group()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
