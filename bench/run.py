@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-NAMES = ("update", "update_gpu", "sharded", "train", "snapshot", "synthesis", "solver", "scale")
+NAMES = ("update", "update_models", "update_gpu", "sharded", "train", "snapshot", "synthesis", "solver", "scale")
 
 
 def _run_one(name: str, quick: bool, threads: int, context: dict):
@@ -32,6 +32,10 @@ def _run_one(name: str, quick: bool, threads: int, context: dict):
 
     if name == "update":
         return update.run(quick, threads)
+    if name == "update_models":
+        from bench import update_models
+
+        return update_models.run(quick, threads)
     if name == "update_gpu":
         return update.run(quick, threads, device="cuda")
     if name == "sharded":
