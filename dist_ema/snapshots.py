@@ -303,6 +303,8 @@ class SnapshotManager:
 
     def _stage(self, slot: int) -> None:
         n = self.ema.owned_numel
+        if n == 0:  # this rank owns nothing (a small model on many ranks): no data, it still commits with the rest
+            return
         dst = torch.frombuffer(self.writer.stage_view(slot), dtype=self._stage_dtype,
                                count=n * len(self.ema.profiles))
         if self.ema.device.type == "cuda":  # pragma: no cover - needs a GPU

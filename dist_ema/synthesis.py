@@ -699,7 +699,7 @@ def _map_units(store: SnapshotStore, used: list[Snapshot], rows, X: np.ndarray, 
         if np.any(X[row] != 0):
             by_snap.setdefault(i, []).append((row, k))
     order = sorted(by_snap)
-    indexes = {s.layout_id: store.layout(s).piece_index() for s in used}
+    indexes = {s.layout_id: store.layout(s).piece_index(layout) for s in used}  # by name: orders differ
     pool = ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="dist-ema-read")
     bar = None
     if show:

@@ -21,6 +21,9 @@ ENGINES = ("replicated", "ddp", "fsdp2", "fsdp2_bf16", "fsdp1", "fsdp1_flat", "z
 # Variants whose every FSDP unit (not only the root) keeps its unsharded parameters after
 # forward: FSDP2 with reshard_after_forward=False, FSDP1 SHARD_GRAD_OP (use_orig_params=True).
 KEEP_UNSHARDED = ("fsdp2_keep", "fsdp1_grad_op")
+# Replicated-shard layouts on a 2-d (replicate, shard) mesh: ``build(..., mesh_shape=(R, S))``.
+# FSDP2 HSDP, FSDP1 HYBRID_SHARD and _HYBRID_SHARD_ZERO2; FSDP1 NO_SHARD needs no mesh.
+HYBRID = ("fsdp2_hsdp", "fsdp1_hybrid", "fsdp1_hybrid_zero2")
 
 
 class TinyNet(nn.Module):
@@ -53,8 +56,21 @@ class Setup:
     steps_done: int = 0
 
 
-def build(engine: str, seed: int = 0, lr: float = 0.05, grad_accum: int = 1) -> Setup:
-    """Build TinyNet under ``engine`` on the current gloo process group."""
+def _mesh(mesh_shape: tuple[int, int] | None):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if mesh_shape is None:
+        raise ValueError("hybrid engines need mesh_shape=(replicas, shards)")
+    return init_device_mesh("cpu", tuple(mesh_shape), mesh_dim_names=("replicate", "shard"))
+
+
+def build(engine: str, seed: int = 0, lr: float = 0.05, grad_accum: int = 1,
+          mesh_shape: tuple[int, int] | None = None) -> Setup:
+    """Build TinyNet under ``engine`` on the current gloo process group.
+
+    ``mesh_shape`` = (replicas, shards) for the engines in ``HYBRID``; ranks r*S .. r*S+S-1
+    form replica r (the replicate axis is the outer one, as across nodes).
+    """
     torch.manual_seed(seed)
     net = TinyNet()
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -95,26 +111,33 @@ def build(engine: str, seed: int = 0, lr: float = 0.05, grad_accum: int = 1) -> 
 
         return Setup(engine, eng.module, eng, step, full)
 
-    if engine in ("fsdp2", "fsdp2_bf16", "fsdp2_keep"):
+    if engine in ("fsdp2", "fsdp2_bf16", "fsdp2_keep", "fsdp2_hsdp"):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if engine == "fsdp2_bf16" else MixedPrecisionPolicy()
         keep = {"reshard_after_forward": False} if engine == "fsdp2_keep" else {}
+        if engine == "fsdp2_hsdp":
+            keep = {"mesh": _mesh(mesh_shape)}
         fully_shard(net.fc1, mp_policy=mp, **keep)
         fully_shard(net.fc2, mp_policy=mp, **keep)
-        fully_shard(net, mp_policy=mp)
+        fully_shard(net, mp_policy=mp, **({"mesh": keep["mesh"]} if engine == "fsdp2_hsdp" else {}))
         model = net
 
         def full() -> dict[str, torch.Tensor]:
             return {n: p.full_tensor().detach().double().clone() for n, p in model.named_parameters()}
 
-    elif engine in ("fsdp1", "fsdp1_flat", "fsdp1_grad_op"):
+    elif engine in ("fsdp1", "fsdp1_flat", "fsdp1_grad_op", "fsdp1_hybrid", "fsdp1_hybrid_zero2", "fsdp1_no_shard"):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp import ShardingStrategy
 
         opts = dict(use_orig_params=(engine != "fsdp1_flat"), device_id=torch.device("cpu"))
         if engine == "fsdp1_grad_op":
             opts["sharding_strategy"] = ShardingStrategy.SHARD_GRAD_OP
+        if engine == "fsdp1_no_shard":
+            opts["sharding_strategy"] = ShardingStrategy.NO_SHARD
+        if engine in ("fsdp1_hybrid", "fsdp1_hybrid_zero2"):
+            hybrid = ShardingStrategy.HYBRID_SHARD if engine == "fsdp1_hybrid" else ShardingStrategy._HYBRID_SHARD_ZERO2
+            opts.update(sharding_strategy=hybrid, device_mesh=_mesh(mesh_shape))
         net.fc1 = FSDP(net.fc1, **opts)
         model = FSDP(net, **opts)
 

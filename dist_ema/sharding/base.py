@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-__all__ = ["ShardPiece", "ShardLayout", "UnsupportedEngineError", "check_pieces_local"]
+__all__ = ["ShardPiece", "ShardLayout", "UnsupportedEngineError", "check_pieces_local", "share_among_replicas",
+           "split_among_replicas"]
 
 
 class UnsupportedEngineError(RuntimeError):
@@ -41,8 +42,10 @@ class ShardPiece:
             master where the engine has one, otherwise the sharded parameter. It is a
             view: its storage stays the same across optimizer steps.
         owner: True when this rank is the one that writes this range to the store.
-            Replicas (HSDP replicate axis, FSDP1 NO_SHARD) track the range too, so a
-            swapped-in EMA is available on every replica, but only one owns it.
+            Replicas (HSDP replicate axis, FSDP1 hybrid and NO_SHARD) track the range
+            too, so a swapped-in EMA is available on every replica, but exactly one
+            owns each element: the replicas split the writing between them
+            (``share_among_replicas``).
         load_target: live 1-d tensor of ``numel`` elements holding the weights the
             forward pass uses, where it differs from ``source`` (ZeRO working
             weights, DeepSpeed bf16 params); ``None`` when ``source`` is what forward
@@ -100,6 +103,40 @@ class ShardLayout:
     process_group: object | None = None
     refresh: Callable[[], ShardLayout] | None = None
     after_load: Callable[[], None] | None = None
+
+
+def share_among_replicas(pieces: Sequence[ShardPiece], replica: int, replicas: int) -> list[ShardPiece]:
+    """Split the ownership of pieces that ``replicas`` ranks all hold, so each writes 1/replicas of them.
+
+    ``pieces`` are this rank's pieces in the adapter's order, the same (fqn, range, order) on
+    every replica of its shard group (HSDP replicate axis, FSDP1 hybrid inter-node group);
+    ``replica`` is this rank's index among them. Their elements, back to back, are cut into
+    ``replicas`` contiguous parts of ``floor(total * i / replicas)`` boundaries (sizes differ by
+    at most one element); this rank owns part ``replica``. A piece that straddles a boundary
+    becomes up to three pieces (views of the same source), so every rank still tracks all it
+    holds and exactly one replica owns each element. Runs no collective.
+    """
+    return [q for split in split_among_replicas(pieces, replica, replicas) for q in split]
+
+
+def split_among_replicas(pieces: Sequence[ShardPiece], replica: int, replicas: int) -> list[list[ShardPiece]]:
+    """``share_among_replicas``, as the list of sub-pieces of each piece (in order)."""
+    if replicas < 1 or not 0 <= replica < replicas:
+        raise ValueError(f"invalid replica {replica} of {replicas}")
+    total = sum(p.numel for p in pieces)
+    lo, hi = total * replica // replicas, total * (replica + 1) // replicas
+    out: list[list[ShardPiece]] = []
+    a = 0  # first element of the piece in the replicas' common order
+    for p in pieces:
+        cuts = sorted({0, p.numel, min(max(lo - a, 0), p.numel), min(max(hi - a, 0), p.numel)})
+        subs = []
+        for x, y in zip(cuts[:-1], cuts[1:]):
+            target = None if p.load_target is None else p.load_target[x:y]
+            subs.append(replace(p, flat_start=p.flat_start + x, numel=y - x, source=p.source[x:y],
+                                owner=lo <= a + x and a + y <= hi, load_target=target))
+        out.append(subs)
+        a += p.numel
+    return out
 
 
 def check_pieces_local(pieces: Sequence[ShardPiece]) -> None:

@@ -19,8 +19,9 @@ Private FSDP1 attributes used (torch 2.13): ``FullyShardedDataParallel._handle``
 Each is read through a helper that names the attribute if a torch release removes it.
 
 Strategies: FULL_SHARD / SHARD_GRAD_OP (one owner per element); HYBRID_SHARD and
-_HYBRID_SHARD_ZERO2 (shards replicated across ``_inter_node_pg``: every replica tracks,
-the replica with inter-node rank 0 owns); NO_SHARD (every rank holds everything:
+_HYBRID_SHARD_ZERO2 (shards replicated across ``_inter_node_pg``: every replica tracks
+its whole shard, and the R replicas split the writing, inter-node rank i owning the i-th
+1/R of the rank's shard elements, ``share_among_replicas``); NO_SHARD (every rank holds everything:
 every rank tracks every parameter, so a swapped-in EMA exists on every rank, and
 ownership is split into disjoint ``torch.chunk``-like 1/world slices of each
 parameter, so snapshot writes are spread over all ranks instead of piling onto rank 0).
@@ -36,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
-from dist_ema.sharding.base import ShardLayout, ShardPiece, UnsupportedEngineError
+from dist_ema.sharding.base import ShardLayout, ShardPiece, UnsupportedEngineError, split_among_replicas
 from dist_ema.sharding.replicated import clean_fqn, even_split, persistent_buffers
 
 __all__ = ["fsdp1_layout", "fsdp1_units", "is_flat_param", "reshard_all"]
@@ -132,6 +133,26 @@ def _owner_split(fqn: str, shape: tuple[int, ...], dtype: torch.dtype, start: in
     return out
 
 
+def _share_hybrid(pieces: list[ShardPiece], replica_of: list[tuple[int, int] | None]) -> list[ShardPiece]:
+    """Hybrid units: the replicas across ``_inter_node_pg`` split the ownership of their shards.
+
+    Pieces of units with the same (inter-node rank, size) are split together (the replicas of
+    this rank hold the same pieces in the same order), so each replica writes 1/R of the rank's
+    hybrid-sharded elements; other pieces keep their ownership. The order of pieces is kept.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, key in enumerate(replica_of):
+        if key is not None and key[1] > 1:
+            groups.setdefault(key, []).append(i)
+    if not groups:
+        return pieces
+    split: dict[int, list[ShardPiece]] = {}
+    for (replica, replicas), idx in groups.items():
+        subs = split_among_replicas([pieces[i] for i in idx], replica, replicas)
+        split.update(zip(idx, subs))
+    return [q for i, p in enumerate(pieces) for q in split.get(i, [p])]
+
+
 def fsdp1_layout(model: nn.Module, include_frozen: bool = True) -> ShardLayout:
     """List this rank's FSDP1 shards as flat-range pieces.
 
@@ -151,6 +172,8 @@ def fsdp1_layout(model: nn.Module, include_frozen: bool = True) -> ShardLayout:
             "with parameters"
         )
     pieces: list[ShardPiece] = []
+    # hybrid strategies: (inter-node rank, inter-node size) of each piece's unit, or None
+    replica_of: list[tuple[int, int] | None] = []
     params: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     managed: set[str] = set()
     process_group = None
@@ -169,10 +192,10 @@ def fsdp1_layout(model: nn.Module, include_frozen: bool = True) -> ShardLayout:
         strategy = unit.sharding_strategy
         group = unit.process_group
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        owner = True
+        replica = None
         if strategy in _HYBRID:
             inter = _private(unit, "_inter_node_pg", "FullyShardedDataParallel (hybrid sharding)")
-            owner = dist.get_rank(inter) == 0
+            replica = (dist.get_rank(inter), dist.get_world_size(inter))
         elif strategy == ShardingStrategy.NO_SHARD and world == 1:
             _refuse_clamped_hybrid(unit, unit_name)
         if process_group is None:
@@ -198,10 +221,14 @@ def fsdp1_layout(model: nn.Module, include_frozen: bool = True) -> ShardLayout:
                 )
             src = local[info.offset_in_shard : info.offset_in_shard + numel]
             if strategy == ShardingStrategy.NO_SHARD:
-                pieces.extend(_owner_split(fqn, shape, local.dtype, start, src, rank, world))
+                split = _owner_split(fqn, shape, local.dtype, start, src, rank, world)
+                pieces.extend(split)
+                replica_of.extend([None] * len(split))
             elif numel > 0:
-                pieces.append(ShardPiece(fqn, shape, local.dtype, start, numel, src, owner=owner))
+                pieces.append(ShardPiece(fqn, shape, local.dtype, start, numel, src))
+                replica_of.append(replica)
 
+    pieces = _share_hybrid(pieces, replica_of)
     for raw_name, p in model.named_parameters():
         if is_flat_param(p) or not (p.requires_grad or include_frozen):
             continue

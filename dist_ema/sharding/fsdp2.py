@@ -11,8 +11,10 @@ with ``assign=True`` swaps storages: use ``ShardLayout.refresh``). ``after_load`
 reshards every unit, so a forward after a write to the shards all-gathers them.
 
 Supported placements: ``(Shard(0),)`` on a 1-d mesh, and HSDP ``(Replicate(), Shard(0))``
-on a 2-d mesh. In HSDP every replica tracks its shard, but only the replica with
-coordinate 0 on the replicate axis owns (writes) it. Everything else (``Shard(1)``,
+on a 2-d mesh. In HSDP every replica tracks its whole shard (a swapped-in EMA exists on
+every rank), and the R replicas of a shard split the writing: replicate coordinate i owns
+the i-th 1/R of the shard's elements (``share_among_replicas``), so a snapshot's bytes per
+rank fall R-fold instead of resting on replicate coordinate 0. Everything else (``Shard(1)``,
 ``_StridedShard`` from TP+FSDP, ``Partial``, ...) is refused with
 ``UnsupportedEngineError``: such shards are not contiguous flat ranges.
 """
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from dist_ema.sharding.base import ShardLayout, ShardPiece, UnsupportedEngineError
+from dist_ema.sharding.base import ShardLayout, ShardPiece, UnsupportedEngineError, share_among_replicas
 from dist_ema.sharding.replicated import clean_fqn, persistent_buffers
 
 __all__ = ["fsdp2_layout", "reshard_all"]
@@ -42,7 +44,8 @@ class _Placement:
     shard_mesh_dim: int
     shard_rank: int
     shard_world: int
-    owner: bool
+    replica: int  # coordinate on the replicate axis (0 without one)
+    replicas: int  # size of the replicate axis (1 without one)
 
 
 def _local_tensor(p: DTensor, fqn: str) -> torch.Tensor:
@@ -69,10 +72,10 @@ def _placement(p: DTensor, fqn: str) -> _Placement:
     placements = tuple(p.placements)
     is_shard0 = [type(pl) is Shard and pl.dim == 0 for pl in placements]
     if mesh.ndim == 1 and is_shard0 == [True]:
-        return _Placement(0, mesh.get_local_rank(0), mesh.size(0), owner=True)
+        return _Placement(0, mesh.get_local_rank(0), mesh.size(0), replica=0, replicas=1)
     if mesh.ndim == 2 and type(placements[0]) is Replicate and is_shard0 == [False, True]:
-        owner = mesh.get_local_rank(0) == 0
-        return _Placement(1, mesh.get_local_rank(1), mesh.size(1), owner=owner)
+        return _Placement(1, mesh.get_local_rank(1), mesh.size(1), replica=mesh.get_local_rank(0),
+                          replicas=mesh.size(0))
     raise UnsupportedEngineError(
         f"parameter {fqn!r} has placements {placements} on a {mesh.ndim}-d device mesh "
         f"{tuple(mesh.shape)}{'' if mesh.mesh_dim_names is None else ' ' + str(mesh.mesh_dim_names)}; "
@@ -109,7 +112,7 @@ def fsdp2_layout(model: nn.Module, include_frozen: bool = True) -> ShardLayout:
     pieces: list[ShardPiece] = []
     params: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     mesh = None
-    shard_mesh_dim = 0
+    shard_mesh_dim, replica, replicas = 0, 0, 1
     for raw_name, p in model.named_parameters():
         if not (p.requires_grad or include_frozen):
             continue
@@ -124,6 +127,7 @@ def fsdp2_layout(model: nn.Module, include_frozen: bool = True) -> ShardLayout:
         where = _placement(p, fqn)
         if mesh is None:
             mesh, shard_mesh_dim = p.device_mesh, where.shard_mesh_dim
+            replica, replicas = where.replica, where.replicas
         elif p.device_mesh != mesh:
             raise UnsupportedEngineError(
                 f"parameter {fqn!r} lives on device mesh {p.device_mesh} but earlier parameters on "
@@ -158,9 +162,10 @@ def fsdp2_layout(model: nn.Module, include_frozen: bool = True) -> ShardLayout:
                 flat_start=row0 * row_size,
                 numel=rows * row_size,
                 source=local.view(-1),
-                owner=where.owner,
             )
         )
+    if replicas > 1:  # HSDP: the replicas of this shard write 1/replicas of it each
+        pieces = share_among_replicas(pieces, replica, replicas)
     return ShardLayout(
         engine="fsdp2",
         pieces=pieces,

@@ -153,8 +153,13 @@ class Layout:
         return lid
 
     def model_fingerprint(self) -> str:
-        """Hash of the parameter table only (names, shapes, dtypes): same model <=> same fingerprint."""
-        return hashlib.sha256(json.dumps([[f, list(s)] for f, s, _ in self.params]).encode()).hexdigest()[:16]
+        """Hash of the parameter names and shapes: same model <=> same fingerprint.
+
+        Independent of the table's order: engines list parameters in different orders (FSDP1
+        unit by unit, a plain model in module order), and one store may hold both.
+        """
+        table = sorted([f, list(s)] for f, s, _ in self.params)
+        return hashlib.sha256(json.dumps(table).encode()).hexdigest()[:16]
 
     # ---- (de)serialization: params.json and rank-<r>.json
     def params_json(self) -> str:
@@ -179,15 +184,25 @@ class Layout:
         return lay
 
     # ---- where is each element
-    def piece_index(self) -> list[list[tuple[int, int, int, int]]]:
-        """Per parameter: sorted [(flat_start, numel, rank, offset)]."""
+    def piece_index(self, order: Layout | None = None) -> list[list[tuple[int, int, int, int]]]:
+        """Per parameter: sorted [(flat_start, numel, rank, offset)].
+
+        With ``order`` (another layout of the same model): indexed by ``order``'s parameter
+        positions, matched by name, so ``translate`` can take ``order``'s unit segments.
+        """
         out: list[list[tuple[int, int, int, int]]] = [[] for _ in self.params]
         for r, pieces in enumerate(self.ranks):
             for p, start, numel, off in pieces:
                 out[p].append((start, numel, r, off))
         for lst in out:
             lst.sort()
-        return out
+        if order is None or order.params == self.params:
+            return out
+        mine = self.fqn_index()
+        missing = [f for f, _, _ in order.params if f not in mine]
+        if missing:
+            raise ValueError(f"layouts of different models: parameters {missing[:3]} are not in this layout")
+        return [out[mine[f]] for f, _, _ in order.params]
 
 
 @dataclass(frozen=True)
@@ -281,7 +296,11 @@ def translate(
     src_index: Sequence[Sequence[tuple[int, int, int, int]]],
     segments: Iterable[tuple[int, int, int, int]],
 ) -> list[Read]:
-    """Reads in another layout (src_index = its piece_index()) for the given unit segments."""
+    """Reads in another layout for the given unit segments.
+
+    src_index: the other layout's ``piece_index(order=<the segments' layout>)``, so that the
+    segments' parameter positions name the same parameters in both.
+    """
     reads = []
     for p, start, numel, uoff in segments:
         for rd in plan_region(src_index[p], start, start + numel):
