@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-test,s3,plot,deepspeed,demo}
+EXTRAS=${EXTRAS:-test,s3,plot,deepspeed,demo,lightning,accelerate}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

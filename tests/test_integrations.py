@@ -74,3 +74,26 @@ def test_lightning_ddp_with_gradient_accumulation_validation_swap_and_checkpoint
     assert [x.step for x in store.snapshots()] == [2, 4, 6, 8, 10]
     for k, v in b["ema"][0.10].items():
         assert torch.equal(store.read(10, 0.10, k), v), k
+
+
+@pytest.mark.timeout(600)
+def test_accelerate_ddp_with_gradient_accumulation_and_save_load_state(tmp_path):
+    pytest.importorskip("accelerate")
+    app = str(ROOT / "tests" / "apps" / "accelerate_app.py")
+    # on CPU, "--cpu" starts one process (several need MPI); "--multi_gpu" starts them with torchrun, and the
+    # script's Accelerator(cpu=True) then joins them with gloo
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]
+    _run([*launch, app, str(tmp_path), "a"])
+    assert (tmp_path / "state" / "dist_ema" / ".metadata").is_file()
+    _run([*launch, app, str(tmp_path), "b"])
+    a, b = (torch.load(tmp_path / f"{p}.pt", weights_only=True) for p in "ab")
+    assert a["world"] == b["world"] == 2
+    assert len(a["trajectory"]) == 6 and a["clock"] == (6, 6.0, 6)
+    for s in SIGMAS:
+        _check(a["ema"][s], a["trajectory"], s, "phase a")
+    full = a["trajectory"] + b["trajectory"]
+    assert len(full) == 10 and b["clock"] == (10, 10.0, 10)
+    for s in SIGMAS:
+        _check(b["ema"][s], full, s, "after load_state")
