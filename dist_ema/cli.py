@@ -145,7 +145,6 @@ def _open_store(args: argparse.Namespace):
     from dist_ema.store import open_store
     from dist_ema.store.fs import StoreError, StoreIO, StoreUnreachableError
     from dist_ema.store.layout import STORE_MARKER
-    from dist_ema.synthesis import MARKER
 
     url, opts = _store_url(args)
     local = "://" not in url or url.startswith("file://")
@@ -163,6 +162,8 @@ def _open_store(args: argparse.Namespace):
     except StoreUnreachableError:
         raise  # nothing to look for there
     except StoreError:
+        from dist_ema.synthesis import MARKER  # imports torch: only when needed
+
         io = StoreIO(url, opts)
         if io.exists(f"zarr/{STORE_MARKER}"):  # a safetensors synthesis output: its store is one level down
             store = f"{url.rstrip('/')}/zarr"
