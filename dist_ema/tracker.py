@@ -188,6 +188,7 @@ class PostHocEMA:
         if isinstance(module, torch.nn.Module):
             module.register_load_state_dict_post_hook(self._on_model_load)
         self.profiles = [self._new_profile(s, g) for s, g in zip(self.config.sigma_rels, self.config.gammas)]
+        self._build_update_plan()  # staging buffers now, not in the first update (which only compiles)
         _install_optimizer_hook()
         self._opt_steps_at_init = self._opt_steps_at_update = _OPTIMIZER_STEPS[0]
         self.step = 0  # optimizer steps seen (applied ones)
@@ -257,6 +258,7 @@ class PostHocEMA:
             )
         self.layout = new
         self._set_pieces(new.pieces)
+        self._build_update_plan()
         # the resync writes into the parameter tensors it was built with: rebuild it too
         self._resync = _replicated_resync(self.model, new)
         self._stale = False
@@ -377,16 +379,22 @@ class PostHocEMA:
             # an exception is propagating (maybe on this rank only): no collectives, just stop the writer
             self.snapshots.abandon()
 
+    def _build_update_plan(self) -> None:
+        """The fused update over the current sources (built when the pieces change; compiles at its first call)."""
+        self._update_plan = None
+        if self.config.update_impl == "foreach" or not self.pieces:
+            return
+        from dist_ema.kernels import DEFAULT_MIN_NUMEL, FusedUpdate
+
+        fused = self.config.update_impl == "fused"
+        self._update_plan = FusedUpdate([prof.views for prof in self.profiles], [p.source for p in self.pieces],
+                                        min_numel=1 if fused else DEFAULT_MIN_NUMEL)
+
     def _apply(self, t: float, t_delta: float) -> None:
         weights = [1.0 - phema.power_beta(prof.gamma, t, t_delta) for prof in self.profiles]  # host floats: no sync
         if self.config.update_impl != "foreach" and self.pieces:
             if self._update_plan is None:
-                from dist_ema.kernels import DEFAULT_MIN_NUMEL, FusedUpdate
-
-                fused = self.config.update_impl == "fused"
-                self._update_plan = FusedUpdate([prof.views for prof in self.profiles],
-                                                [p.source for p in self.pieces],
-                                                min_numel=1 if fused else DEFAULT_MIN_NUMEL)
+                self._build_update_plan()
             self._update_plan(weights)
             return
         self._apply_foreach(weights)
