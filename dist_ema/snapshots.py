@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from dist_ema.collective import all_gather_object, raise_if_any, rank, run_and_check, world_size
+from dist_ema.staging import Stager, Ticket
 from dist_ema.store.fs import StoreError, StoreIO, redact
 from dist_ema.store.io import ensure_store, read_commits, remove_snapshot, retire_snapshots, write_layout
 from dist_ema.store.layout import (
@@ -118,9 +119,10 @@ class SnapshotConfig:
 @dataclass
 class _Pending:
     snap: str
-    jid: int
+    jid: int | None  # None: staged on the device, handed to the writer once the copy finished
     meta: dict
     t: float
+    ticket: Ticket | None = None
 
 
 def read_pieces(reader: SnapshotStore, snap, profile: int, pieces, offsets) -> np.ndarray:
@@ -168,6 +170,7 @@ class SnapshotManager:
         self._resume = resume
         self._local_errors: dict[str, str] = {}  # snapshot -> error raised outside an exchange, reported at the next
         self._stage_dtype = _TORCH_DTYPES[config.dtype]
+        self.stager: Stager | None = None  # made with the writer's slots at the first snapshot
         # validate everything (store, resume) before creating the writer's process and shared memory
         self._startup()
         self.resumed = self._resume_from_store() if resume else None
@@ -281,43 +284,51 @@ class SnapshotManager:
                             "rank) and when_behind='skip'; %d skipped so far", snap, len(self.skipped))
             return None
         t0 = time.perf_counter()
-        slot, err = None, None
+        ticket, err = None, None
+        meta = self._meta()
         try:
             slot = self.writer.acquire_slot()  # blocks for the oldest write if needed (backpressure)
-            self._stage(slot)
+            buffers = list(ema.layout.buffers.values()) if self.rank == 0 and meta["buffers"] else []
+            ticket = self._stage(slot, buffers)
         except Exception as e:  # noqa: BLE001 - exchanged below
             err = e
         self.stall_seconds.append(time.perf_counter() - t0)
         raise_if_any(err, f"staging snapshot {snap}", self.group, StoreError)
-        meta = self._meta()
-        buffers = None
-        if self.rank == 0 and meta["buffers"]:
-            buffers = [b.detach().cpu().numpy().copy() for b in ema.layout.buffers.values()]
-        try:
-            jid = self.writer.submit({"kind": "data", "snap": snap, "buffers": buffers}, slot)
-        except StoreError as e:  # the writer died since the exchange: reported to every rank at the next one
-            self._local_errors[snap] = str(e)
-            jid = -1
-        self.pending.append(_Pending(snap, jid, meta, float(meta["t"])))
+        # on a GPU the copy may still run: the writer gets the job once it finished (see submit_staged)
+        self.pending.append(_Pending(snap, None, meta, float(meta["t"]), ticket))
+        self.submit_staged()
         return snap
 
-    def _stage(self, slot: int) -> None:
-        n = self.ema.owned_numel
-        if n == 0:  # this rank owns nothing (a small model on many ranks): no data, it still commits with the rest
-            return
-        dst = torch.frombuffer(self.writer.stage_view(slot), dtype=self._stage_dtype,
-                               count=n * len(self.ema.profiles))
-        if self.ema.device.type == "cuda":  # pragma: no cover - needs a GPU
-            # copy on a side stream; the job is queued only after the copy finished
-            stream = torch.cuda.Stream(self.ema.device)
-            stream.wait_stream(torch.cuda.current_stream(self.ema.device))
-            with torch.cuda.stream(stream):
-                for k, prof in enumerate(self.ema.profiles):
-                    dst[k * n : (k + 1) * n].copy_(prof.flat[:n], non_blocking=True)
-            stream.synchronize()
-            return
-        for k, prof in enumerate(self.ema.profiles):
-            dst[k * n : (k + 1) * n].copy_(prof.flat[:n])
+    def submit_staged(self, block: bool = False) -> None:
+        """Hand staged snapshots whose device-to-host copy finished to the writer (local, never raises)."""
+        for p in self.pending:
+            if p.jid is not None or p.ticket is None:
+                continue
+            if not self.stager.ready(p.ticket):
+                if not block:
+                    continue
+                self.stager.wait(p.ticket)
+            buffers = [b.numpy().copy() for b in p.ticket.payload.get("buffers", [])] or None
+            try:
+                p.jid = self.writer.submit({"kind": "data", "snap": p.snap, "buffers": buffers}, p.ticket.slot)
+            except StoreError as e:  # the writer died since the exchange: reported to every rank at the next one
+                self._local_errors[p.snap] = str(e)
+                p.jid = -1
+            p.ticket = None
+
+    def before_update(self) -> None:
+        """Called by update() before it changes the EMA: order it after queued copies; submit finished ones."""
+        if self.pending:
+            self.stager.order_update()
+            self.submit_staged()
+
+    def _stage(self, slot: int, buffers: list[torch.Tensor]) -> Ticket:
+        # a rank that owns nothing (a small model on many ranks) stages no data; it still commits with the rest
+        if self.stager is None or self.stager.slots_of is not self.writer:
+            self.stager = Stager(self.ema.device, self.writer.stage_view, self.config.slots, self._stage_dtype)
+            self.stager.slots_of = self.writer
+        return self.stager.start(slot, [prof.flat for prof in self.ema.profiles], self.ema.owned_numel,
+                                 buffers=buffers)
 
     def exchange(self, block: bool = False) -> bool:
         """Collect writer results, agree across ranks, commit what every rank finished. Collective.
@@ -363,6 +374,9 @@ class SnapshotManager:
             if self.rank == 0:
                 log.error("dist-ema: %s; starting a new writer (on_error='warn', training continues)", detail)
             if dead is not None:
+                if self.stager is not None:
+                    self.stager.close()
+                    self.stager = None
                 self.writer.close(timeout=5)
             self.writer = run_and_check(
                 lambda: self._new_writer() if dead is not None else self.writer,
@@ -387,6 +401,8 @@ class SnapshotManager:
 
     def _collect(self, block: bool):
         """This rank's writer results (local, never raises): done, failed, commits done/failed, death."""
+        if self.writer.dead() is None:
+            self.submit_staged(block)  # copies finished on the device (all of them when blocking)
         mine_done, mine_failed, commit_ok, commit_failed = [], dict(self._local_errors), [], {}
         self._local_errors = {}
         dead = self.writer.dead()
@@ -394,7 +410,7 @@ class SnapshotManager:
             try:
                 self.writer.poll()
                 for p in self.pending:
-                    if p.snap in mine_failed:
+                    if p.snap in mine_failed or p.jid is None:
                         continue
                     res = self.writer.wait(p.jid) if block else self.writer.done(p.jid)
                     if res is None:
@@ -463,6 +479,8 @@ class SnapshotManager:
         finally:
             self._closed = True
             _LIVE.discard(self)
+            if self.stager is not None:
+                self.stager.close()
             self.writer.close()
 
     def abandon(self) -> None:
@@ -471,6 +489,8 @@ class SnapshotManager:
             return
         self._closed = True
         _LIVE.discard(self)
+        if self.stager is not None:
+            self.stager.close()
         if self.writer is not None:
             self.writer.close(timeout=30)
 

@@ -322,6 +322,8 @@ class PostHocEMA:
         if self.step % self.config.update_every != 0:
             return False
         t_delta = self.t - self._t_updated
+        if self.snapshots is not None:  # on a GPU: after the copy of a staged snapshot, on the device
+            self.snapshots.before_update()
         self._apply(self.t, t_delta)
         self._t_updated = self.t
         self.updates += 1
