@@ -1,6 +1,10 @@
 """The ``dist-ema`` command.
 
-    dist-ema error --tracked 0.05 0.10 --snapshot-every 1000 --steps 100000 --targets 0.05 0.1 0.15
+    dist-ema error --sigma-rels 0.05 0.10 --snapshot-every 1000 --steps 100000 --targets 0.05 0.1 0.15
+    dist-ema synthesize runs/exp1/snapshots --sigma-rels 0.1 0.15 --out runs/exp1/synth
+
+Flags are spelled as in the config file and the training script (``--sigma-rels``,
+``--snapshot-every``, ``--steps``); the older ``--tracked`` and ``--sigma-rel`` are aliases.
 
 Each subcommand lives in one function ``_cmd_<name>(args) -> int``; the parser is built
 in :func:`build_parser`. The CLI (not the library) configures logging.
@@ -51,8 +55,9 @@ def _cmd_error(args: argparse.Namespace) -> int:
     from dist_ema.config import load_config
 
     cfg = load_config(args.config)  # None: the defaults
-    if args.tracked is None:
-        args.tracked = list(cfg.sigma_rels)
+    if args.sigma_rels is None:
+        args.sigma_rels = list(cfg.sigma_rels)
+    args.tracked = args.sigma_rels
     if args.snapshot_every is None:
         args.snapshot_every = float(cfg.snapshot_every * cfg.update_every) if cfg.snapshot_every else 1000.0
     t, g = schedule_profiles(args.tracked, args.snapshot_every, args.steps)
@@ -186,8 +191,9 @@ def _cmd_ls(args: argparse.Namespace) -> int:
             p = store.verify(s)
             problems += p
             status = "ok" if not p else f"{len(p)} problem(s)"
+        engine = s.meta.get("engine", "?")
         rows.append([s.id, str(s.step), f"{s.t:g} {s.unit}", ",".join(f"{x:g}" for x in s.sigma_rels), s.dtype,
-                     str(s.world_size), s.meta.get("engine", "?"), *([status] if args.verify else [])])
+                     str(s.world_size), _ENGINE_NAMES.get(engine, engine), *([status] if args.verify else [])])
     headers = ["snapshot", "step", "t", "sigma_rels", "dtype", "ranks", "engine", *(["verify"] if args.verify else [])]
     if rows:
         print(_format_table(headers, rows))
@@ -197,6 +203,10 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     for p in problems:
         print(f"PROBLEM: {p}", file=sys.stderr)
     return 1 if problems else 0
+
+
+# engine names as stored -> as shown: "replicated" is DDP or a plain module (each rank averages 1/world)
+_ENGINE_NAMES = {"replicated": "ddp/plain"}
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -209,7 +219,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     for k in ("step", "t", "unit", "dtype", "world_size", "engine", "layout", "model", "update_every"):
         if k in meta:
-            print(f"{k:>13}: {meta[k]}")
+            value = meta[k]
+            if k == "engine" and value in _ENGINE_NAMES:
+                value = f"{_ENGINE_NAMES[value]} (stored as {value!r}: each rank averages 1/world of every parameter)"
+            print(f"{k:>13}: {value}")
     for p in snap.meta["profiles"]:
         extra = f"  error {100 * p['error']:.3f}%" if "error" in p else ""
         print(f"      profile: {p['array']} sigma_rel {p['sigma_rel']:.4f} gamma {p['gamma']:.3f}{extra}")
@@ -225,11 +238,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_synthesize(args: argparse.Namespace) -> int:
     import os
 
-    from dist_ema.synthesis import HIGH_ERROR, high_error_warnings, summary, synthesize
+    from dist_ema.synthesis import HIGH_ERROR, high_error_warnings, synthesize
 
     url, opts = _store_url(args)
     res = synthesize(
-        url, sigma_rels=args.sigma_rel, t=args.t, step=args.step, out=args.out, format=args.format,
+        url, sigma_rels=args.sigma_rels, t=args.t, step=args.step, out=args.out, format=args.format,
         dtype=args.dtype, storage_options=opts, overwrite=args.overwrite,
         progress=not args.no_progress,
     )
@@ -238,31 +251,56 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
         rows = [[f"{x['sigma_rel']:.4f}", f"{x['gamma']:.3f}", f"{x['t']:g}", f"{100 * x['error']:.3f}%",
                  "HIGH (see below)" if x["error"] > HIGH_ERROR else ""] for x in res.targets]
         print(_format_table(["sigma_rel", "gamma", "t", "rel. error", "note"], rows))
-        print(summary(res))
+        # the summary line (bytes, time, output) is synthesize()'s own INFO log line: not printed twice
         for line in high_error_warnings(res.targets):
             print(f"WARNING: {line}")
     return 0
 
 
+def _error_prefix(command: str | None) -> str:
+    """``dist-ema ls: error:``; for the ``error`` command ``dist-ema error:`` (not ``error: error:``)."""
+    if not command:
+        return "dist-ema: error:"
+    return "dist-ema error:" if command == "error" else f"dist-ema {command}: error:"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error prefix (see :func:`_error_prefix`)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else None
+        self.exit(2, f"{_error_prefix(command)} {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dist-ema", description="Post-hoc EMA for sharded training.")
+    from dist_ema import __version__
+
+    p = _Parser(prog="dist-ema", description="Post-hoc EMA for sharded training.")
+    p.add_argument("--version", action="version", version=f"dist-ema {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    # -v after the subcommand too; SUPPRESS: a subcommand that was not given -v keeps the top-level value
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log at DEBUG level")
 
     e = sub.add_parser(
-        "error",
+        "error", parents=[verbose],
         help="reconstruction error of target profiles for a planned snapshot schedule",
         description="Choose tracked profiles and a snapshot interval before training: prints the "
         "relative L2 error and condition number of each target profile's reconstruction.",
     )
-    e.add_argument("--tracked", type=float, nargs="+", default=None, metavar="SIGMA_REL",
-                   help="sigma_rel of each tracked profile (default: --config's sigma_rels, else 0.05 0.10)")
+    e.add_argument("--sigma-rels", "--tracked", dest="sigma_rels", type=float, nargs="+", default=None,
+                   metavar="SIGMA_REL", help="sigma_rel of each tracked profile, as in training (default: "
+                   "--config's sigma_rels, else 0.05 0.10; --tracked is an alias)")
     e.add_argument("--snapshot-every", type=float, default=None,
                    help="snapshot interval in steps (default: --config's snapshot_every x update_every, else 1000)")
     e.add_argument("--config", metavar="FILE.toml", help="dist-ema config file: tracked profiles and interval")
     e.add_argument("--steps", type=float, default=100_000, help="training length in steps (default 100000)")
     e.add_argument("--targets", type=float, nargs="+", default=[0.03, 0.05, 0.07, 0.10, 0.15, 0.20, 0.25],
-                   metavar="SIGMA_REL", help="target sigma_rels to evaluate")
+                   metavar="SIGMA_REL", help="target sigma_rels to evaluate (default 0.03 0.05 0.07 0.1 0.15 0.2 "
+                   "0.25)")
     e.add_argument("--t", type=float, default=None, help="target time (default: end of training)")
     e.add_argument("--plot", metavar="FILE.png", help="draw target vs reconstructed profiles (needs matplotlib)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -278,36 +316,47 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", metavar="FILE.toml",
                         help="dist-ema config file: its [dist_ema] store and storage_options are the defaults")
 
-    ls = sub.add_parser("ls", help="list committed snapshots of a store")
+    ls = sub.add_parser("ls", parents=[verbose], help="list committed snapshots of a store")
     store_args(ls)
     ls.add_argument("--verify", action="store_true", help="read every object and check its checksum")
     ls.set_defaults(func=_cmd_ls)
 
-    ins = sub.add_parser("inspect", help="show one snapshot's metadata and parameters")
+    ins = sub.add_parser("inspect", parents=[verbose], help="show one snapshot's metadata and parameters")
     store_args(ins)
     ins.add_argument("--step", type=int, default=None, help="snapshot step (default: newest)")
     ins.add_argument("--max-params", type=int, default=20, help="parameters to list (default 20)")
     ins.add_argument("--json", action="store_true", help="print JSON")
     ins.set_defaults(func=_cmd_inspect)
 
-    sy = sub.add_parser("synthesize", help="synthesize the EMA for new sigma_rels (also under torchrun)")
+    sy = sub.add_parser("synthesize", parents=[verbose],
+                        help="synthesize the EMA for new sigma_rels (also under torchrun)")
     store_args(sy)
-    sy.add_argument("--sigma-rel", type=float, nargs="+", required=True, help="target sigma_rel(s)")
+    sy.add_argument("--sigma-rels", "--sigma-rel", dest="sigma_rels", type=float, nargs="+", required=True,
+                    metavar="SIGMA_REL", help="target sigma_rel(s), each in (0, 0.2887) (--sigma-rel is an alias)")
     when = sy.add_mutually_exclusive_group()
     when.add_argument("--t", type=float, default=None, help="target time (default: the newest snapshot's)")
     when.add_argument("--step", type=int, default=None, help="target the time of the snapshot at this step")
     sy.add_argument("--out", required=True, help="output directory (safetensors) or store URL (zarr)")
-    sy.add_argument("--format", choices=["safetensors", "zarr"], default="safetensors")
-    sy.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    sy.add_argument("--format", choices=["safetensors", "zarr"], default="safetensors",
+                    help="safetensors (default): a Zarr store under <out>/zarr and one safetensors file per "
+                    "target in <out>/sigma_rel-<s>/; zarr: the Zarr store at --out only")
+    sy.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="dtype of the synthesized weights (default float32; accumulation is float64 either way)")
     sy.add_argument("--overwrite", action="store_true", help="replace an existing output")
     sy.add_argument("--no-progress", action="store_true", help="no progress bar")
     sy.set_defaults(func=_cmd_synthesize)
+    p.subcommands = {"error": e, "ls": ls, "inspect": ins, "synthesize": sy}  # type: ignore[attr-defined]
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from dist_ema.config import unknown_flags_message
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse leaves a subcommand's typos to the top level: report them with that subcommand
+        sub = parser.subcommands[args.command]  # type: ignore[attr-defined]
+        sub.error(unknown_flags_message(sub, unknown))
     # dist-ema's own lines at INFO (DEBUG with -v); other libraries' only from WARNING (e.g. not
     # botocore's "Found credentials in environment variables")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -315,17 +364,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from dist_ema.store.fs import UNREACHABLE, StoreError, classify, unreachable_message
 
+    prefix = _error_prefix(args.command)
     try:
         return int(args.func(args) or 0)
     except (ValueError, StoreError, FileExistsError, KeyError) as e:
-        print(f"dist-ema {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prefix} {e}", file=sys.stderr)
         return 2
     except Exception as e:
         if classify(e) == UNREACHABLE:  # e.g. from a zarr read, below dist-ema's retries
-            print(f"dist-ema {args.command}: error: {unreachable_message(e, args.command)}", file=sys.stderr)
+            print(f"{prefix} {unreachable_message(e, args.command)}", file=sys.stderr)
             return 2
         if isinstance(e, OSError):  # a path that is not what it should be (a file for a folder, no permission)
-            print(f"dist-ema {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+            print(f"{prefix} {type(e).__name__}: {e}", file=sys.stderr)
             return 2
         raise
 

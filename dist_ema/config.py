@@ -43,6 +43,8 @@ __all__ = [
     "field_docs",
     "load_config",
     "load_toml",
+    "parse_args",
+    "unknown_flags_message",
 ]
 
 TABLE = "dist_ema"  # the TOML table this module reads
@@ -193,7 +195,7 @@ class DistEMAConfig:
         opts = _redact(self.storage_options) if self.storage_options else None
         every = "on demand" if self.snapshot_every is None else f"every {self.snapshot_every} updates"
         return (f"{head} store={self.store} snapshots {every} dtype={self.storage_dtype} "
-                f"compression={self.compression} keep={self.keep} writer={self.writer} "
+                f"compression={self.compression or 'none'} keep={self.keep or 'all'} writer={self.writer} "
                 f"when_behind={self.when_behind} on_error={self.on_error}"
                 + (f" storage_options={opts}" if opts else ""))
 
@@ -228,7 +230,7 @@ def _check_sigma_rels(value: object) -> tuple[float, ...]:
 def _check_int(name: str, value: object, *, minimum: int, example: str, unit: str, optional: bool = False,
                extra: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        hint = " (a string: drop the quotes)" if isinstance(value, str) else ""
+        hint = " (a string: drop the quotes)" if isinstance(value, str) and value.strip().isdigit() else ""
         leave = " or leave it out" if optional else ""
         raise ConfigError(f"dist_ema.{name} must be an integer >= {minimum} ({unit}){extra}; got {value!r}{hint}. "
                           f"Fix: {example}{leave}")
@@ -355,7 +357,13 @@ def _json_object(text: str) -> dict:
 
 
 def _keep(text: str) -> int | str:
-    return text if text.lower() == "all" else int(text)
+    if text.lower() == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer K >= 2 (snapshots, thinned evenly over the run) or "
+                                         f"'all'; got {text!r}") from None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_flag: bool = True) -> None:
@@ -364,7 +372,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_flag: bool = Tr
     if config_flag:
         g.add_argument("--config", metavar="FILE.toml", default=None,
                        help="dist-ema config file with a [dist_ema] table (flags below override it)")
-    g.add_argument("--sigma-rels", type=float, nargs="+", metavar="S", help="tracked profiles, each in (0, 0.2887)")
+    g.add_argument("--sigma-rels", "--sigma-rel", type=float, nargs="+", metavar="S",
+                   help="tracked profiles, each in (0, 0.2887)")
     g.add_argument("--update-every", type=int, metavar="N", help="update the EMAs every N optimizer steps")
     g.add_argument("--snapshot-every", type=int, metavar="N", help="snapshot every N EMA updates")
     g.add_argument("--store", metavar="URL", help="snapshot store: local path, s3://bucket/prefix, ...")
@@ -384,13 +393,64 @@ def config_from_args(args: argparse.Namespace) -> DistEMAConfig:
     return apply_overrides(cfg, overrides)
 
 
-def field_docs() -> dict[str, str]:
-    """The docstring of every :class:`DistEMAConfig` field (for help texts and the README's reference)."""
+class FieldDocs(dict):
+    """{field: docstring}; printed, one entry per key with its default and flag (the README's table)."""
+
+    def __str__(self) -> str:
+        import textwrap
+
+        flags = {name: flag for flag, name in _FLAGS.items()}
+        defaults = {f.name: f.default for f in dataclasses.fields(DistEMAConfig)}
+        unset = {"compression": '"none"', "keep": '"all"', "storage_options": "the environment"}  # None means
+        out = []
+        for name, doc in self.items():
+            d = defaults[name]
+            d = unset.get(name, "none") if d is None else json.dumps(list(d) if isinstance(d, tuple) else d)
+            out.append(f"{name} (default {d}; flag {flags[name]})")
+            out += textwrap.wrap(" ".join(doc.split()), 96, initial_indent="    ", subsequent_indent="    ",
+                                 break_on_hyphens=False)
+        return "\n".join(out)
+
+
+def field_docs() -> FieldDocs:
+    """The docstring of every :class:`DistEMAConfig` field (for help texts and the README's reference).
+
+    A dict; ``print(field_docs())`` shows each key with its default, flag and text::
+
+        >>> print(field_docs())
+        sigma_rels (default [0.05, 0.1]; flag --sigma-rels)
+            Tracked profiles: ...
+    """
     tree = ast.parse(inspect.getsource(DistEMAConfig))
     body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
+    docs = FieldDocs()
     for node, nxt in zip(body, body[1:]):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
                 and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
             docs[node.target.id] = inspect.cleandoc(nxt.value.value)
     return docs
+
+
+# ---------------------------------------------------------------------------------- flag typos
+
+
+def unknown_flags_message(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
+    """argparse's "unrecognized arguments" line, with the closest flag of ``parser`` for each typo.
+
+    Example: ``unrecognized arguments: --verfy (did you mean --verify?)``.
+    """
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    words = []
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6) if flag.startswith("-") else []
+        words.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+    return f"unrecognized arguments: {' '.join(words)}"
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but a mistyped flag names the closest valid one (exit 2)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(unknown_flags_message(parser, unknown))
+    return args

@@ -63,10 +63,11 @@ def validate_sigma_rel(sigma_rel: ArrayLike, name: str = "sigma_rel") -> np.ndar
     s = _as_f64(sigma_rel, name)
     bad = (s <= 0) | (s >= SIGMA_REL_MAX)
     if np.any(bad):
+        why = ("sigma_rel is the EMA's width relative to the training time, so it must be > 0"
+               if np.any(s <= 0) else "sigma_rel >= 1/sqrt(12) has no power-function profile (gamma < 0)")
         raise ValueError(
             f"{name} must be in (0, {SIGMA_REL_MAX:.4f}); got {np.asarray(sigma_rel)[bad].tolist()}. "
-            f"sigma_rel >= 1/sqrt(12) has no power-function profile (gamma < 0); "
-            f"typical values are 0.05-0.20."
+            f"{why}; typical values are 0.05-0.20."
         )
     return s
 

@@ -42,7 +42,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_ema import PostHocEMA  # dist-ema
-from dist_ema.config import add_config_arguments, apply_overrides, config_from_args, load_toml  # dist-ema
+from dist_ema.config import (  # dist-ema
+    add_config_arguments,
+    apply_overrides,
+    config_from_args,
+    load_toml,
+    parse_args,
+)
 
 log = logging.getLogger("dist_ema")
 
@@ -363,7 +369,7 @@ def _build_deepspeed(net: nn.Module, s: TrainSettings, device: torch.device) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)  # argparse, with 'did you mean --snapshot-every?' for typos
     s = train_settings(args)
     ema_cfg = config_from_args(args)  # dist-ema: [dist_ema] table of --config, flags override
     if ema_cfg.store is not None and ema_cfg.snapshot_every is None:
@@ -416,9 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("step %d/%d  loss %.4f  (%.1f ms/step)", step + 1, s.steps, loss.item(),
                          1e3 * (time.perf_counter() - t0) / (step + 1 - start))
         seconds = time.perf_counter() - t0
-        if ema_cfg.store is not None and ema.updates > 0:
-            ema.snapshot()  # dist-ema: a final snapshot (no-op if one was just taken at this step)
-        ema.close()  # dist-ema: wait until every snapshot is written and committed
+        ema.close()  # dist-ema: a final snapshot of the steps after the last one, then wait until all are committed
 
         # held-out loss of the raw weights and of each tracked EMA (swapped in, then restored)
         results = [("raw weights", *evaluate(eng.wrapped, x_held, y_held, eng.input_dtype))]

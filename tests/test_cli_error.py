@@ -53,3 +53,51 @@ def test_error_table_and_plot(tmp_path):
 def test_error_bad_input(argv, needle, capsys):
     assert main(["error", *argv]) == 2
     assert needle in capsys.readouterr().err
+
+
+def _dist_ema(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dist_ema", *argv], capture_output=True, text=True, timeout=120)
+
+
+def test_sigma_rels_is_the_spelling_and_tracked_an_alias(capsys):
+    argv = ["--snapshot-every", "100", "--steps", "2000", "--targets", "0.12", "--json"]
+    assert main(["error", "--sigma-rels", "0.05", "0.1", *argv]) == 0
+    new = json.loads(capsys.readouterr().out)
+    assert main(["error", "--tracked", "0.05", "0.1", *argv]) == 0
+    assert json.loads(capsys.readouterr().out) == new and new["tracked_sigma_rels"] == [0.05, 0.1]
+
+
+def test_errors_of_the_error_command_say_error_once():
+    r = _dist_ema("error", "--sigma-rels", "0.3")
+    assert r.returncode == 2 and r.stderr.startswith("dist-ema error: sigma_rel must be in"), r.stderr
+    r = _dist_ema("error", "--steps", "x")  # argparse's own errors too
+    assert r.returncode == 2 and "dist-ema error: argument --steps: invalid float value" in r.stderr, r.stderr
+    assert "error: error:" not in r.stderr
+
+
+def test_sigma_rel_zero_is_not_explained_by_the_upper_bound(capsys):
+    assert main(["error", "--targets", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "must be in (0, 0.2887); got [0.0]" in err and "must be > 0" in err and "1/sqrt(12)" not in err
+    assert main(["error", "--targets", "0.3"]) == 2
+    assert "1/sqrt(12)" in capsys.readouterr().err  # the upper bound keeps its explanation
+
+
+def test_version_and_verbose_after_the_subcommand():
+    from dist_ema import __version__
+
+    r = _dist_ema("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"dist-ema {__version__}"
+    for argv in (["-v", "error", "--steps", "2000"], ["error", "--steps", "2000", "-v"]):
+        r = _dist_ema(*argv, "--plot", "/nonexistent-dir/p.png")  # -v: matplotlib's DEBUG lines show up
+        assert "DEBUG" in r.stderr, (argv, r.stderr[-500:])
+    assert "DEBUG" not in _dist_ema("error", "--steps", "2000").stderr
+
+
+def test_a_mistyped_flag_names_the_closest_one(tmp_path):
+    r = _dist_ema("ls", str(tmp_path), "--verfy")
+    assert r.returncode == 2
+    assert "usage: dist-ema ls" in r.stderr  # the subcommand's usage, not the top level's
+    assert "dist-ema ls: error: unrecognized arguments: --verfy (did you mean --verify?)" in r.stderr, r.stderr
+    r = _dist_ema("error", "--snapshot-evry", "10")
+    assert "--snapshot-evry (did you mean --snapshot-every?)" in r.stderr, r.stderr

@@ -119,3 +119,42 @@ def test_synthesize_high_error_is_warned_in_the_summary(tmp_path, capsys, caplog
     warn = [x for x in out.splitlines() if x.startswith("WARNING")]
     assert len(warn) == 1 and "0.2886" in warn[0] and "dist-ema error" in warn[0]
     assert any(r.levelno == logging.WARNING and "0.2886" in r.getMessage() for r in caplog.records)
+
+
+def test_synthesize_takes_sigma_rels_like_training_and_sigma_rel_as_an_alias(store, tmp_path, capsys):
+    for i, flag in enumerate(("--sigma-rels", "--sigma-rel")):
+        assert main(["synthesize", store, flag, "0.08", "0.1", "--out", str(tmp_path / f"o{i}"), "--no-progress"]) == 0
+        out = capsys.readouterr().out
+        assert "0.0800" in out and "0.1000" in out
+
+
+def test_synthesis_summary_is_printed_once(store, tmp_path):
+    r = _cli("synthesize", store, "--sigma-rels", "0.08", "--out", str(tmp_path / "o"), "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (r.stdout + r.stderr).count("target(s) at t=") == 1, (r.stdout, r.stderr)
+
+
+def test_synthesize_help_names_format_and_dtype_defaults():
+    r = _cli("synthesize", "--help")
+    text = " ".join(r.stdout.split())
+    assert "safetensors (default)" in text and "default float32" in text, text
+
+
+def test_a_ddp_or_plain_store_shows_its_engine_by_name(store, capsys):
+    assert main(["ls", store]) == 0
+    out = capsys.readouterr().out
+    assert "ddp/plain" in out and "replicated" not in out
+    assert main(["inspect", store]) == 0
+    assert "engine: ddp/plain" in capsys.readouterr().out
+
+
+def test_store_read_of_a_mistyped_name_suggests_the_closest(store):
+    from dist_ema import open_store
+
+    s = open_store(store)
+    step = s.snapshots()[-1].step
+    with pytest.raises(KeyError) as e:
+        s.read(step, 0.05, "fc1.weigth")
+    msg = str(e.value)
+    assert msg.startswith("no parameter 'fc1.weigth'") and "did you mean 'fc1.weight'" in msg, msg
+    assert torch.equal(s.read(step, 0.05, "fc1.weight"), s.read(step, 0.05, "fc1.weight"))  # the right name reads

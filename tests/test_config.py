@@ -263,3 +263,60 @@ def test_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         config_from_args(_parser().parse_args(["--sigma-rels", "0.5"]))
     with pytest.raises(ConfigError, match=r"command-line override: dist_ema.keep"):
         config_from_args(_parser().parse_args(["--keep", "1"]))
+
+
+def test_a_word_for_keep_is_not_told_to_drop_its_quotes(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, '[dist_ema]\nkeep = "last"\n'))
+    assert "drop the quotes" not in str(e.value) and '"all"' in str(e.value), str(e.value)
+    with pytest.raises(ConfigError, match="drop the quotes"):  # a number in quotes is
+        load_config(write(tmp_path, '[dist_ema]\nkeep = "200"\n'))
+
+
+def test_keep_flag_with_a_word(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--keep", "last"])
+    err = capsys.readouterr().err
+    assert "argument --keep: must be an integer K >= 2" in err and "'all'" in err, err
+
+
+def test_describe_spells_none_and_all_as_the_config_does() -> None:
+    line = DistEMAConfig(store="runs/x").describe()
+    assert "compression=none keep=all" in line, line
+    assert "compression=zstd keep=5" in DistEMAConfig(store="runs/x", compression="zstd", keep=5).describe()
+
+
+def test_printed_field_docs_are_text() -> None:
+    text = str(field_docs())
+    assert "\\n" not in text and "{" not in text.splitlines()[0]
+    lines = text.splitlines()
+    assert lines[0] == "sigma_rels (default [0.05, 0.1]; flag --sigma-rels)", lines[0]
+    assert "keep (default \"all\"; flag --keep)" in lines and all(len(x) <= 100 for x in lines)
+    for name, doc in field_docs().items():  # every word of every docstring is printed
+        assert " ".join(doc.split()) in " ".join(text.split()), name
+
+
+def test_sigma_rel_is_an_alias_of_sigma_rels_in_scripts() -> None:
+    assert config_from_args(_parser().parse_args(["--sigma-rel", "0.07"])).sigma_rels == (0.07,)
+
+
+def test_a_mistyped_script_flag_names_the_closest_one(capsys: pytest.CaptureFixture[str]) -> None:
+    from dist_ema.config import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(_parser(), ["--snaphot-every", "5"])
+    assert "unrecognized arguments: --snaphot-every (did you mean --snapshot-every?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(_parser(), ["--zzzzzzz"])
+    assert "unrecognized arguments: --zzzzzzz\n" in capsys.readouterr().err
+
+
+def test_the_training_script_names_the_closest_flag() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "launch/train.py", "--snaphot-every", "3", "--sigma-rel", "0.05"],
+                       capture_output=True, text=True, timeout=120, cwd=str(root))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "unrecognized arguments: --snaphot-every (did you mean --snapshot-every?)" in r.stderr, r.stderr[-2000:]

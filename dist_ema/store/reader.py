@@ -185,7 +185,7 @@ class SnapshotStore:
         lay = self.layout(snap)
         idx = lay.fqn_index()
         if name not in idx:
-            raise KeyError(f"no parameter {name!r} in snapshot {snap.id} (it has {len(idx)} parameters)")
+            raise UnknownParameterError(name, snap.id, list(idx))
         reads = plan_region(self._index[snap.layout_id][idx[name]], start, end)
         out = np.empty(end - start, dtype=np.float32)
         self.read_reads(snap, profile, reads, out)
@@ -197,9 +197,10 @@ class SnapshotStore:
 
         snap = self.snapshot(step)
         k = self.profile_index(snap, sigma_rel, gamma)
-        shape = self.params(snap)[name][0] if name in self.params(snap) else None
-        if shape is None:
-            raise KeyError(f"no parameter {name!r} in snapshot {snap.id}")
+        params = self.params(snap)
+        if name not in params:
+            raise UnknownParameterError(name, snap.id, list(params))
+        shape = params[name][0]
         n = int(np.prod(shape))
         return torch.from_numpy(self.read_region(snap, k, name, 0, n).reshape(shape))
 
@@ -233,6 +234,24 @@ class SnapshotStore:
                 except Exception as e:  # noqa: BLE001 - reported, not raised
                     problems.append(f"{snap.id}: rank {r} profile p{k}: {type(e).__name__}: {e}")
         return problems
+
+
+class UnknownParameterError(KeyError):
+    """A parameter name that a snapshot does not hold; the message names the closest ones.
+
+    A ``KeyError`` (what a dict lookup raises), printed as a sentence rather than a quoted key.
+    """
+
+    def __init__(self, name: str, snap_id: str, names: list[str]) -> None:
+        import difflib
+
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        super().__init__(f"no parameter {name!r} in snapshot {snap_id}; {hint}it has {len(names)} parameters "
+                         f"(store.params(snap) lists them, or dist-ema inspect STORE)")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def open_store(url: str, storage_options: dict | None = None) -> SnapshotStore:
