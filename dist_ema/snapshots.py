@@ -470,11 +470,27 @@ class SnapshotManager:
         self.exchange(block=True)  # data of every pending snapshot -> commits queued on rank 0
         self.exchange(block=True)  # results of those commits
 
-    def close(self) -> None:
-        """Wait for every pending write, commit, and stop the writer. Collective; idempotent."""
+    def close(self, final_snapshot: bool = False) -> None:
+        """Wait for every pending write, commit, and stop the writer. Collective; idempotent.
+
+        ``final_snapshot=True`` (what ``PostHocEMA.close()`` passes by default) first snapshots the
+        updates after the newest snapshot when a schedule (``snapshot_every``) is set and the EMA
+        has moved since; the default here is False, so the exit hook (:meth:`_at_exit`) never takes
+        one. The decision uses only state that is the same on every rank.
+        """
         if self._closed:
             return
         try:
+            ema = self.ema
+            if (final_snapshot and self.config.snapshot_every is not None and ema.updates > 0
+                    and self.last_step != ema.step and self.last_t != ema._t_updated):
+                before = self.last_step
+                self.flush()  # free the staging slots: a final snapshot is never skipped as "behind"
+                snap = self.snapshot()
+                if snap is not None and self.rank == 0:
+                    since = f"the newest was step {before}" if before is not None else "none before"
+                    log.info("dist-ema: close(): final snapshot at step %d (%s), so the last %d step(s) are kept; "
+                             "ema.close(final_snapshot=False) skips it", ema.step, since, ema.step - (before or 0))
             self.flush()
         finally:
             self._closed = True

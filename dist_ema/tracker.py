@@ -366,10 +366,16 @@ class PostHocEMA:
         if self.snapshots is not None:
             self.snapshots.flush()
 
-    def close(self) -> None:
-        """Flush pending snapshots, commit them and stop the writer (collective; idempotent)."""
+    def close(self, final_snapshot: bool = True) -> None:
+        """Flush pending snapshots, commit them and stop the writer (collective; idempotent).
+
+        With a store and ``snapshot_every``, the updates after the newest snapshot are kept in a
+        final snapshot first (logged once on rank 0), unless the EMA has not moved since;
+        ``final_snapshot=False`` skips it. Example: ``snapshot_every=10`` and 65 updates give
+        snapshots at steps 10, 20, ..., 60 and 65.
+        """
         if self.snapshots is not None:
-            self.snapshots.close()
+            self.snapshots.close(final_snapshot=final_snapshot)
 
     def __enter__(self) -> PostHocEMA:
         return self
