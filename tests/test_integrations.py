@@ -48,12 +48,15 @@ def _torchrun(script: str, *args: str) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_lightning_ddp_with_gradient_accumulation_validation_swap_and_checkpoint_resume(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lightning_with_gradient_accumulation_validation_swap_and_checkpoint_resume(tmp_path, strategy):
+    # "fsdp": Lightning's FSDPStrategy (FSDP1, sharded checkpoints) on CPU, through the app's workarounds for
+    # Lightning's and FSDP1's CPU refusals (see tests/apps/lightning_app.py)
     pytest.importorskip("lightning")
     app = str(ROOT / "tests" / "apps" / "lightning_app.py")
-    _torchrun(app, str(tmp_path), "a", "ddp")
-    assert (tmp_path / "a.ckpt").is_file() and (tmp_path / "a.ckpt.dist_ema" / ".metadata").is_file()
-    _torchrun(app, str(tmp_path), "b", "ddp")
+    _torchrun(app, str(tmp_path), "a", strategy)
+    assert (tmp_path / "a.ckpt").exists() and (tmp_path / "a.ckpt.dist_ema" / ".metadata").is_file()
+    _torchrun(app, str(tmp_path), "b", strategy)
     a, b = (torch.load(tmp_path / f"{p}.pt", weights_only=True) for p in "ab")
     # 16 samples / 2 ranks / batch 2 = 4 micro-batches per epoch, accumulated 2 -> 6 real steps in phase a
     assert len(a["trajectory"]) == 6 and a["clock"] == (6, 6.0, 6)
@@ -77,12 +80,14 @@ def test_lightning_ddp_with_gradient_accumulation_validation_swap_and_checkpoint
 
 
 @pytest.mark.timeout(600)
-def test_accelerate_ddp_with_gradient_accumulation_and_save_load_state(tmp_path):
+@pytest.mark.parametrize("plugin", ["ddp"])  # fsdp2/deepspeed: not run, see README (cpu=True ignores them)
+def test_accelerate_with_gradient_accumulation_and_save_load_state(tmp_path, plugin):
     pytest.importorskip("accelerate")
     app = str(ROOT / "tests" / "apps" / "accelerate_app.py")
     # on CPU, "--cpu" starts one process (several need MPI); "--multi_gpu" starts them with torchrun, and the
     # script's Accelerator(cpu=True) then joins them with gloo
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    mode = ["--multi_gpu"] if plugin == "ddp" else ["--use_fsdp", "--fsdp_version", "2"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port())]
     _run([*launch, app, str(tmp_path), "a"])
@@ -90,6 +95,7 @@ def test_accelerate_ddp_with_gradient_accumulation_and_save_load_state(tmp_path)
     _run([*launch, app, str(tmp_path), "b"])
     a, b = (torch.load(tmp_path / f"{p}.pt", weights_only=True) for p in "ab")
     assert a["world"] == b["world"] == 2
+    assert a["dtensor"] == (plugin == "fsdp2"), a["engine"]  # FSDP2 really sharded the parameters
     assert len(a["trajectory"]) == 6 and a["clock"] == (6, 6.0, 6)
     for s in SIGMAS:
         _check(a["ema"][s], a["trajectory"], s, "phase a")

@@ -22,6 +22,16 @@ from dist_ema.integrations.accelerate import attach_ema
 SIGMAS = (0.05, 0.10)
 
 
+def full_params(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Full parameters by name (FSDP2 DTensors gathered: collective, every rank calls it)."""
+    out = {}
+    for k, v in module.named_parameters():
+        v = v.detach()
+        full = v.full_tensor() if hasattr(v, "full_tensor") else v
+        out[k.replace("_checkpoint_wrapped_module.", "")] = full.clone()
+    return out
+
+
 def main() -> None:
     out, phase = Path(sys.argv[1]), sys.argv[2]
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
@@ -43,7 +53,7 @@ def main() -> None:
             opt.zero_grad()
         if accelerator.sync_gradients:
             ema.update()
-            trajectory.append({k: v.detach().clone() for k, v in accelerator.unwrap_model(model).named_parameters()})
+            trajectory.append(full_params(accelerator.unwrap_model(model)))
             if len(trajectory) == steps:
                 break
     if phase == "a":
@@ -51,7 +61,9 @@ def main() -> None:
     full = {s: ema.full_state_dict(sigma_rel=s) for s in SIGMAS}
     if accelerator.is_main_process:
         clock = (ema.step, ema.t, ema.updates)
-        record = {"trajectory": trajectory, "ema": full, "clock": clock, "world": accelerator.num_processes}
+        record = {"trajectory": trajectory, "ema": full, "clock": clock, "world": accelerator.num_processes,
+                  "engine": type(model).__name__,
+                  "dtensor": any(hasattr(p, "full_tensor") for p in accelerator.unwrap_model(model).parameters())}
         torch.save(record, out / f"{phase}.pt")
     ema.close()
     accelerator.wait_for_everyone()
