@@ -9,15 +9,19 @@ be added here.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
 from dist_ema import PostHocEMA, open_store
-from tests.dist_harness import ROOT, run_workers
+from tests.dist_harness import ROOT, free_port, run_workers
 from tests.engines import TinyNet, batch
 
 
@@ -127,3 +131,307 @@ def test_at_exit_without_close_takes_no_final_snapshot(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert [s.step for s in open_store(url).snapshots()] == [10, 20, 30, 40, 50, 60]
     assert "without ema.close()" in r.stderr
+
+
+# ------------------------------------------------------------------------------- README blocks
+
+README = (ROOT / "README.md").read_text()
+BLOCKS = [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w*)\n(.*?)^```$", README, re.S | re.M)]
+
+# Blocks that are not run, and why (keep it short). Key: a piece of the block's text.
+SKIPPED = {
+    "bash launch/demo.sh": "installs into .venv and writes runs/demo and out/ in the checkout; "
+                           "tests/test_launch.py runs launch/run_demo.py in short form",
+    "bash launch/test.sh": "it is this test suite",
+    "--rdzv-backend c10d": "multi-node",
+    "deepspeed --num_gpus 8": "8 GPUs (tests/test_launch.py runs the DeepSpeed launcher on CPU)",
+    "export AWS_ACCESS_KEY_ID=": "S3 with real credentials (the same flow runs against moto in the test suite)",
+}
+# Blocks that are text, not commands: checked by the test named
+TEXT = {
+    "weights        tracked recon. error": "the demo's output (numbers differ per run): not compared",
+    "<url>/dist_ema.json": "a diagram",
+    "dist_ema/phema.py        the math": "a diagram",
+    "schedule: tracked sigma_rel 0.05, 0.1": "test_readme_error_block_prints_its_output",
+    "[dist_ema]\nsigma_rels": "test_readme_toml_block_is_the_shipped_config",
+}
+# Blocks that are run, by the test named
+_CHAIN = "test_readme_training_loop_synthesis_and_reading"
+RUN = {
+    "for step, batch in enumerate(loader, start=1)": _CHAIN,
+    "torchrun --nproc-per-node 4 -m dist_ema synthesize s3://bucket/run1": _CHAIN,
+    "from safetensors.torch import load_file": _CHAIN,
+    "from dist_ema import open_store": _CHAIN,
+    "import torch.distributed.checkpoint as dcp": "test_readme_dcp_block",
+    "PostHocEMACallback": "test_readme_lightning_block",
+    "attach_ema": "test_readme_accelerate_block",
+    "deepspeed.initialize": "test_readme_deepspeed_block",
+    "load_config(\"configs/dist_ema.toml\")": "test_readme_config_block",
+    "dist-ema error --sigma-rels": "test_readme_error_block_prints_its_output",
+    "# single node (the demo uses": "test_readme_underlying_commands",
+}
+
+
+def _block(key: str) -> str:
+    found = [text for _, text in BLOCKS if key in text]
+    assert len(found) == 1, f"{len(found)} README blocks hold {key!r}"
+    return found[0]
+
+
+def test_every_readme_block_is_run_or_listed():
+    keys = {**SKIPPED, **TEXT, **RUN}
+    for lang, text in BLOCKS:
+        mine = [k for k in keys if k in text]
+        assert mine, f"a README block that this file neither runs nor lists ({lang}):\n{text[:300]}"
+    for k in keys:
+        _block(k)  # each key names exactly one block
+
+
+def _sub(text: str, subs: dict[str, str]) -> str:
+    """Replace each key once at least: a substitution that no longer applies fails (the README changed)."""
+    for old, new in subs.items():
+        assert old in text, f"{old!r} is no longer in the README block:\n{text}"
+        text = text.replace(old, new)
+    return text
+
+
+def _workdir(tmp_path) -> Path:
+    """A folder like a checkout to run README commands in: launch/ and configs/ of this repository."""
+    d = tmp_path / "work"
+    d.mkdir()
+    for name in ("launch", "configs"):
+        (d / name).symlink_to(ROOT / name)
+    return d
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **extra)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _python(code: str, cwd: Path, timeout: float = 240, **env: str) -> dict:
+    """Run a snippet (with its prelude) in a fresh interpreter; it prints one JSON line, returned here."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=str(cwd),
+                       env=_env(**env))
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT "):]) if lines else {}
+
+
+def _shell(command: str, cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    r = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=timeout, cwd=str(cwd),
+                       env=_env(**env))
+    assert r.returncode == 0, f"{command}\nexit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r
+
+
+def _commands(block: str) -> list[str]:
+    """The commands of a shell block: continuation lines joined, comments dropped."""
+    joined = block.replace("\\\n", " ")
+    return [" ".join(x.split()) for x in joined.splitlines() if x.strip() and not x.lstrip().startswith("#")]
+
+
+# a tiny model whose parameter names are the README's ("layers.0.attn.wq.weight")
+TINY = textwrap.dedent("""
+    import json, torch
+    from torch import nn
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wq = nn.Linear(8, 8)
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attn()
+
+    class TinyModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Layer()])
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, x):
+            x = x.to(self.head.weight.dtype)
+            return self.head(torch.tanh(self.layers[0].attn.wq(x)))
+
+    torch.manual_seed(0)
+    def batches(n):
+        g = torch.Generator().manual_seed(1)
+        return [(torch.randn(4, 8, generator=g), torch.randn(4, 1, generator=g)) for _ in range(n)]
+
+    def compute_loss(model, batch):
+        x, y = batch
+        return (model(x).float() - y).pow(2).mean()
+
+    evaluated = []
+    def evaluate(model):
+        evaluated.append(float(compute_loss(model, batches(1)[0])))
+""")
+
+
+def test_readme_training_loop_synthesis_and_reading(tmp_path):
+    work = _workdir(tmp_path)
+    store = str(work / "run1" / "snapshots")
+    loop = _sub(_block(RUN_KEYS["loop"]), {
+        "model = ...": "model = TinyModel()",
+        "optimizer = ...": "optimizer = torch.optim.SGD(model.parameters(), lr=0.01)",
+        '"s3://bucket/run1/snapshots"': repr(store),
+    })
+    out = _python(TINY + "loader = batches(5500)\n" + loop + textwrap.dedent("""
+        from dist_ema import open_store
+        print("RESULT", json.dumps({"steps": [s.step for s in open_store(ema.snapshots.io.url).snapshots()],
+                                    "evaluated": len(evaluated)}))
+    """), work)
+    # the text under the snippet: 5,500 steps with snapshot_every=1000 end with a snapshot at 5500
+    assert out == {"steps": [1000, 2000, 3000, 4000, 5000, 5500], "evaluated": 1}
+
+    for cmd in _commands(_block(RUN_KEYS["synth"])):
+        _shell(_sub(cmd, {"s3://bucket/run1/snapshots": store, "--nproc-per-node 4": "--nproc-per-node 2"})
+               + " --no-progress", work)
+    assert (work / "out" / "sigma_rel-0.1500" / "model.safetensors").is_file()
+
+    load = _block(RUN_KEYS["load"])
+    got = _python(TINY + "model = TinyModel()\n" + load + "\nprint('RESULT', json.dumps({'ok': True}))\n", work)
+    assert got == {"ok": True}  # a strict load_state_dict of the synthesized weights
+
+    read = _sub(_block(RUN_KEYS["read"]), {'"s3://bucket/run1/snapshots"': repr(store)})
+    got = _python(TINY + read + "\nprint('RESULT', json.dumps({'shape': list(w.shape)}))\n", work)
+    assert got == {"shape": [8, 8]}
+
+
+RUN_KEYS = {
+    "loop": "for step, batch in enumerate(loader, start=1)",
+    "synth": "torchrun --nproc-per-node 4 -m dist_ema synthesize s3://bucket/run1",
+    "load": "from safetensors.torch import load_file",
+    "read": "from dist_ema import open_store",
+}
+
+
+def test_readme_error_block_prints_its_output(tmp_path):
+    (cmd,) = _commands(_block("dist-ema error --sigma-rels"))
+    r = _shell(cmd, tmp_path)
+    printed = [x for x in r.stdout.splitlines() if not x.startswith("wrote ")]
+    assert printed == _block("schedule: tracked sigma_rel 0.05, 0.1").splitlines()
+    assert (tmp_path / "profiles.png").is_file()
+
+
+def test_readme_toml_block_is_the_shipped_config():
+    import tomllib
+
+    from dist_ema.config import load_toml
+
+    shown = tomllib.loads(_block("[dist_ema]\nsigma_rels"))
+    assert shown["dist_ema"] == load_toml(ROOT / "configs" / "dist_ema.toml")["dist_ema"]
+
+
+def test_readme_config_table_is_the_field_docstrings():
+    from dist_ema.config import field_docs
+
+    rows = dict(re.findall(r"^\| `(\w+)` \| .*? \| .*? \| (.*) \|$", README, re.M))
+    for name, doc in field_docs().items():
+        assert rows.get(name) == " ".join(doc.split()).replace("``", "`"), name
+
+
+def test_readme_dcp_block(tmp_path):
+    block = _block("import torch.distributed.checkpoint as dcp")
+    out = _python(TINY + textwrap.dedent("""
+        from dist_ema import PostHocEMA
+        model = TinyModel()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        ema = PostHocEMA(model)
+        for b in batches(3):
+            compute_loss(model, b).backward(); opt.step(); opt.zero_grad(); ema.update()
+        model_sd, optim_sd = model.state_dict(), {}
+        before = ema.full_state_dict(sigma_rel=0.05)
+    """) + block.split("\n")[0] + "\n" + block.split("\n")[1] + textwrap.dedent("""
+        for b in batches(2):
+            compute_loss(model, b).backward(); opt.step(); opt.zero_grad(); ema.update()
+    """) + block.split("\n")[2] + textwrap.dedent("""
+        after = ema.full_state_dict(sigma_rel=0.05)
+        print("RESULT", json.dumps({"step": ema.step, "same": all(torch.equal(before[k], after[k]) for k in before)}))
+    """), tmp_path)
+    assert out == {"step": 3, "same": True}  # loaded back to the saved step, bit for bit
+
+
+def test_readme_accelerate_block(tmp_path):
+    block = _sub(_block("attach_ema"), {"...   # inside the loop": "pass   # inside the loop"})
+    out = _python(TINY + textwrap.dedent("""
+        from accelerate import Accelerator
+        accelerator = Accelerator(cpu=True)
+        model = TinyModel()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        loader = torch.utils.data.DataLoader(batches(4), batch_size=None)
+    """) + block + "\nema.close()\nimport os\nprint('RESULT', json.dumps({'ckpt': os.path.isdir('ckpt/dist_ema')}))\n",
+                  tmp_path)
+    assert out == {"ckpt": True}
+
+
+def test_readme_lightning_block(tmp_path):
+    block = _sub(_block("PostHocEMACallback"), {
+        'L.Trainer(strategy="ddp",': 'L.Trainer(strategy="ddp", accelerator="cpu", devices=1, max_steps=8, '
+                                     'logger=False, enable_checkpointing=False, enable_progress_bar=False, '
+                                     'enable_model_summary=False,'})
+    out = _python(TINY + textwrap.dedent("""
+        import lightning as L
+        class Module(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.net = TinyModel()
+            def training_step(self, batch, i):
+                return compute_loss(self.net, batch)
+            def validation_step(self, batch, i):
+                return compute_loss(self.net, batch)
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.01)
+            def train_dataloader(self):
+                return torch.utils.data.DataLoader(batches(32), batch_size=None)
+        model = Module()
+    """) + block + textwrap.dedent("""
+        from dist_ema import open_store
+        print("RESULT", json.dumps({"steps": [s.step for s in open_store("runs/x/snapshots").snapshots()]}))
+    """), tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    assert out == {"steps": [8]}  # 8 optimizer steps (32 batches, 4 per step): close() snapshots them
+
+
+def test_readme_deepspeed_block(tmp_path):
+    work = _workdir(tmp_path)
+    block = _sub(_block("deepspeed.initialize"), {"s3://my-bucket/run2/snapshots": "run2/snapshots"})
+    out = _python(TINY + textwrap.dedent("""
+        import sys
+        import deepspeed.comm.torch  # noqa: F401
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # as launch/train.py: no 60 s JIT build
+        class WithLoss(TinyModel):
+            def forward(self, batch):
+                return (super().forward(batch[0]).float() - batch[1]).pow(2).mean()
+        model = WithLoss()
+        loader = batches(5)
+    """) + block + textwrap.dedent("""
+        from dist_ema import open_store
+        print("RESULT", json.dumps({"steps": [s.step for s in open_store("run2/snapshots").snapshots()]}))
+    """), work, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    assert out == {"steps": [5]}  # 5 steps, snapshot_every=1000: close() keeps them
+
+
+def test_readme_config_block(tmp_path):
+    work = _workdir(tmp_path)
+    out = _python(TINY + "import argparse\nmodel = TinyModel()\nargs = argparse.Namespace(store='cfg/snapshots')\n"
+                  + _block('load_config("configs/dist_ema.toml")')
+                  + "\nprint('RESULT', json.dumps({'every': ema.snapshots.config.snapshot_every}))\nema.close()\n",
+                  work)
+    assert out == {"every": 25}
+
+
+def test_readme_underlying_commands(tmp_path):
+    work = _workdir(tmp_path)
+    cmds = _commands(_block("# single node (the demo uses"))
+    run = [c for c in cmds if not any(k in c for k in SKIPPED)]
+    assert len(cmds) == 4 and len(run) == 2, cmds
+    train, synth = run
+    _shell(_sub(train, {"--store runs/exp1/snapshots": "--store runs/exp1/snapshots --steps 20 --snapshot-every 5"}),
+           work)
+    assert [s.step for s in open_store(str(work / "runs/exp1/snapshots")).snapshots()] == [5, 10, 15, 20]
+    _shell(_sub(synth, {"--nproc-per-node 4": "--nproc-per-node 2"}) + " --no-progress", work)
+    assert (work / "runs/exp1/synth/sigma_rel-0.1500/model.safetensors").is_file()
