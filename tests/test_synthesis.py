@@ -176,17 +176,20 @@ def test_s3_end_to_end(tmp_path, s3_env):
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory):
     d = tmp_path_factory.mktemp("small")
-    url = str(d / "s")
+    return _train_store(str(d / "s"), steps=9, snapshot_every=3)
+
+
+def _train_store(url, steps, snapshot_every):
+    """A store written like a training job's: TinyNet, SGD, a snapshot every ``snapshot_every`` updates."""
     torch.manual_seed(0)
     m = TinyNet()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    with PostHocEMA(m, store=url, snapshot_every=3, writer="sync", max_object_bytes=64) as ema:
-        for i in range(9):
+    with PostHocEMA(m, store=url, snapshot_every=snapshot_every, writer="sync", max_object_bytes=64) as ema:
+        for _ in range(steps):
             m(torch.arange(7)).pow(2).mean().backward()
             opt.step()
             opt.zero_grad()
             ema.update()
-            del i
     return url
 
 
@@ -314,17 +317,7 @@ def test_uncommitted_leftover_output_is_replaced(small_store, tmp_path, monkeypa
 @pytest.fixture
 def long_store(tmp_path):
     """8 committed snapshots (steps 2, 4, ..., 16), written like a training job's."""
-    url = str(tmp_path / "long")
-    torch.manual_seed(0)
-    m = TinyNet()
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    with PostHocEMA(m, store=url, snapshot_every=2, writer="sync", max_object_bytes=64) as ema:
-        for _ in range(16):
-            m(torch.arange(7)).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-            ema.update()
-    return url
+    return _train_store(str(tmp_path / "long"), steps=16, snapshot_every=2)
 
 
 def _remove_before_reading(monkeypatch, url, doomed: set[str], data_only: bool = False) -> list[str]:
