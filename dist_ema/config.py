@@ -1,4 +1,18 @@
-"""The dist-ema config file: what to track, when to snapshot, where to store, in one TOML table.
+"""The settings of dist-ema, validated in one place: one check per field for every entry point.
+
+Three frozen dataclasses share the checks of this module's field table:
+
+* :class:`EMAConfig`: what a :class:`~dist_ema.PostHocEMA` tracks and how often;
+* :class:`SnapshotConfig`: where and how its snapshots are written;
+* :class:`DistEMAConfig`: the ``[dist_ema]`` table of a config file, both of the above in
+  one flat table (:meth:`DistEMAConfig.ema_config` and :meth:`DistEMAConfig.snapshot_config`
+  give the two parts).
+
+A field is checked by the same function whichever way it comes in (keyword argument,
+config file, command-line flag); only the name in the message differs
+(``writer`` / ``dist_ema.writer``).
+
+The config file::
 
     # configs/dist_ema.toml
     [dist_ema]
@@ -30,13 +44,24 @@ import json
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
+
+from dist_ema import phema
 
 __all__ = [
+    "Buffers",
+    "Compression",
     "ConfigError",
     "DistEMAConfig",
+    "EMAConfig",
+    "OnError",
+    "SnapshotConfig",
+    "StorageDtype",
+    "UpdateImpl",
+    "WhenBehind",
+    "Writer",
     "add_config_arguments",
     "apply_overrides",
     "config_from_args",
@@ -49,18 +74,321 @@ __all__ = [
 
 TABLE = "dist_ema"  # the TOML table this module reads
 
+Buffers = Literal["copy", "ignore"]
+UpdateImpl = Literal["auto", "fused", "foreach"]
+StorageDtype = Literal["float32", "bfloat16", "float16"]
+Compression = Literal["blosc-lz4", "zstd"]  # or None: uncompressed
+Writer = Literal["process", "thread", "sync"]
+WhenBehind = Literal["block", "skip"]
+OnError = Literal["raise", "warn"]
+
 # kept in step with dist_ema.store (tests check it); repeated here so that reading a
 # config file never imports zarr
-_STORAGE_DTYPES = ("float32", "bfloat16", "float16")
-_COMPRESSIONS = ("blosc-lz4", "zstd")
-_WRITERS = ("process", "thread", "sync")
-_WHEN_BEHIND = ("block", "skip")
-_ON_ERROR = ("raise", "warn")
-_SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)  # gamma = 0 (a uniform average); see dist_ema.phema
+_STORAGE_DTYPES: tuple[str, ...] = get_args(StorageDtype)
+_COMPRESSIONS: tuple[str, ...] = get_args(Compression)
+_WRITERS: tuple[str, ...] = get_args(Writer)
+_WHEN_BEHIND: tuple[str, ...] = get_args(WhenBehind)
+_ON_ERROR: tuple[str, ...] = get_args(OnError)
+DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20  # = dist_ema.store.layout.DEFAULT_MAX_OBJECT_BYTES
 
 
 class ConfigError(ValueError):
-    """A config file (or override) that cannot be used; the message names the field and the fix."""
+    """A setting (keyword argument, config file entry or flag) that cannot be used; the message names
+    the field and the fix."""
+
+
+# ---------------------------------------------------------------------------------- field checks
+#
+# One function per field: ``check(value, name) -> normalized value``, raising ConfigError that
+# names the field as ``name`` spells it (``writer`` for a keyword, ``dist_ema.writer`` in a file).
+
+
+def _spell(choices: Sequence[str]) -> str:
+    quoted = [repr(c) for c in choices]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def _check_choice(value: object, name: str, choices: Sequence[str], fix: str, what: str = "") -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{name} must be {what}{_spell(choices)}; got {value!r}. Fix: {fix}")
+    return value
+
+
+def _check_int(name: str, value: object, *, minimum: int, example: str, unit: str, optional: bool = False,
+               extra: str = "") -> int | None:
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        hint = " (a string: drop the quotes)" if isinstance(value, str) and value.strip().isdigit() else ""
+        leave = " or leave it out" if optional else ""
+        raise ConfigError(f"{name} must be an integer >= {minimum} ({unit}){extra}; got {value!r}{hint}. "
+                          f"Fix: {example}{leave}")
+    return value
+
+
+def _numbers(value: object, name: str, example: str) -> list[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = (value,)
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ConfigError(f"{name} must be a list of numbers; got {value!r}. Fix: {example}")
+    out = []
+    for x in value:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise ConfigError(f"{name} must hold numbers; got {x!r} in {list(value)!r}. Fix: {example} (no quotes)")
+        out.append(float(x))
+    if not out:
+        raise ConfigError(f"{name} is empty: track at least one profile. Fix: {example}")
+    return out
+
+
+def _check_distinct(gammas: Sequence[float], values: Sequence[float], name: str, unit: str) -> None:
+    if len({round(g, 9) for g in gammas}) != len(gammas):
+        raise ConfigError(f"{name} lists a profile twice: {list(values)}. Fix: list each {unit} once")
+
+
+def check_sigma_rels(value: object, name: str = "sigma_rels") -> tuple[float, ...]:
+    """The tracked profiles as sigma_rels: a number or a list of distinct numbers in (0, 0.2887)."""
+    example = "sigma_rels = [0.05, 0.10]"
+    out = _numbers(value, name, example)
+    bad = [x for x in out if not (0.0 < x < phema.SIGMA_REL_MAX)]
+    if bad:
+        raise ConfigError(f"{name} must each be in (0, {phema.SIGMA_REL_MAX:.4f}); got {bad}. "
+                          f"Fix: use values like {example} (sigma_rel is a fraction of the "
+                          f"training time, not a decay rate like 0.999)")
+    _check_distinct([float(g) for g in phema.sigma_rel_to_gamma(out)], out, name, "sigma_rel")
+    return tuple(out)
+
+
+def check_gammas(value: object, name: str = "gammas") -> tuple[float, ...]:
+    """The tracked profiles as power-function exponents: a number or a list of distinct numbers >= 0."""
+    out = _numbers(value, name, "gammas = [16.97, 6.94]")
+    bad = [x for x in out if not 0.0 <= x < math.inf]
+    if bad:
+        raise ConfigError(f"{name} must be >= 0; got {bad}. gamma = 0 is the uniform average; typical values "
+                          f"are 5-30. Fix: gammas = [16.97, 6.94] (sigma_rels 0.05 and 0.10)")
+    _check_distinct(out, out, name, "gamma")
+    return tuple(out)
+
+
+def check_update_every(value: object, name: str = "update_every") -> int:
+    return _check_int(name, value, minimum=1, example="update_every = 1", unit="optimizer steps")
+
+
+def check_batch_size(value: object, name: str = "batch_size") -> int | None:
+    return _check_int(name, value, minimum=1, example="batch_size = 256 (samples per step, all ranks)",
+                      unit="samples per optimizer step", optional=True)
+
+
+def check_snapshot_every(value: object, name: str = "snapshot_every") -> int | None:
+    return _check_int(name, value, minimum=1, example="snapshot_every = 1000", unit="EMA updates", optional=True)
+
+
+def check_store(value: object, name: str = "store") -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ConfigError(f"{name} must be a URL string; got {value!r}. "
+                          f'Fix: store = "runs/exp1/snapshots" or "s3://bucket/prefix", or leave it out')
+    return value
+
+
+def check_storage_options(value: object, name: str = "storage_options") -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"{name} must be a table of fsspec options; got {type(value).__name__}. Fix: "
+                          f'[dist_ema.storage_options] with lines like endpoint_url = "http://..." '
+                          f"(storage_options={{'endpoint_url': ...}} as a keyword)")
+    return dict(value)
+
+
+def check_storage_dtype(value: object, name: str = "storage_dtype") -> str:
+    return _check_choice(value, name, _STORAGE_DTYPES, 'storage_dtype = "float32"', what="a storage dtype, ")
+
+
+def check_compression(value: object, name: str = "compression") -> str | None:
+    """None, or "none" (spelled out in a file or flag) for no compression, or a codec."""
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        return None
+    return _check_choice(value, name, ("none", *_COMPRESSIONS),
+                         'leave it out (weights barely compress) or compression = "blosc-lz4"')
+
+
+def check_keep(value: object, name: str = "keep") -> int | None:
+    """None or "all" keeps every snapshot; an integer K >= 2 thins them to K."""
+    if isinstance(value, str) and value.lower() == "all":
+        return None
+    return _check_int(name, value, minimum=2, example="keep = 200", unit="snapshots", optional=True,
+                      extra=' or "all"')
+
+
+def check_max_object_bytes(value: object, name: str = "max_object_bytes") -> int:
+    return _check_int(name, value, minimum=4, example=f"max_object_bytes = {DEFAULT_MAX_OBJECT_BYTES}",
+                      unit="bytes per stored object")
+
+
+def check_slots(value: object, name: str = "slots") -> int:
+    return _check_int(name, value, minimum=1, example="slots = 2", unit="staging buffers")
+
+
+def check_writer(value: object, name: str = "writer") -> str:
+    return _check_choice(value, name, _WRITERS, 'writer = "process"')
+
+
+def check_when_behind(value: object, name: str = "when_behind") -> str:
+    return _check_choice(value, name, _WHEN_BEHIND,
+                         'when_behind = "block" (or "skip" to never wait for the store)')
+
+
+def check_on_error(value: object, name: str = "on_error") -> str:
+    return _check_choice(value, name, _ON_ERROR,
+                         'on_error = "raise" (or "warn" to keep training without that snapshot)')
+
+
+def check_buffers(value: object, name: str = "buffers") -> str:
+    return _check_choice(value, name, get_args(Buffers), 'buffers = "copy"')
+
+
+def check_update_impl(value: object, name: str = "update_impl") -> str:
+    return _check_choice(value, name, get_args(UpdateImpl), 'update_impl = "auto"')
+
+
+# field -> its check; the three config classes validate through this table only
+FIELD_CHECKS: dict[str, Callable[[object, str], Any]] = {
+    "sigma_rels": check_sigma_rels,
+    "gammas": check_gammas,
+    "update_every": check_update_every,
+    "batch_size": check_batch_size,
+    "buffers": check_buffers,
+    "update_impl": check_update_impl,
+    "snapshot_every": check_snapshot_every,
+    "store": check_store,
+    "storage_options": check_storage_options,
+    "storage_dtype": check_storage_dtype,
+    "compression": check_compression,
+    "keep": check_keep,
+    "max_object_bytes": check_max_object_bytes,
+    "slots": check_slots,
+    "writer": check_writer,
+    "when_behind": check_when_behind,
+    "on_error": check_on_error,
+}
+
+
+def _validate(obj: object, prefix: str = "", renamed: Mapping[str, str] | None = None,
+              skip: Sequence[str] = ()) -> None:
+    """Check every field of the frozen dataclass ``obj`` that has a check and store the normalized value.
+
+    ``renamed`` maps an attribute to the field (keyword) it is spelled as for users
+    (``SnapshotConfig.url`` is the ``store`` keyword).
+    """
+    renamed = renamed or {}
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        key = renamed.get(f.name, f.name)
+        check = FIELD_CHECKS.get(key)
+        if check is not None and f.name not in skip:
+            object.__setattr__(obj, f.name, check(getattr(obj, f.name), prefix + key))
+
+
+# ---------------------------------------------------------------------------------- the configs
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    """What to track and how often.
+
+    Attributes:
+        sigma_rels: relative std of each tracked profile, each in (0, 0.2887). Give this
+            or ``gammas``. Default when neither is given: (0.05, 0.10), as in EDM2.
+        gammas: power-function exponents (>= 0) instead of sigma_rels.
+        update_every: update the EMA every this many optimizer steps (>= 1). Exact:
+            the skipped steps enter t_delta. Default 1.
+        batch_size: samples per optimizer step (global). When given, time is counted
+            in samples ("nimg") instead of steps. Coefficients do not depend on it.
+        include_frozen: also track parameters with requires_grad=False (their EMA
+            equals the parameter; tracking them keeps synthesized state dicts complete).
+        buffers: "copy" stores each buffer's current value with every snapshot and in
+            full state dicts; "ignore" leaves buffers out.
+        update_impl: how update() runs. "auto" (default): each source read once for all
+            profiles where that helps: small tensors staged into one flat buffer (one copy
+            call, then one flat update per profile), runs of >= 64Ki elements through one
+            torch.compile'd kernel for all profiles (compiled once per process; if compile
+            is unavailable or fails it is logged once and foreach is used). "fused": also
+            compile the small runs. "foreach": one ``torch._foreach_lerp_`` per profile.
+    """
+
+    sigma_rels: tuple[float, ...] | None = None
+    gammas: tuple[float, ...] | None = None
+    update_every: int = 1
+    batch_size: int | None = None
+    include_frozen: bool = True
+    buffers: Buffers = "copy"
+    update_impl: UpdateImpl = "auto"
+
+    def __post_init__(self) -> None:
+        if self.sigma_rels is not None and self.gammas is not None:
+            raise ConfigError("give either sigma_rels or gammas for the tracked profiles, not both")
+        if self.sigma_rels is None and self.gammas is None:
+            object.__setattr__(self, "sigma_rels", (0.05, 0.10))
+        _validate(self, skip=("gammas",) if self.gammas is None else ("sigma_rels",))
+        if self.gammas is None:
+            gammas = tuple(float(g) for g in phema.sigma_rel_to_gamma(self.sigma_rels))
+            object.__setattr__(self, "gammas", gammas)
+        else:
+            sigma_rels = tuple(float(s) for s in phema.gamma_to_sigma_rel(self.gammas))
+            object.__setattr__(self, "sigma_rels", sigma_rels)
+
+    @property
+    def unit(self) -> str:
+        return "samples" if self.batch_size is not None else "steps"
+
+
+@dataclass(frozen=True, repr=False)
+class SnapshotConfig:
+    """Where and how snapshots are written.
+
+    Attributes:
+        url: store URL: local path, ``file://``, ``s3://bucket/prefix`` or any fsspec URL
+            (the ``store`` keyword of PostHocEMA).
+        snapshot_every: write a snapshot every this many EMA updates (None: only on demand).
+        storage_options: fsspec options (endpoint_url, key, secret, ...); default: environment.
+        dtype: storage dtype, "float32" (default, exact resume), "bfloat16" or "float16"
+            (the ``storage_dtype`` keyword).
+        compression: None (default; weights barely compress), "blosc-lz4" or "zstd".
+        keep: None keeps every snapshot; an integer K >= 2 thins to at most K snapshots
+            spread evenly over the run (never only the last K: that ruins synthesis).
+        max_object_bytes: cap on one stored object; larger shards become several objects.
+        writer: "process" (default: off the training process's GIL), "thread" or "sync".
+        slots: staging buffers (2: one snapshot in flight beyond the one being staged).
+        when_behind: what a snapshot does when a staging slot is still busy on some rank:
+            "block" (default) waits for the oldest write (backpressure, nothing skipped);
+            "skip" skips that snapshot on every rank, logs it and lists it in
+            ``ema.snapshots.skipped`` (training never waits for a slow or unreachable store).
+        on_error: a write that failed after retries: "raise" (default) raises StoreError on
+            every rank at the next snapshot()/close() (or halfway between snapshots);
+            "warn" logs it, lists the snapshot in ``skipped`` and keeps training.
+    """
+
+    url: str
+    snapshot_every: int | None = None
+    storage_options: dict | None = None
+    dtype: StorageDtype = "float32"
+    compression: Compression | None = None
+    keep: int | None = None
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+    writer: Writer = "process"
+    slots: int = 2
+    when_behind: WhenBehind = "block"
+    on_error: OnError = "raise"
+
+    def __repr__(self) -> str:  # never show credentials
+        fields = ", ".join(
+            f"{k}={_redact(v) if k == 'storage_options' and v else v!r}" for k, v in self.__dict__.items()
+        )
+        return f"SnapshotConfig({fields})"
+
+    def __post_init__(self) -> None:
+        if self.url is None:
+            raise ConfigError("store must be a URL string (a local path, file://, s3://bucket/prefix); got None")
+        _validate(self, renamed={"url": "store", "dtype": "storage_dtype"})
 
 
 @dataclass(frozen=True)
@@ -97,11 +425,11 @@ class DistEMAConfig:
     ``[dist_ema.storage_options]``. Default: the environment (AWS_*, FSSPEC_S3_*). Prefer
     the environment for credentials: config files get copied and committed."""
 
-    storage_dtype: str = "float32"
+    storage_dtype: StorageDtype = "float32"
     """Snapshot dtype: "float32" (exact resume), "bfloat16" or "float16" (half the bytes;
     synthesis still accumulates in float64)."""
 
-    compression: str | None = None
+    compression: Compression | None = None
     """Compression of stored snapshots: None / "none" (default; weights barely compress),
     "blosc-lz4" or "zstd"."""
 
@@ -110,65 +438,38 @@ class DistEMAConfig:
     most K snapshots spread evenly over the run (never only the last K: that ruins
     synthesis of long profiles)."""
 
-    writer: str = "process"
+    writer: Writer = "process"
     """Who writes snapshots: "process" (default: a child process per rank, off the training
     loop's GIL), "thread", or "sync" (in the training loop; for debugging)."""
 
-    when_behind: str = "block"
+    when_behind: WhenBehind = "block"
     """A snapshot due while the previous one is still being written on some rank: "block"
     (default: wait for it; nothing is skipped) or "skip" (skip this snapshot on every rank and
     log it: training never waits for a slow or unreachable store)."""
 
-    on_error: str = "raise"
+    on_error: OnError = "raise"
     """A snapshot write that failed after retries: "raise" (default: StoreError on every rank)
     or "warn" (log it, leave that snapshot out, keep training)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sigma_rels", _check_sigma_rels(self.sigma_rels))
-        _check_int("update_every", self.update_every, minimum=1, example="update_every = 1", unit="optimizer steps")
-        if self.snapshot_every is not None:
-            _check_int("snapshot_every", self.snapshot_every, minimum=1, example="snapshot_every = 1000",
-                       unit="EMA updates", optional=True)
-        if self.store is not None:
-            if not isinstance(self.store, str) or not self.store.strip():
-                raise ConfigError(f"dist_ema.store must be a URL string; got {self.store!r}. "
-                                  f'Fix: store = "runs/exp1/snapshots" or "s3://bucket/prefix", or leave it out')
-            if self.store.startswith("memory://"):
-                raise ConfigError(f"dist_ema.store = {self.store!r}: memory:// is private to one process, so the "
-                                  f"ranks could never see each other's snapshots. Fix: use a local path or s3://")
-        if self.storage_options is not None:
-            if not isinstance(self.storage_options, Mapping) or not all(
-                isinstance(k, str) for k in self.storage_options
-            ):
-                raise ConfigError(f"dist_ema.storage_options must be a table of fsspec options; got "
-                                  f"{type(self.storage_options).__name__}. Fix: [dist_ema.storage_options] with "
-                                  f'lines like endpoint_url = "http://..."')
-            object.__setattr__(self, "storage_options", dict(self.storage_options))
-        if self.storage_dtype not in _STORAGE_DTYPES:
-            raise ConfigError(f"dist_ema.storage_dtype must be one of {list(_STORAGE_DTYPES)}; got "
-                              f"{self.storage_dtype!r}. Fix: storage_dtype = \"float32\"")
-        compression = self.compression
-        if isinstance(compression, str) and compression.lower() == "none":
-            compression = None
-            object.__setattr__(self, "compression", None)
-        if compression is not None and compression not in _COMPRESSIONS:
-            raise ConfigError(f"dist_ema.compression must be \"none\" or one of {list(_COMPRESSIONS)}; got "
-                              f"{compression!r}. Fix: leave it out (weights barely compress) or "
-                              f"compression = \"blosc-lz4\"")
-        if isinstance(self.keep, str) and self.keep.lower() == "all":
-            object.__setattr__(self, "keep", None)
-        if self.keep is not None:
-            _check_int("keep", self.keep, minimum=2, example="keep = 200", unit="snapshots", optional=True,
-                       extra=' or "all"')
-        if self.writer not in _WRITERS:
-            raise ConfigError(f"dist_ema.writer must be one of {list(_WRITERS)}; got {self.writer!r}. "
-                              f"Fix: writer = \"process\"")
-        if self.when_behind not in _WHEN_BEHIND:
-            raise ConfigError(f"dist_ema.when_behind must be one of {list(_WHEN_BEHIND)}; got {self.when_behind!r}. "
-                              f"Fix: when_behind = \"block\" (or \"skip\" to never wait for the store)")
-        if self.on_error not in _ON_ERROR:
-            raise ConfigError(f"dist_ema.on_error must be one of {list(_ON_ERROR)}; got {self.on_error!r}. "
-                              f"Fix: on_error = \"raise\" (or \"warn\" to keep training without that snapshot)")
+        _validate(self, prefix=f"{TABLE}.")
+        if self.store is not None and self.store.startswith("memory://"):
+            # a config file describes a real (multi-process) run
+            raise ConfigError(f"dist_ema.store = {self.store!r}: memory:// is private to one process, so the "
+                              f"ranks could never see each other's snapshots. Fix: use a local path or s3://")
+
+    def ema_config(self) -> EMAConfig:
+        """The tracking part of these settings."""
+        return EMAConfig(sigma_rels=self.sigma_rels, update_every=self.update_every)
+
+    def snapshot_config(self) -> SnapshotConfig | None:
+        """The snapshot part of these settings; None without a store."""
+        if self.store is None:
+            return None
+        return SnapshotConfig(url=self.store, snapshot_every=self.snapshot_every,
+                              storage_options=self.storage_options, dtype=self.storage_dtype,
+                              compression=self.compression, keep=self.keep, writer=self.writer,
+                              when_behind=self.when_behind, on_error=self.on_error)
 
     def ema_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`dist_ema.PostHocEMA` (add ``resume=`` yourself).
@@ -200,40 +501,7 @@ class DistEMAConfig:
                 + (f" storage_options={opts}" if opts else ""))
 
 
-# ---------------------------------------------------------------------------------- checks
-
-
-def _check_sigma_rels(value: object) -> tuple[float, ...]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = (value,)
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        raise ConfigError(f"dist_ema.sigma_rels must be a list of numbers; got {value!r}. "
-                          f"Fix: sigma_rels = [0.05, 0.10]")
-    out = []
-    for x in value:
-        if isinstance(x, bool) or not isinstance(x, (int, float)):
-            raise ConfigError(f"dist_ema.sigma_rels must hold numbers; got {x!r} in {list(value)!r}. "
-                              f"Fix: sigma_rels = [0.05, 0.10] (no quotes)")
-        out.append(float(x))
-    if not out:
-        raise ConfigError("dist_ema.sigma_rels is empty: track at least one profile. Fix: sigma_rels = [0.05, 0.10]")
-    bad = [x for x in out if not (0.0 < x < _SIGMA_REL_MAX)]
-    if bad:
-        raise ConfigError(f"dist_ema.sigma_rels must each be in (0, {_SIGMA_REL_MAX:.4f}); got {bad}. "
-                          f"Fix: use values like sigma_rels = [0.05, 0.10] (sigma_rel is a fraction of the "
-                          f"training time, not a decay rate like 0.999)")
-    if len({round(x, 9) for x in out}) != len(out):
-        raise ConfigError(f"dist_ema.sigma_rels lists a profile twice: {out}. Fix: list each sigma_rel once")
-    return tuple(out)
-
-
-def _check_int(name: str, value: object, *, minimum: int, example: str, unit: str, optional: bool = False,
-               extra: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        hint = " (a string: drop the quotes)" if isinstance(value, str) and value.strip().isdigit() else ""
-        leave = " or leave it out" if optional else ""
-        raise ConfigError(f"dist_ema.{name} must be an integer >= {minimum} ({unit}){extra}; got {value!r}{hint}. "
-                          f"Fix: {example}{leave}")
+# ---------------------------------------------------------------------------------- helpers
 
 
 def _redact(options: Mapping[str, Any]) -> dict:

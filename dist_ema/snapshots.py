@@ -25,13 +25,12 @@ import numpy as np
 import torch
 
 from dist_ema.collective import all_gather_object, raise_if_any, rank, run_and_check, world_size
+from dist_ema.config import SnapshotConfig
 from dist_ema.staging import Stager, Ticket
 from dist_ema.store.fs import StoreError, StoreIO, redact
 from dist_ema.store.io import ensure_store, read_commits, remove_snapshot, retire_snapshots, write_layout
 from dist_ema.store.layout import (
-    DEFAULT_MAX_OBJECT_BYTES,
     FORMAT_VERSION,
-    STORAGE_DTYPES,
     Layout,
     Read,
     merge_reads,
@@ -39,7 +38,7 @@ from dist_ema.store.layout import (
     snapshot_id,
 )
 from dist_ema.store.reader import SnapshotStore
-from dist_ema.store.retention import thin_evenly, validate_keep
+from dist_ema.store.retention import thin_evenly
 from dist_ema.store.writer import SnapshotWriter, WriterSpec
 
 __all__ = ["SnapshotConfig", "SnapshotManager"]
@@ -47,73 +46,6 @@ __all__ = ["SnapshotConfig", "SnapshotManager"]
 log = logging.getLogger("dist_ema")
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True, repr=False)
-class SnapshotConfig:
-    """Where and how snapshots are written.
-
-    Attributes:
-        url: store URL: local path, ``file://``, ``s3://bucket/prefix`` or any fsspec URL.
-        snapshot_every: write a snapshot every this many EMA updates (None: only on demand).
-        storage_options: fsspec options (endpoint_url, key, secret, ...); default: environment.
-        dtype: storage dtype, "float32" (default, exact resume), "bfloat16" or "float16".
-        compression: None (default; weights barely compress), "blosc-lz4" or "zstd".
-        keep: None keeps every snapshot; an integer K >= 2 thins to at most K snapshots
-            spread evenly over the run (never only the last K: that ruins synthesis).
-        max_object_bytes: cap on one stored object; larger shards become several objects.
-        writer: "process" (default: off the training process's GIL), "thread" or "sync".
-        slots: staging buffers (2: one snapshot in flight beyond the one being staged).
-        when_behind: what a snapshot does when a staging slot is still busy on some rank:
-            "block" (default) waits for the oldest write (backpressure, nothing skipped);
-            "skip" skips that snapshot on every rank, logs it and lists it in
-            ``ema.snapshots.skipped`` (training never waits for a slow or unreachable store).
-        on_error: a write that failed after retries: "raise" (default) raises StoreError on
-            every rank at the next snapshot()/close() (or halfway between snapshots);
-            "warn" logs it, lists the snapshot in ``skipped`` and keeps training.
-    """
-
-    url: str
-    snapshot_every: int | None = None
-    storage_options: dict | None = None
-    dtype: str = "float32"
-    compression: str | None = None
-    keep: int | None = None
-    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
-    writer: str = "process"
-    slots: int = 2
-    when_behind: str = "block"
-    on_error: str = "raise"
-
-    def __repr__(self) -> str:  # never show credentials
-        fields = ", ".join(
-            f"{k}={redact(v) if k == 'storage_options' and v else v!r}" for k, v in self.__dict__.items()
-        )
-        return f"SnapshotConfig({fields})"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.url, str) or not self.url:
-            raise ValueError(f"store must be a URL string (path, file://, s3://...); got {self.url!r}")
-        if self.snapshot_every is not None and (
-            isinstance(self.snapshot_every, bool) or not isinstance(self.snapshot_every, int) or self.snapshot_every < 1
-        ):
-            raise ValueError(f"snapshot_every must be a positive integer (EMA updates) or None; "
-                             f"got {self.snapshot_every!r}")
-        if self.dtype not in STORAGE_DTYPES:
-            raise ValueError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}; got {self.dtype!r}")
-        from dist_ema.store.io import COMPRESSIONS
-
-        if self.compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {COMPRESSIONS}; got {self.compression!r}")
-        validate_keep(self.keep)
-        if not isinstance(self.max_object_bytes, int) or self.max_object_bytes < 4:
-            raise ValueError(f"max_object_bytes must be an integer >= 4; got {self.max_object_bytes!r}")
-        if self.writer not in ("process", "thread", "sync"):
-            raise ValueError(f"writer must be 'process', 'thread' or 'sync'; got {self.writer!r}")
-        if self.when_behind not in ("block", "skip"):
-            raise ValueError(f"when_behind must be 'block' or 'skip'; got {self.when_behind!r}")
-        if self.on_error not in ("raise", "warn"):
-            raise ValueError(f"on_error must be 'raise' or 'warn'; got {self.on_error!r}")
 
 
 @dataclass

@@ -25,67 +25,22 @@ import torch
 import torch.distributed as dist
 
 from dist_ema import phema
+from dist_ema.config import (
+    Buffers,
+    Compression,
+    EMAConfig,
+    OnError,
+    SnapshotConfig,
+    StorageDtype,
+    UpdateImpl,
+    WhenBehind,
+    Writer,
+)
 from dist_ema.sharding.base import ShardLayout, ShardPiece
 
 __all__ = ["EMAConfig", "PostHocEMA"]
 
 log = logging.getLogger("dist_ema")
-
-
-@dataclass(frozen=True)
-class EMAConfig:
-    """What to track and how often.
-
-    Attributes:
-        sigma_rels: relative std of each tracked profile, each in (0, 0.2887). Give this
-            or ``gammas``. Default when neither is given: (0.05, 0.10), as in EDM2.
-        gammas: power-function exponents (>= 0) instead of sigma_rels.
-        update_every: update the EMA every this many optimizer steps (>= 1). Exact:
-            the skipped steps enter t_delta. Default 1.
-        batch_size: samples per optimizer step (global). When given, time is counted
-            in samples ("nimg") instead of steps. Coefficients do not depend on it.
-        include_frozen: also track parameters with requires_grad=False (their EMA
-            equals the parameter; tracking them keeps synthesized state dicts complete).
-        buffers: "copy" stores each buffer's current value with every snapshot and in
-            full state dicts; "ignore" leaves buffers out.
-        update_impl: how update() runs. "auto" (default): each source read once for all
-            profiles where that helps: small tensors staged into one flat buffer (one copy
-            call, then one flat update per profile), runs of >= 64Ki elements through one
-            torch.compile'd kernel for all profiles (compiled once per process; if compile
-            is unavailable or fails it is logged once and foreach is used). "fused": also
-            compile the small runs. "foreach": one ``torch._foreach_lerp_`` per profile.
-    """
-
-    sigma_rels: tuple[float, ...] | None = None
-    gammas: tuple[float, ...] | None = None
-    update_every: int = 1
-    batch_size: int | None = None
-    include_frozen: bool = True
-    buffers: str = "copy"
-    update_impl: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.sigma_rels is None and self.gammas is None:
-            object.__setattr__(self, "sigma_rels", (0.05, 0.10))
-        s, g = phema.resolve_profiles(self.sigma_rels, self.gammas, what="tracked profiles")
-        object.__setattr__(self, "sigma_rels", s)
-        object.__setattr__(self, "gammas", g)
-        if not isinstance(self.update_every, int) or isinstance(self.update_every, bool) or self.update_every < 1:
-            raise ValueError(f"update_every must be an integer >= 1; got {self.update_every!r}")
-        if self.batch_size is not None and (
-            not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1
-        ):
-            raise ValueError(
-                f"batch_size must be a positive integer (samples per step) or None; got {self.batch_size!r}"
-            )
-        if self.buffers not in ("copy", "ignore"):
-            raise ValueError(f"buffers must be 'copy' or 'ignore'; got {self.buffers!r}")
-        if self.update_impl not in ("auto", "fused", "foreach"):
-            raise ValueError(f"update_impl must be 'auto', 'fused' or 'foreach'; got {self.update_impl!r}")
-
-    @property
-    def unit(self) -> str:
-        return "samples" if self.batch_size is not None else "steps"
 
 
 @dataclass
@@ -118,7 +73,7 @@ class PostHocEMA:
             URL); None keeps the EMA in memory only.
         snapshot_every, storage_options, storage_dtype, compression, keep, max_object_bytes,
             writer, when_behind, on_error: how snapshots are written, see
-            :class:`dist_ema.snapshots.SnapshotConfig`.
+            :class:`dist_ema.config.SnapshotConfig`.
         resume: restore the EMA from the newest committed snapshot in ``store`` (any world
             size); a store with snapshots is refused without it, so nothing is overwritten.
     """
@@ -132,19 +87,19 @@ class PostHocEMA:
         update_every: int = 1,
         batch_size: int | None = None,
         include_frozen: bool = True,
-        buffers: str = "copy",
-        update_impl: str = "auto",
+        buffers: Buffers = "copy",
+        update_impl: UpdateImpl = "auto",
         store: str | None = None,
         snapshot_every: int | None = None,
         storage_options: dict | None = None,
-        storage_dtype: str = "float32",
-        compression: str | None = None,
+        storage_dtype: StorageDtype = "float32",
+        compression: Compression | None = None,
         keep: int | None = None,
         resume: bool = False,
         max_object_bytes: int | None = None,
-        writer: str = "process",
-        when_behind: str = "block",
-        on_error: str = "raise",
+        writer: Writer = "process",
+        when_behind: WhenBehind = "block",
+        on_error: OnError = "raise",
         layout: ShardLayout | None = None,
     ) -> None:
         self.config = EMAConfig(
@@ -158,8 +113,6 @@ class PostHocEMA:
         )
         self.store_config = None
         if store is not None:
-            from dist_ema.snapshots import SnapshotConfig
-
             extra = {} if max_object_bytes is None else {"max_object_bytes": max_object_bytes}
             self.store_config = SnapshotConfig(
                 url=store, snapshot_every=snapshot_every, storage_options=storage_options, dtype=storage_dtype,

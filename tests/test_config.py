@@ -320,3 +320,59 @@ def test_the_training_script_names_the_closest_flag() -> None:
                        capture_output=True, text=True, timeout=120, cwd=str(root))
     assert r.returncode == 2, r.stderr[-2000:]
     assert "unrecognized arguments: --snaphot-every (did you mean --snapshot-every?)" in r.stderr, r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------ one check per field
+
+
+def test_keyword_and_file_share_one_check_per_field(tmp_path: Path) -> None:
+    """A bad value gives the same message as a PostHocEMA keyword, a SnapshotConfig field and a config key."""
+    from dist_ema.config import EMAConfig, SnapshotConfig
+
+    cases = [  # (keyword, value, how the config file spells the field)
+        ("writer", "mpi", "writer"), ("when_behind", "drop", "when_behind"), ("on_error", "ignore", "on_error"),
+        ("storage_dtype", "fp8", "storage_dtype"), ("compression", "gzip", "compression"), ("keep", 1, "keep"),
+        ("snapshot_every", 0, "snapshot_every"), ("store", "", "store"), ("storage_options", 3, "storage_options"),
+    ]
+    snap_name = {"store": "url", "storage_dtype": "dtype"}
+    for key, value, file_key in cases:
+        with pytest.raises(ConfigError) as kw:
+            SnapshotConfig(**{"url": "x", snap_name.get(key, key): value})
+        with pytest.raises(ConfigError) as f:
+            DistEMAConfig(**{file_key: value})
+        assert str(f.value) == "dist_ema." + str(kw.value), (str(f.value), str(kw.value))
+    for key, value in [("sigma_rels", (0.3,)), ("sigma_rels", (0.1, 0.1)), ("update_every", 0)]:
+        with pytest.raises(ConfigError) as kw:
+            EMAConfig(**{key: value})
+        with pytest.raises(ConfigError) as f:
+            DistEMAConfig(**{key: value})
+        assert str(f.value) == "dist_ema." + str(kw.value), (str(f.value), str(kw.value))
+
+
+def test_config_parts_and_defaults_agree() -> None:
+    """DistEMAConfig's defaults are those of its two parts and of PostHocEMA's keywords."""
+    from dist_ema import PostHocEMA
+    from dist_ema.config import DEFAULT_MAX_OBJECT_BYTES, EMAConfig, SnapshotConfig
+    from dist_ema.store.layout import DEFAULT_MAX_OBJECT_BYTES as STORE_MAX
+
+    assert DEFAULT_MAX_OBJECT_BYTES == STORE_MAX
+    cfg = DistEMAConfig(store="runs/x", sigma_rels=(0.07,), update_every=3, compression="zstd", keep=5)
+    assert cfg.ema_config() == EMAConfig(sigma_rels=(0.07,), update_every=3)
+    assert cfg.snapshot_config() == SnapshotConfig(url="runs/x", compression="zstd", keep=5)
+    assert DistEMAConfig().snapshot_config() is None
+    assert DistEMAConfig().ema_config() == EMAConfig()
+    kw = inspect.signature(PostHocEMA.__init__).parameters
+    snap = {"url": "store", "dtype": "storage_dtype"}
+    for f in dataclasses.fields(DistEMAConfig):
+        if f.name == "sigma_rels":  # PostHocEMA: None, which EMAConfig turns into the default
+            assert EMAConfig().sigma_rels == f.default
+        elif f.name != "store":
+            assert kw[f.name].default == f.default, f.name
+    for f in dataclasses.fields(EMAConfig):
+        assert kw[f.name].default == f.default, f.name
+    for f in dataclasses.fields(SnapshotConfig):
+        if f.name not in ("url", "slots", "max_object_bytes"):
+            assert kw[snap.get(f.name, f.name)].default == f.default, f.name
+    from dist_ema.snapshots import SnapshotConfig as Reexported
+
+    assert Reexported is SnapshotConfig

@@ -203,14 +203,14 @@ def test_state_dict_round_trip():
 @pytest.mark.parametrize(
     "kwargs,needle",
     [
-        (dict(sigma_rels=(0.3,)), r"sigma_rels must be in \(0, 0.2887\); got \[0.3\]"),
-        (dict(sigma_rels=(0.1, 0.1)), "duplicate tracked profiles"),
+        (dict(sigma_rels=(0.3,)), r"sigma_rels must each be in \(0, 0.2887\); got \[0.3\]"),
+        (dict(sigma_rels=(0.1, 0.1)), "sigma_rels lists a profile twice"),
         (dict(sigma_rels=()), "sigma_rels is empty"),
         (dict(gammas=(-1.0,)), "gammas must be >= 0"),
         (dict(sigma_rels=(0.1,), gammas=(3.0,)), "either sigma_rels or gammas"),
         (dict(update_every=0), "update_every must be an integer >= 1"),
         (dict(update_every=1.5), "update_every must be an integer >= 1"),
-        (dict(batch_size=0), "batch_size must be a positive integer"),
+        (dict(batch_size=0), "batch_size must be an integer >= 1"),
         (dict(buffers="avg"), "buffers must be 'copy' or 'ignore'"),
     ],
 )
