@@ -142,7 +142,7 @@ def _numbers(value: object, name: str, example: str) -> list[float]:
 
 
 def _check_distinct(gammas: Sequence[float], values: Sequence[float], name: str, unit: str) -> None:
-    if len({round(g, 9) for g in gammas}) != len(gammas):
+    if any(phema.find_gamma(gammas[:i], g) is not None for i, g in enumerate(gammas)):
         raise ConfigError(f"{name} lists a profile twice: {list(values)}. Fix: list each {unit} once")
 
 

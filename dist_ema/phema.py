@@ -25,13 +25,16 @@ import numpy.typing as npt
 
 __all__ = [
     "SIGMA_REL_MAX",
+    "PROFILE_RTOL",
     "Solution",
+    "find_gamma",
     "gamma_to_sigma_rel",
     "p_dot_p",
     "power_beta",
     "profile",
     "reconstructed_profile",
     "resolve_profiles",
+    "same_gamma",
     "sigma_rel_to_gamma",
     "solve_coefficients",
     "step_weights",
@@ -42,6 +45,7 @@ __all__ = [
 ArrayLike = npt.ArrayLike
 
 SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)  # sigma_rel of gamma = 0 (uniform average); larger has no gamma >= 0
+PROFILE_RTOL = 1e-6  # gammas closer than this (relative; absolute below gamma = 1) are one profile
 
 
 def _as_f64(x: ArrayLike, name: str) -> np.ndarray:
@@ -108,6 +112,32 @@ def gamma_to_sigma_rel(gamma: ArrayLike) -> float | np.ndarray:
     return _unwrap(np.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3))), gamma)
 
 
+def same_gamma(a: float, b: float) -> bool:
+    """True when the exponents a and b are the same profile: |a - b| <= 1e-6 * max(1, |a|, |b|).
+
+    The one rule for "the same profile" everywhere (tracked profiles, duplicates in a list,
+    a state dict's or a snapshot's profiles, a requested target): compare gammas, not
+    sigma_rels (convert with :func:`sigma_rel_to_gamma`). The tolerance absorbs the
+    round trip sigma_rel -> gamma -> sigma_rel and decimal spellings of one value; two
+    profiles this close are indistinguishable to synthesis anyway (a singular system).
+
+    Example:
+        >>> same_gamma(sigma_rel_to_gamma(0.10), 6.94)
+        False
+        >>> same_gamma(sigma_rel_to_gamma(0.10), sigma_rel_to_gamma(0.1 + 1e-12))
+        True
+    """
+    return abs(float(a) - float(b)) <= PROFILE_RTOL * max(1.0, abs(float(a)), abs(float(b)))
+
+
+def find_gamma(gammas: ArrayLike, gamma: float) -> int | None:
+    """Index of the first of ``gammas`` that is the same profile as ``gamma`` (:func:`same_gamma`), or None."""
+    for i, g in enumerate(np.atleast_1d(np.asarray(gammas, dtype=np.float64)).tolist()):
+        if same_gamma(g, gamma):
+            return i
+    return None
+
+
 def resolve_profiles(
     sigma_rels: ArrayLike | None, gammas: ArrayLike | None, what: str = "profiles"
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -130,7 +160,7 @@ def resolve_profiles(
             raise ValueError(f"gammas is empty: give at least one of the {what}, e.g. gammas=(16.97, 6.94)")
         validate_gamma(g, "gammas")
         s = tuple(float(x) for x in np.atleast_1d(gamma_to_sigma_rel(g)))
-    if len({round(x, 9) for x in g}) != len(g):
+    if any(find_gamma(g[:i], x) is not None for i, x in enumerate(g)):
         raise ValueError(f"duplicate {what}: sigma_rels={list(s)}; list each profile once")
     return s, g
 

@@ -230,17 +230,15 @@ class PostHocEMA:
         """The tracked profile with this sigma_rel (or gamma); ValueError naming the tracked ones."""
         if (sigma_rel is None) == (gamma is None):
             raise ValueError("give exactly one of sigma_rel or gamma")
+        # one rule for "the same profile": phema.same_gamma
+        k = phema.find_gamma(self.gammas, phema.sigma_rel_to_gamma(sigma_rel) if sigma_rel is not None else gamma)
+        if k is not None:
+            return self.profiles[k]
         if sigma_rel is not None:
-            for p in self.profiles:
-                if math.isclose(p.sigma_rel, sigma_rel, rel_tol=1e-6):
-                    return p
             raise ValueError(
                 f"sigma_rel={sigma_rel} is not tracked (tracked: {list(self.sigma_rels)}); "
                 f"use ema.swapped(sigma_rel=...) or synthesize() for other profiles"
             )
-        for p in self.profiles:
-            if math.isclose(p.gamma, gamma, rel_tol=1e-9):
-                return p
         raise ValueError(f"gamma={gamma} is not tracked (tracked: {list(self.gammas)})")
 
     # ------------------------------------------------------------------ update
@@ -503,7 +501,8 @@ class PostHocEMA:
                 f"not a dist-ema tracker state dict (no 'dist_ema' entry of format {_FORMAT} or "
                 f"{_FORMAT_PER_RANK}; got {fmt!r})"
             )
-        if not np.allclose(head["gammas"], self.gammas, rtol=1e-9):
+        theirs = [float(g) for g in head["gammas"]]
+        if len(theirs) != len(self.gammas) or not all(map(phema.same_gamma, theirs, self.gammas)):
             raise ValueError(f"state dict tracks gammas {head['gammas']}, this EMA tracks {list(self.gammas)}")
         if head["unit"] != self.config.unit:
             raise ValueError(
@@ -609,9 +608,9 @@ class PostHocEMA:
         _, (g,) = _targets([sigma_rel] if sigma_rel is not None else None, [gamma] if gamma is not None else None)
         if self.updates == 0:
             raise ValueError("no EMA yet: call update() after optimizer steps before synthesizing")
-        for prof in self.profiles:
-            if math.isclose(prof.gamma, g, rel_tol=1e-9):
-                return prof.flat.clone()
+        k = phema.find_gamma(self.gammas, g)
+        if k is not None:
+            return self.profiles[k].flat.clone()
         t_now = self._t_updated
         snaps, reader = [], None
         if self.snapshots is not None:

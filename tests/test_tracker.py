@@ -225,6 +225,39 @@ def test_untracked_profile_error():
         ema.full_state_dict(sigma_rel=0.15)
 
 
+def test_one_rule_for_the_same_profile():
+    """phema.same_gamma decides everywhere: duplicates in a list, tracked lookups, state dicts, synthesis."""
+    from dist_ema.config import DistEMAConfig
+
+    g = phema.sigma_rel_to_gamma(0.1)
+    near, far = g * (1 + 1e-8), g * (1 + 1e-4)
+    assert phema.same_gamma(g, near) and not phema.same_gamma(g, far)
+    assert phema.same_gamma(0.0, 1e-7) and not phema.same_gamma(0.0, 1e-5)  # absolute below gamma = 1
+    assert phema.find_gamma([1.0, near], g) == 1 and phema.find_gamma([1.0, far], g) is None
+    s_near = phema.gamma_to_sigma_rel(near)
+    for make in (lambda x: EMAConfig(gammas=(g, x)), lambda x: phema.resolve_profiles(None, (g, x)),
+                 lambda x: EMAConfig(sigma_rels=(0.1, phema.gamma_to_sigma_rel(x))),
+                 lambda x: DistEMAConfig(sigma_rels=(0.1, phema.gamma_to_sigma_rel(x)))):
+        with pytest.raises(ValueError, match="twice|duplicate"):
+            make(near)
+        make(far)
+    m = torch.nn.Linear(2, 2)
+    ema = PostHocEMA(m, sigma_rels=(0.05, 0.1))
+    assert ema.profile(gamma=near) is ema.profiles[1] and ema.profile(sigma_rel=s_near) is ema.profiles[1]
+    with pytest.raises(ValueError, match="not tracked"):
+        ema.profile(gamma=far)
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update()
+    assert torch.equal(ema.synthesized_shards(gamma=near), ema.profiles[1].flat)  # tracked: no synthesis
+    other = PostHocEMA(m, gammas=(phema.sigma_rel_to_gamma(0.05), near))
+    other.load_state_dict(ema.state_dict())  # the same profiles
+    state = ema.state_dict()
+    state["dist_ema"] = {**state["dist_ema"], "gammas": state["dist_ema"]["gammas"][:1]}
+    with pytest.raises(ValueError, match="tracks gammas"):  # one profile fewer is not the same profiles
+        other.load_state_dict(state)
+
+
 def test_defaults_and_gammas():
     ema = PostHocEMA(torch.nn.Linear(2, 2))
     assert ema.sigma_rels == pytest.approx((0.05, 0.10))
