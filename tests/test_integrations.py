@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -79,26 +81,80 @@ def test_lightning_with_gradient_accumulation_validation_swap_and_checkpoint_res
         assert torch.equal(store.read(10, 0.10, k), v), k
 
 
+# accelerate launch flags per plugin; on CPU the app helps Accelerate with FSDP and DeepSpeed (see the app)
+ACCELERATE_MODES = {
+    # "--multi_gpu" starts the processes with torchrun, Accelerator(cpu=True) joins them with gloo ("--cpu" on CPU
+    # starts one process: several need MPI)
+    "ddp": ["--multi_gpu"],
+    # every Linear its own fully_shard unit, then the root
+    "fsdp2": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+              "--fsdp_transformer_layer_cls_to_wrap", "Linear"],
+    "zero2": ["--use_deepspeed", "--deepspeed_config_file", "{ds_config}"],
+    "zero3": ["--use_deepspeed", "--deepspeed_config_file", "{ds_config}"],
+}
+# layout engine, fully_shard units, DTensor parameters
+EXPECTED = {"ddp": ("replicated", 0, False), "fsdp2": ("fsdp2", 3, True), "zero2": ("zero2", 0, False),
+            "zero3": ("zero3", 0, False)}
+
+
+def _ema_checkpoint_is_per_rank(path, owned: list[int]) -> None:
+    """The EMA in the state folder is a DCP checkpoint: one file per rank, and rank r's file holds exactly the
+    elements rank r averages (for every profile), nothing gathered into one file."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    assert sorted(p.name for p in path.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    md = FileSystemReader(str(path)).read_metadata()
+    stored = {"__0_0.distcp": 0, "__1_0.distcp": 0}
+    for idx, where in md.storage_data.items():
+        meta = md.state_dict_metadata[idx.fqn]
+        if isinstance(meta, TensorStorageMetadata):
+            stored[where.relative_path] += math.prod(meta.chunks[idx.index].sizes)
+    assert [stored[f"__{r}_0.distcp"] for r in range(2)] == [n * len(SIGMAS) for n in owned], (stored, owned)
+
+
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("plugin", ["ddp"])  # fsdp2/deepspeed: not run, see README (cpu=True ignores them)
+@pytest.mark.parametrize("plugin", list(ACCELERATE_MODES))
 def test_accelerate_with_gradient_accumulation_and_save_load_state(tmp_path, plugin):
     pytest.importorskip("accelerate")
+    if plugin.startswith("zero"):
+        pytest.importorskip("deepspeed")
+        # Accelerate's DeepSpeed plugin imports transformers when it is selected (even for a plain nn.Module)
+        pytest.importorskip("transformers")
     app = str(ROOT / "tests" / "apps" / "accelerate_app.py")
-    # on CPU, "--cpu" starts one process (several need MPI); "--multi_gpu" starts them with torchrun, and the
-    # script's Accelerator(cpu=True) then joins them with gloo
-    mode = ["--multi_gpu"] if plugin == "ddp" else ["--use_fsdp", "--fsdp_version", "2"]
+    ds_config = tmp_path / "ds_config.json"
+    # "auto": Accelerate fills in the batch size and Accelerator(gradient_accumulation_steps=2); persistence
+    # threshold 0: ZeRO-3 partitions even these tiny parameters
+    ds_config.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "zero_optimization": {"stage": int(plugin[-1]) if plugin.startswith("zero") else 0,
+                              "stage3_param_persistence_threshold": 0}}))
+    mode = [x.format(ds_config=ds_config) for x in ACCELERATE_MODES[plugin]]
     launch = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port())]
-    _run([*launch, app, str(tmp_path), "a"])
-    assert (tmp_path / "state" / "dist_ema" / ".metadata").is_file()
-    _run([*launch, app, str(tmp_path), "b"])
+    if plugin == "ddp":  # the resume in new processes
+        _run([*launch, app, str(tmp_path), "a", plugin])
+        _run([*launch, app, str(tmp_path), "b", plugin])
+    else:  # one run (half the time): save_state, 3 abandoned steps, load_state, 4 steps
+        _run([*launch, app, str(tmp_path), "ab", plugin])
     a, b = (torch.load(tmp_path / f"{p}.pt", weights_only=True) for p in "ab")
     assert a["world"] == b["world"] == 2
-    assert a["dtensor"] == (plugin == "fsdp2"), a["engine"]  # FSDP2 really sharded the parameters
+    # the plugin really ran: Accelerate's distributed type, the engine dist-ema found, the sharding
+    assert a["distributed_type"] == {"ddp": "MULTI_CPU", "fsdp2": "FSDP"}.get(plugin, "DEEPSPEED")
+    assert (a["layout"], a["fsdp_units"], a["dtensor"]) == EXPECTED[plugin], a["engine"]
+    assert a["partitioned"] == (plugin == "zero3")  # ZeRO-3: the module holds empty placeholders
+    if plugin.startswith("zero"):
+        assert a["engine"] == "DeepSpeedEngine" and a["gradient_accumulation"] == 2
+    # every rank averages its own part of the 49 parameters, none all of them
+    assert sum(a["owned"]) == a["numel"] == 49 and max(a["owned"]) < 49, a["owned"]
+    _ema_checkpoint_is_per_rank(tmp_path / "state" / "dist_ema", a["owned"])
     assert len(a["trajectory"]) == 6 and a["clock"] == (6, 6.0, 6)
     for s in SIGMAS:
         _check(a["ema"][s], a["trajectory"], s, "phase a")
+    # phase b: load_state brought the EMA back to step 6 bit for bit, and it continues over both phases' steps
+    for s in SIGMAS:
+        assert all(torch.equal(b["loaded"][s][k], a["ema"][s][k]) for k in a["ema"][s]), s
     full = a["trajectory"] + b["trajectory"]
     assert len(full) == 10 and b["clock"] == (10, 10.0, 10)
     for s in SIGMAS:
