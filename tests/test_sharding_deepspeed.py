@@ -398,3 +398,21 @@ def test_is_deepspeed_engine_rejects_plain_modules() -> None:
     assert not is_deepspeed_engine(TinyNet())
     with pytest.raises(UnsupportedEngineError, match="expected a deepspeed.DeepSpeedEngine"):
         deepspeed_layout(TinyNet())
+
+
+def test_one_deepspeed_detection() -> None:
+    """make_layout and the adapter recognise a DeepSpeed engine by one rule: the real class or a subclass."""
+    import deepspeed
+
+    from dist_ema.sharding import detect
+
+    assert detect.is_deepspeed_engine is is_deepspeed_engine
+
+    class Sub(deepspeed.DeepSpeedEngine):  # e.g. the pipeline engine
+        pass
+
+    assert detect.detect_engine(object.__new__(Sub)) == "deepspeed"
+    lookalike = type("DeepSpeedEngine", (), {"__module__": "deepspeed.fake"})()
+    assert not is_deepspeed_engine(lookalike)
+    with pytest.raises(UnsupportedEngineError, match="cannot track a deepspeed.fake.DeepSpeedEngine"):
+        detect.detect_engine(lookalike)

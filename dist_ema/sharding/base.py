@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-__all__ = ["ShardPiece", "ShardLayout", "UnsupportedEngineError", "check_pieces_local", "share_among_replicas",
-           "split_among_replicas"]
+__all__ = ["ShardPiece", "ShardLayout", "UnsupportedEngineError", "check_pieces_local", "even_chunk", "even_split",
+           "share_among_replicas", "split_among_replicas"]
 
 
 class UnsupportedEngineError(RuntimeError):
@@ -103,6 +103,30 @@ class ShardLayout:
     process_group: object | None = None
     refresh: Callable[[], ShardLayout] | None = None
     after_load: Callable[[], None] | None = None
+
+
+def even_chunk(numel: int, world: int) -> int:
+    """Size of each rank's part in a ``torch.chunk``-like split of ``numel`` over ``world``: ceil(numel / world)."""
+    return -(-numel // world) if numel else 0
+
+
+def even_split(numel: int, world: int, rank: int) -> tuple[int, int]:
+    """Range ``[start, end)`` of rank ``rank`` in a ``torch.chunk``-like split of ``numel``.
+
+    Chunk size is :func:`even_chunk`, ``ceil(numel / world)``; trailing ranks may get an
+    empty range (``start == end``), exactly like ``torch.chunk`` returning fewer chunks.
+    The split of FSDP1 flat parameters, of FSDP2 ``Shard(0)`` rows, of DDP / ZeRO-1/2
+    ownership and of ZeRO-3 frozen parameters.
+
+    Example:
+        >>> [even_split(10, 4, r) for r in range(4)]
+        [(0, 3), (3, 6), (6, 9), (9, 10)]
+    """
+    if world <= 0 or not 0 <= rank < world:
+        raise ValueError(f"invalid rank {rank} for world size {world}")
+    chunk = even_chunk(numel, world)
+    start = min(rank * chunk, numel)
+    return start, min(start + chunk, numel)
 
 
 def share_among_replicas(pieces: Sequence[ShardPiece], replica: int, replicas: int) -> list[ShardPiece]:

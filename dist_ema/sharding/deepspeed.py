@@ -73,7 +73,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dist_ema.sharding.base import ShardLayout, ShardPiece, UnsupportedEngineError, check_pieces_local
+from dist_ema.sharding.base import (
+    ShardLayout,
+    ShardPiece,
+    UnsupportedEngineError,
+    check_pieces_local,
+    even_chunk,
+    even_split,
+)
 
 __all__ = ["is_deepspeed_engine", "deepspeed_layout", "deepspeed_step_was_applied"]
 
@@ -272,13 +279,6 @@ def _check_optimizer_class(engine: Any, stage: int) -> Any:
 # ---------------------------------------------------------------------------------------
 
 
-def _replicated_range(numel: int, rank: int, world: int) -> tuple[int, int]:
-    """``torch.chunk``-style split of a replicated param: rank's ``[start, end)`` (may be empty)."""
-    chunk = math.ceil(numel / world) if numel else 0
-    start = min(rank * chunk, numel)
-    return start, min(start + chunk, numel)
-
-
 def _buffer_mapping_zero12(
     opt: Any, g: int, rank: int, world: int
 ) -> dict[int, tuple[int, int, torch.Tensor]]:
@@ -384,7 +384,7 @@ def _layout_zero12(engine: Any, include_frozen: bool, stage: int) -> ShardLayout
         else:
             # Frozen (or not handed to the optimizer): full on every rank, no fp32 master.
             frozen.append(p)
-            start, end = _replicated_range(p.numel(), rank, world)
+            start, end = even_split(p.numel(), world, rank)
             if end > start:
                 pieces.append(ShardPiece(
                     fqn=name, global_shape=shape, dtype=p.dtype, flat_start=start, numel=end - start,
@@ -399,12 +399,12 @@ def _layout_zero12(engine: Any, include_frozen: bool, stage: int) -> ShardLayout
                 size = flat.numel() // world
                 dist.all_gather_into_tensor(flat, flat.narrow(0, rank * size, size).clone(), group=dp_group)
             for p in frozen:
-                chunk = math.ceil(p.numel() / world)
+                chunk = even_chunk(p.numel(), world)
                 if chunk == 0:
                     continue
                 flat_p = p.data.view(-1)
                 mine = torch.zeros(chunk, dtype=p.dtype, device=p.device)
-                s, e = _replicated_range(p.numel(), rank, world)
+                s, e = even_split(p.numel(), world, rank)
                 mine[: e - s] = flat_p[s:e]
                 full = torch.empty(chunk * world, dtype=p.dtype, device=p.device)
                 dist.all_gather_into_tensor(full, mine, group=dp_group)

@@ -2,9 +2,9 @@
 
 Detection order:
 
-1. DeepSpeed engine (``deepspeed.DeepSpeedEngine`` or a subclass), recognised by class
-   name and module without importing deepspeed (it is only looked up in
-   ``sys.modules``, so non-DeepSpeed users never pay its import time).
+1. DeepSpeed engine (``deepspeed.DeepSpeedEngine`` or a subclass), recognised by
+   :func:`dist_ema.sharding.deepspeed.is_deepspeed_engine` without importing deepspeed
+   (it is only looked up in ``sys.modules``, so non-DeepSpeed users never pay its import time).
 2. FSDP2: a module of the tree is an ``FSDPModule`` or a parameter is a ``DTensor``.
 3. FSDP1: a ``FullyShardedDataParallel`` unit in the module tree.
 4. Plain module or ``DistributedDataParallel``: replicated parameters.
@@ -16,26 +16,16 @@ instead of the engine, and objects that are none of the above raise
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 from torch import nn
 
 from dist_ema.sharding.base import ShardLayout, UnsupportedEngineError
+from dist_ema.sharding.deepspeed import is_deepspeed_engine
 from dist_ema.sharding.replicated import clean_fqn, persistent_buffers
 
 __all__ = ["detect_engine", "make_layout"]
-
-
-def _is_deepspeed_engine(obj: Any) -> bool:
-    """True for ``deepspeed.DeepSpeedEngine`` and subclasses (pipeline engine, ...), no import."""
-    if "deepspeed" not in sys.modules:
-        return False
-    return any(
-        cls.__name__ == "DeepSpeedEngine" and cls.__module__.split(".")[0] == "deepspeed"
-        for cls in type(obj).__mro__
-    )
 
 
 def _deepspeed_param(model: nn.Module) -> str | None:
@@ -53,7 +43,7 @@ def detect_engine(model_or_engine: Any) -> str:
         UnsupportedEngineError: not an ``nn.Module``/DeepSpeed engine, FSDP1 and FSDP2
             mixed in one model, or a DeepSpeed-managed module passed without its engine.
     """
-    if _is_deepspeed_engine(model_or_engine):
+    if is_deepspeed_engine(model_or_engine):
         return "deepspeed"
     if not isinstance(model_or_engine, nn.Module):
         cls = type(model_or_engine)

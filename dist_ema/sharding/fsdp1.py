@@ -37,8 +37,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
-from dist_ema.sharding.base import ShardLayout, ShardPiece, UnsupportedEngineError, split_among_replicas
-from dist_ema.sharding.replicated import clean_fqn, even_split, persistent_buffers
+from dist_ema.sharding.base import ShardLayout, ShardPiece, UnsupportedEngineError, even_split, split_among_replicas
+from dist_ema.sharding.replicated import clean_fqn, persistent_buffers
 
 __all__ = ["fsdp1_layout", "fsdp1_units", "is_flat_param", "reshard_all"]
 

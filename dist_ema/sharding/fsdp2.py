@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from dist_ema.sharding.base import ShardLayout, ShardPiece, UnsupportedEngineError, share_among_replicas
+from dist_ema.sharding.base import ShardLayout, ShardPiece, UnsupportedEngineError, even_split, share_among_replicas
 from dist_ema.sharding.replicated import clean_fqn, persistent_buffers
 
 __all__ = ["fsdp2_layout", "reshard_all"]
@@ -86,9 +86,8 @@ def _placement(p: DTensor, fqn: str) -> _Placement:
 
 def _chunk_rows(dim0: int, world: int, rank: int) -> tuple[int, int]:
     """First row and row count of ``rank`` under ``torch.chunk(dim0 rows, world)``."""
-    chunk = math.ceil(dim0 / world) if dim0 else 0
-    start = min(rank * chunk, dim0)
-    return start, min(start + chunk, dim0) - start
+    start, end = even_split(dim0, world, rank)
+    return start, end - start
 
 
 def fsdp2_layout(model: nn.Module, include_frozen: bool = True) -> ShardLayout:

@@ -4,8 +4,8 @@ Under DDP (or a single process) every rank holds every parameter in full, and al
 replicas are bit-identical after each optimizer step. Tracking the full EMA on every
 rank would waste ``world`` times the memory and update time, so each rank tracks and
 writes only a disjoint contiguous 1/world slice of every parameter's flat range (a
-``torch.chunk``-like split: ``ceil(numel / world)`` elements per rank, the last ranks
-may hold less or nothing). The owner pieces of all ranks cover every parameter once.
+``torch.chunk``-like split, ``base.even_split``: ``ceil(numel / world)`` elements per rank, the
+last ranks may hold less or nothing). The owner pieces of all ranks cover every parameter once.
 
 This module also holds the small helpers the other adapters share (name cleaning,
 persistent buffers, which parameters are tracked).
@@ -14,14 +14,13 @@ persistent buffers, which parameters are tracked).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_ema.sharding.base import ShardLayout, ShardPiece, UnsupportedEngineError
+from dist_ema.sharding.base import ShardLayout, ShardPiece, UnsupportedEngineError, even_split
 from dist_ema.sharding.resync import make_replicated_resync
 
 __all__ = [
@@ -81,20 +80,6 @@ def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
             seen.add(id(buf))
             out[clean_fqn(f"{mod_name}.{buf_name}" if mod_name else buf_name)] = buf
     return out
-
-
-def even_split(numel: int, world: int, rank: int) -> tuple[int, int]:
-    """Range ``[start, end)`` of rank ``rank`` in a ``torch.chunk``-like split of ``numel``.
-
-    Chunk size is ``ceil(numel / world)``; trailing ranks may get an empty range
-    (``start == end``), exactly like ``torch.chunk`` returning fewer chunks.
-    """
-    if world <= 0 or not 0 <= rank < world:
-        raise ValueError(f"invalid rank {rank} for world size {world}")
-    chunk = math.ceil(numel / world) if numel else 0
-    start = min(rank * chunk, numel)
-    end = min(start + chunk, numel)
-    return start, end
 
 
 def _flat_view(p: torch.Tensor, fqn: str) -> torch.Tensor:
