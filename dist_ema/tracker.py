@@ -17,6 +17,8 @@ import contextlib
 import json
 import logging
 import math
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -64,6 +66,13 @@ class PostHocEMA:
     plain module, or a DeepSpeed engine (ZeRO 1/2/3); the engine is detected.
     All ranks of the process group must construct it together (it runs one
     collective check that the shards cover every parameter exactly once).
+
+    Process-wide state: to tell an ``update()`` after a skipped optimizer step, the first
+    PostHocEMA of a process registers a *global* optimizer step post hook
+    (``torch.optim.optimizer.register_optimizer_step_post_hook``) that counts the steps of
+    every torch optimizer in the process (one integer increment per step). It is removed
+    when the last PostHocEMA is closed (``close()``, leaving a ``with`` block, or garbage
+    collection); an ``update()`` after ``close()`` takes it up again.
 
     Args:
         sigma_rels / gammas / update_every / batch_size / include_frozen / buffers / update_impl: what to
@@ -142,8 +151,8 @@ class PostHocEMA:
             module.register_load_state_dict_post_hook(self._on_model_load)
         self.profiles = [self._new_profile(s, g) for s, g in zip(self.config.sigma_rels, self.config.gammas)]
         self._build_update_plan()  # staging buffers now, not in the first update (which only compiles)
-        _install_optimizer_hook()
-        self._opt_steps_at_init = self._opt_steps_at_update = _OPTIMIZER_STEPS[0]
+        self._hook_release = None
+        self._hold_step_counter()
         self.step = 0  # optimizer steps seen (applied ones)
         self.t = 0.0  # time of the EMA state (in config.unit)
         self._t_updated = 0.0  # time of the last EMA update
@@ -248,7 +257,10 @@ class PostHocEMA:
         """Account for one optimizer step; every ``update_every`` steps, update the EMAs.
 
         Call once after each optimizer step. Steps the engine did not apply
-        (DeepSpeed fp16 overflow, gradient-accumulation micro-steps) are skipped.
+        (DeepSpeed fp16 overflow, gradient-accumulation micro-steps) are skipped, and so is
+        a call with no torch optimizer step since the previous one (``torch.amp.GradScaler``
+        skipped it on inf gradients, or update() runs twice per step), told by the
+        process-wide optimizer step count (see the class docstring).
         No host-device synchronization, no allocation for fp32 shards.
         Returns True when the EMAs were updated.
         """
@@ -257,7 +269,9 @@ class PostHocEMA:
             self._skip("the engine skipped the optimizer step (fp16 overflow or a gradient-accumulation micro-step)",
                        expected=True)
             return False
-        seen = _OPTIMIZER_STEPS[0]
+        if self._hook_release is None or not self._hook_release.alive:  # closed, and updated again
+            self._hold_step_counter()
+        seen = _STEP_COUNTER.steps
         if seen != self._opt_steps_at_init and seen == self._opt_steps_at_update:
             # no torch optimizer step since the previous update: torch.amp.GradScaler skipped it (inf
             # gradients), or update() runs more often than the optimizer steps. The weights did not change.
@@ -285,6 +299,14 @@ class PostHocEMA:
             elif self.updates % every == every // 2:
                 self.snapshots.maybe_exchange()
         return True
+
+    def _hold_step_counter(self) -> None:
+        """Take part in the process-wide optimizer step count (see :class:`_StepCounter`) until close()."""
+        _STEP_COUNTER.acquire()
+        # garbage collection without close() lets go of it too; calling the finalizer runs it once
+        self._hook_release = weakref.finalize(self, _STEP_COUNTER.release)
+        # the check applies once a torch optimizer stepped after this point
+        self._opt_steps_at_init = self._opt_steps_at_update = _STEP_COUNTER.steps
 
     def _skip(self, why: str, expected: bool = False) -> None:
         """Count a step that changed no weight: time does not advance, the EMA is not updated."""
@@ -327,6 +349,7 @@ class PostHocEMA:
         """
         if self.snapshots is not None:
             self.snapshots.close(final_snapshot=final_snapshot)
+        self._hook_release()  # the last EMA closed removes the optimizer hook
 
     def __enter__(self) -> PostHocEMA:
         return self
@@ -337,6 +360,8 @@ class PostHocEMA:
         elif self.snapshots is not None:
             # an exception is propagating (maybe on this rank only): no collectives, just stop the writer
             self.snapshots.abandon()
+        if exc_type is not None:
+            self._hook_release()
 
     def _build_update_plan(self) -> None:
         """The fused update over the current sources (built when the pieces change; compiles at its first call)."""
@@ -686,21 +711,44 @@ class PostHocEMA:
                 self._after_load()
 
 
-# Optimizer steps taken in this process (all torch optimizers), to catch update() without a step.
-# The check applies only once a torch optimizer stepped after the EMA was created.
-_OPTIMIZER_STEPS = [0]
-_HOOK: list = []
+class _StepCounter:
+    """Counts the torch optimizer steps taken in this process, for update()'s skipped-step check.
+
+    It is a *global* optimizer step post hook
+    (``torch.optim.optimizer.register_optimizer_step_post_hook``): it runs after ``step()`` of
+    every torch optimizer in the process, not only the tracked model's, so it tells update()
+    whether some optimizer stepped since the previous update, nothing more. It costs one
+    integer increment per optimizer step. The first PostHocEMA installs it; it is removed
+    when the last one is closed (or garbage-collected without close); a later PostHocEMA
+    installs it again. ``steps`` only grows, across removals.
+    """
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.users = 0
+        self.handle = None  # torch's RemovableHandle while installed
+        self._lock = threading.RLock()  # release() also runs from garbage collection, in any thread
+
+    def _count(self, optimizer, args, kwargs) -> None:
+        self.steps += 1
+
+    def acquire(self) -> None:
+        with self._lock:
+            self.users += 1
+            if self.handle is None:
+                from torch.optim.optimizer import register_optimizer_step_post_hook
+
+                self.handle = register_optimizer_step_post_hook(self._count)
+
+    def release(self) -> None:
+        with self._lock:
+            self.users -= 1
+            if self.users == 0 and self.handle is not None:
+                self.handle.remove()
+                self.handle = None
 
 
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    _OPTIMIZER_STEPS[0] += 1
-
-
-def _install_optimizer_hook() -> None:
-    if not _HOOK:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        _HOOK.append(register_optimizer_step_post_hook(_count_optimizer_step))
+_STEP_COUNTER = _StepCounter()
 
 
 def _gather_to_rank0(obj: object, group: object | None) -> list | None:

@@ -258,6 +258,58 @@ def test_one_rule_for_the_same_profile():
         other.load_state_dict(state)
 
 
+_HOOK_SCRIPT = """
+import gc, torch
+from torch.optim.optimizer import _global_optimizer_post_hooks as hooks
+from dist_ema import tracker
+from dist_ema.tracker import PostHocEMA
+
+c = tracker._STEP_COUNTER
+m = torch.nn.Linear(2, 2)
+opt = torch.optim.SGD(m.parameters(), lr=0.1)
+assert c.handle is None and not hooks
+a, b = PostHocEMA(m), PostHocEMA(m)
+h = c.handle
+assert h is not None and list(hooks) == [h.id] and c.users == 2
+a.close(); a.close()  # idempotent
+assert c.handle is h and c.users == 1
+b.close()  # the last one: the hook is gone
+assert c.handle is None and not hooks and c.users == 0
+e = PostHocEMA(m)  # a new EMA installs it again, and the count works
+assert c.handle is not None and list(hooks) == [c.handle.id]
+opt.step()
+assert e.update() and not e.update()  # the second call saw no optimizer step
+e.close()
+m2 = torch.nn.Linear(2, 2)
+g = PostHocEMA(m2)
+assert c.handle is not None
+del g, m2
+gc.collect()  # garbage collected without close(): the hook goes too
+assert c.handle is None and not hooks and c.users == 0
+with PostHocEMA(m) as f:
+    assert c.handle is not None
+assert c.handle is None
+opt.step()
+assert f.update() and c.handle is not None  # updated after close(): counting again
+opt.step()
+assert f.update() and not f.update()
+f.close()
+assert c.handle is None and not hooks
+print("ok")
+"""
+
+
+def test_optimizer_hook_is_removed_with_the_last_ema():
+    """The process-wide optimizer step hook: installed by the first PostHocEMA, removed after the last close."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-c", _HOOK_SCRIPT], cwd=Path(__file__).resolve().parent.parent,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
 def test_defaults_and_gammas():
     ema = PostHocEMA(torch.nn.Linear(2, 2))
     assert ema.sigma_rels == pytest.approx((0.05, 0.10))
