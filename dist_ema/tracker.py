@@ -13,13 +13,13 @@ beta = (1 - t_delta / t)^(gamma + 1), exact for any update interval.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -612,103 +612,46 @@ class PostHocEMA:
             out.update({k: b.detach().cpu().clone() for k, b in self.layout.buffers.items()})
         return out
 
-    # ------------------------------------------------------------------ swap
+    # ------------------------------------------------------------------ swap (dist_ema.swap)
 
     def _after_load(self) -> None:
-        if self._resync is not None:
-            self._resync()
-        if self.layout.after_load is not None:
-            self.layout.after_load()
+        from dist_ema import swap
 
-    @torch.no_grad()
+        swap.after_load(self)
+
     def synthesized_shards(self, sigma_rel: float | None = None, gamma: float | None = None) -> torch.Tensor:
         """This rank's shards of the EMA for any profile at the current time, as one flat fp32 tensor.
 
         Combines the committed snapshots in the store with the live EMA state (the newest
         "snapshot", at the current time) using the paper's least-squares coefficients.
         Each rank reads only its own pieces: no gathers. Collective (lists snapshots once).
+        See :func:`dist_ema.swap.synthesized_shards`.
         """
-        from dist_ema.synthesis import _targets, plan_coefficients
+        from dist_ema import swap
 
-        _, (g,) = _targets([sigma_rel] if sigma_rel is not None else None, [gamma] if gamma is not None else None)
-        if self.updates == 0:
-            raise ValueError("no EMA yet: call update() after optimizer steps before synthesizing")
-        k = phema.find_gamma(self.gammas, g)
-        if k is not None:
-            return self.profiles[k].flat.clone()
-        t_now = self._t_updated
-        snaps, reader = [], None
-        if self.snapshots is not None:
-            reader, snaps = self.snapshots.committed_snapshots()
-            snaps = [s for s in snaps if s.t < t_now]
-        sources = [(s.t, s.gammas) for s in snaps] + [(t_now, self.gammas)]
-        X, sol, rows = plan_coefficients(sources, t_now, [g])
-        out = torch.zeros(self.offsets[-1], dtype=torch.float64, device=self.device)
-        for row, (i, k) in enumerate(rows):
-            x = float(X[row, 0])
-            if x == 0.0:
-                continue
-            if i == len(snaps):  # the live state
-                out.add_(self.profiles[k].flat.double(), alpha=x)
-            else:
-                from dist_ema.collective import run_and_check
-                from dist_ema.snapshots import read_pieces
-                from dist_ema.store.fs import StoreError
+        return swap.synthesized_shards(self, sigma_rel=sigma_rel, gamma=gamma)
 
-                # a read error on one rank (a damaged or missing object) is raised on every rank
-                vals = run_and_check(lambda i=i, k=k: read_pieces(reader, snaps[i], k, self.pieces, self.offsets),
-                                     f"reading snapshot {snaps[i].id} for swapped()", None, StoreError)
-                out.add_(torch.from_numpy(vals).to(self.device).double(), alpha=x)
-        self.last_synthesis_error = float(sol.error[0])
-        return out.float()
-
-    @contextlib.contextmanager
-    def swapped(self, sigma_rel: float | None = None, *, gamma: float | None = None) -> Iterator[None]:
+    def swapped(self, sigma_rel: float | None = None, *, gamma: float | None = None) -> AbstractContextManager[None]:
         """Load the EMA for any sigma_rel at the current time into the live (sharded) model.
 
         Tracked profiles are used as they are; others are synthesized from the committed
         snapshots plus the live EMA state (``ema.last_synthesis_error`` holds the profile's
         reconstruction error). The training weights (and fp32 masters) are restored exactly
-        on exit. Collective: call on every rank.
+        on exit. Collective: call on every rank. See :mod:`dist_ema.swap`.
 
         Example:
             >>> with ema.swapped(sigma_rel=0.15):
             ...     val_loss = evaluate(model)
         """
-        values = self.synthesized_shards(sigma_rel=sigma_rel, gamma=gamma)
-        views = [values[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
-        with self._swapped_values(views):
-            yield
+        from dist_ema import swap
 
-    @contextlib.contextmanager
-    def tracked_swapped(self, sigma_rel: float) -> Iterator[None]:
+        return swap.swapped(self, sigma_rel=sigma_rel, gamma=gamma)
+
+    def tracked_swapped(self, sigma_rel: float) -> AbstractContextManager[None]:
         """Load a *tracked* profile into the live model, restore the training weights after."""
-        prof = self.profile(sigma_rel=sigma_rel)
-        with self._swapped_values(prof.views):
-            yield
+        from dist_ema import swap
 
-    @contextlib.contextmanager
-    def _swapped_values(self, values: Sequence[torch.Tensor]) -> Iterator[None]:
-        # values are indexed like self.pieces; a refresh keeps the pieces' order (or raises)
-        if self._stale:  # the model loaded a checkpoint (maybe assign=True) since the views were listed
-            self.refresh_views()
-        backups = []
-        with torch.no_grad():
-            for p, v in zip(self.pieces, values):
-                targets = [p.source] + ([p.load_target] if p.load_target is not None else [])
-                backups.append([x.clone() for x in targets])
-                for x in targets:
-                    x.copy_(v)
-            self._after_load()
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, saved in zip(self.pieces, backups):
-                    targets = [p.source] + ([p.load_target] if p.load_target is not None else [])
-                    for x, s in zip(targets, saved):
-                        x.copy_(s)
-                self._after_load()
+        return swap.tracked_swapped(self, sigma_rel)
 
 
 class _StepCounter:

@@ -209,3 +209,30 @@ def worker_swap_before_first_forward(rank: int, ws: int, out: str) -> None:
 @pytest.mark.timeout(300)
 def test_swap_before_the_first_forward(tmp_path):
     run_workers("tests.test_swap:worker_swap_before_first_forward", 2, tmp_path)
+
+
+def test_swap_module_and_methods_agree():
+    """PostHocEMA.swapped / tracked_swapped / synthesized_shards are dist_ema.swap's functions."""
+    from dist_ema import swap
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    ema = PostHocEMA(model, sigma_rels=(0.05, 0.10))
+    with torch.no_grad():
+        for _ in range(5):
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            ema.update()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {}
+    for name, ctx in [("method", lambda: ema.swapped(sigma_rel=0.07)),
+                      ("function", lambda: swap.swapped(ema, sigma_rel=0.07))]:
+        with ctx():
+            seen[name] = {k: v.clone() for k, v in model.state_dict().items()}
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), name
+    assert all(torch.equal(seen["method"][k], seen["function"][k]) for k in before)
+    assert not all(torch.equal(seen["method"][k], before[k]) for k in before)  # the EMA was in the model
+    assert torch.equal(ema.synthesized_shards(sigma_rel=0.07), swap.synthesized_shards(ema, sigma_rel=0.07))
+    with ema.tracked_swapped(0.10):
+        inside = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.equal(inside, ema.profile(sigma_rel=0.10).flat)
