@@ -43,7 +43,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["FusedUpdate", "coalesce", "compile_enabled", "foreach_update", "fused_update"]
+__all__ = ["FusedUpdate", "adjacent", "coalesce", "compile_enabled", "foreach_update", "fused_update"]
 
 log = logging.getLogger("dist_ema")
 
@@ -90,7 +90,13 @@ def foreach_update(emas: Sequence[Sequence[torch.Tensor]], sources: Sequence[tor
             torch._foreach_lerp_([views[i] for i in other], src_other, float(w))
 
 
-def _adjacent(a: torch.Tensor, b: torch.Tensor) -> bool:
+def adjacent(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when the 1-d tensors a and b are neighbours in memory: b starts where a ends, in one storage.
+
+    Then ``a`` and ``b`` read as one flat run (a flat parameter's pieces, a ZeRO partition):
+    the update coalesces them, and the tracker keeps such pieces next to each other in its
+    flat buffers (``tracker._piece_order``).
+    """
     return (
         a.device == b.device and a.dtype == b.dtype and a.dim() == 1 and b.dim() == 1
         and a.is_contiguous() and b.is_contiguous()
@@ -115,8 +121,8 @@ def coalesce(emas: Sequence[Sequence[torch.Tensor]], sources: Sequence[torch.Ten
     i = 0
     while i < n:
         j, total = i, sources[i].numel()
-        while j + 1 < n and _adjacent(sources[j], sources[j + 1]) and all(
-            _adjacent(emas[k][j], emas[k][j + 1]) for k in range(K)
+        while j + 1 < n and adjacent(sources[j], sources[j + 1]) and all(
+            adjacent(emas[k][j], emas[k][j + 1]) for k in range(K)
         ):
             j += 1
             total += sources[j].numel()
@@ -226,7 +232,7 @@ class FusedUpdate:
             j = i
             if small(i):
                 while j + 1 < n and small(j + 1) and src_c[j + 1].device == src_c[i].device and all(
-                    _adjacent(emas_c[k][j], emas_c[k][j + 1]) for k in range(K)
+                    adjacent(emas_c[k][j], emas_c[k][j + 1]) for k in range(K)
                 ):
                     j += 1
             if j == i:

@@ -716,16 +716,11 @@ def _piece_order(pieces: Sequence[ShardPiece]) -> list[int]:
     a ZeRO partition) stay together and in order, so the update sees them as one run; small
     blocks go last, next to each other, so the update stages them as one flat run.
     """
-    from dist_ema.kernels import DEFAULT_MIN_NUMEL
-
-    def neighbours(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return (a.is_contiguous() and b.is_contiguous() and a.dtype == b.dtype and a.device == b.device
-                and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-                and a.storage_offset() + a.numel() == b.storage_offset())
+    from dist_ema.kernels import DEFAULT_MIN_NUMEL, adjacent
 
     blocks: list[list[int]] = []
     for i, p in enumerate(pieces):
-        if blocks and pieces[blocks[-1][-1]].owner == p.owner and neighbours(pieces[blocks[-1][-1]].source, p.source):
+        if blocks and pieces[blocks[-1][-1]].owner == p.owner and adjacent(pieces[blocks[-1][-1]].source, p.source):
             blocks[-1].append(i)
         else:
             blocks.append([i])

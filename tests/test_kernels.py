@@ -240,3 +240,25 @@ def test_update_impl_is_validated():
 
     with pytest.raises(ValueError, match="update_impl must be 'auto', 'fused' or 'foreach'"):
         PostHocEMA(torch.nn.Linear(2, 2), update_impl="fast")
+
+
+def test_piece_order_keeps_memory_neighbours_together():
+    """tracker._piece_order groups pieces by kernels.adjacent (one rule for both), owned first, small last."""
+    from dist_ema.kernels import DEFAULT_MIN_NUMEL, adjacent
+    from dist_ema.sharding.base import ShardPiece
+    from dist_ema.tracker import _piece_order
+
+    n = DEFAULT_MIN_NUMEL
+    flat = torch.zeros(3 * n)
+    small = torch.zeros(10)
+
+    def piece(src, owner=True):
+        return ShardPiece("w", (src.numel(),), torch.float32, 0, src.numel(), src, owner)
+
+    pieces = [piece(flat[0:n]), piece(flat[n : 2 * n]), piece(small), piece(flat[2 * n :], owner=False),
+              piece(torch.zeros(n))]
+    # [0, 1] are one block (neighbours), the small block goes after the large owned ones, the unowned last
+    assert _piece_order(pieces) == [0, 1, 4, 2, 3]
+    assert adjacent(flat[0:n], flat[n : 2 * n]) and not adjacent(flat[n : 2 * n], flat[0:n])
+    assert not adjacent(flat[0:4].view(2, 2), flat[4:8])  # 1-d tensors only
+    assert not adjacent(flat[0:n], flat[n : 2 * n].double())
