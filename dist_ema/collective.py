@@ -12,7 +12,8 @@ from typing import TypeVar
 
 import torch.distributed as dist
 
-__all__ = ["all_gather_object", "is_distributed", "rank", "raise_if_any", "run_and_check", "world_size"]
+__all__ = ["all_gather_object", "gather_to_rank0", "is_distributed", "rank", "raise_if_any", "run_and_check",
+           "world_size"]
 
 T = TypeVar("T")
 
@@ -34,6 +35,19 @@ def all_gather_object(obj: object, group: object | None = None) -> list:
         return [obj]
     out: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def gather_to_rank0(obj: object, group: object | None = None) -> list | None:
+    """Every rank's ``obj`` on rank 0 of ``group``, as a list by group rank; None on the other ranks.
+
+    Without a process group: ``[obj]``. Collective: every rank of ``group`` calls it.
+    """
+    if not is_distributed():
+        return [obj]
+    me = dist.get_rank(group)
+    out: list | None = [None] * dist.get_world_size(group) if me == 0 else None
+    dist.gather_object(obj, out, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     return out
 
 

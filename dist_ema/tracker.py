@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from dist_ema import phema
 from dist_ema.config import (
@@ -597,7 +596,9 @@ class PostHocEMA:
             for i, p in enumerate(self.pieces)
             if p.owner
         ]
-        gathered = _gather_to_rank0(mine, None)  # ownership is world-wide (HSDP replicas own nothing)
+        from dist_ema.collective import gather_to_rank0
+
+        gathered = gather_to_rank0(mine, None)  # ownership is world-wide (HSDP replicas own nothing)
         if gathered is None:
             return {}
         out: dict[str, torch.Tensor] = {}
@@ -692,15 +693,6 @@ class _StepCounter:
 
 
 _STEP_COUNTER = _StepCounter()
-
-
-def _gather_to_rank0(obj: object, group: object | None) -> list | None:
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    rank = dist.get_rank(group)
-    out = [None] * dist.get_world_size(group) if rank == 0 else None
-    dist.gather_object(obj, out, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-    return out if rank == 0 else None
 
 
 def _unwrap_module(obj: object) -> torch.nn.Module:

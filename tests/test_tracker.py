@@ -310,6 +310,22 @@ def test_optimizer_hook_is_removed_with_the_last_ema():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
+def test_collectives_live_in_collective_py():
+    """The tracker and the swap call no torch.distributed themselves: collective.py's helpers do."""
+    import ast
+    from pathlib import Path
+
+    from dist_ema import collective
+
+    root = Path(__file__).resolve().parent.parent / "dist_ema"
+    for name in ("tracker.py", "swap.py"):
+        tree = ast.parse((root / name).read_text())
+        imported = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                    and any("torch.distributed" == (getattr(n, "module", None) or a.name) for a in n.names)]
+        assert not imported, (name, [ast.unparse(n) for n in imported])
+    assert collective.gather_to_rank0({"a": 1}) == [{"a": 1}]  # no process group: this rank's object
+
+
 def test_defaults_and_gammas():
     ema = PostHocEMA(torch.nn.Linear(2, 2))
     assert ema.sigma_rels == pytest.approx((0.05, 0.10))
