@@ -165,6 +165,8 @@ RUN = {
     "import torch.distributed.checkpoint as dcp": "test_readme_dcp_block",
     "PostHocEMACallback": "test_readme_lightning_block",
     "attach_ema": "test_readme_accelerate_block",
+    "python launch/lightning_train.py": "test_readme_lightning_example",
+    "launch/accelerate_train.py": "test_readme_accelerate_example",
     "deepspeed.initialize": "test_readme_deepspeed_block",
     "load_config(\"configs/dist_ema.toml\")": "test_readme_config_block",
     "dist-ema error --sigma-rels": "test_readme_error_block_prints_its_output",
@@ -435,3 +437,57 @@ def test_readme_underlying_commands(tmp_path):
     assert [s.step for s in open_store(str(work / "runs/exp1/snapshots")).snapshots()] == [5, 10, 15, 20]
     _shell(_sub(synth, {"--nproc-per-node 4": "--nproc-per-node 2"}) + " --no-progress", work)
     assert (work / "runs/exp1/synth/sigma_rel-0.1500/model.safetensors").is_file()
+
+
+def _loss(line: str) -> float:
+    return float(re.search(r"held-out loss (\S+)", line).group(1))
+
+
+def _example_check(work: Path, stdout: str, name: str, run: str, prefix: str = "") -> None:
+    """What an example printed against the store it wrote: the snapshot steps, and the held-out loss it
+    printed for the sigma_rel 0.10 EMA against that snapshot's weights loaded here into a plain model."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "launch" / f"{name}.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    store = open_store(str(work / run / "snapshots"))
+    assert [s.step for s in store.snapshots()] == [10, 20, 30, 40]
+    assert f"stored snapshots (steps): [10, 20, 30, 40] in {run}/snapshots" in stdout, stdout
+    net = example.make_net() if hasattr(example, "make_net") else example.make_model()
+    net.load_state_dict({k: store.read(40, 0.10, prefix + k) for k in net.state_dict()})
+    x, y = example.data(512, 2).tensors
+    with torch.no_grad():
+        want = torch.nn.functional.mse_loss(net(x), y).item()
+    (line,) = [x for x in stdout.splitlines() if "EMA sigma_rel=0.10" in x]
+    assert abs(_loss(line) - want) < 1e-4, (line, want)
+    assert len(list((work / run / "synth").glob("sigma_rel-0.0700/model.safetensors"))) == 1
+
+
+def test_readme_lightning_example(tmp_path):
+    work = _workdir(tmp_path)
+    (cmd,) = _commands(_block("python launch/lightning_train.py"))
+    r = _shell(cmd, work, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    _example_check(work, r.stdout, "lightning_train", "runs/lightning", prefix="net.")
+    assert "Lightning DDP on 2 processes, 40 optimizer steps" in r.stdout
+    assert sorted(p.name for p in (work / "runs/lightning/last.ckpt.dist_ema").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]
+    # validation ran with the EMA swapped in, and the training weights came back after it: the raw weights'
+    # loss (computed after fit) is not the EMA's
+    (raw,) = [x for x in r.stdout.splitlines() if "raw weights" in x]
+    (val,) = [x for x in r.stdout.splitlines() if "EMA sigma_rel=0.10" in x]
+    assert abs(_loss(raw) - _loss(val)) > 1e-3, (raw, val)
+
+
+def test_readme_accelerate_example(tmp_path):
+    work = _workdir(tmp_path)
+    (cmd,) = _commands(_block("launch/accelerate_train.py"))
+    cmd = _sub(cmd, {"--num_processes 2": f"--num_processes 2 --main_process_port {free_port()} --num_machines 1 "
+                                         "--mixed_precision no --dynamo_backend no"})
+    r = _shell(cmd, work)
+    _example_check(work, r.stdout, "accelerate_train", "runs/accelerate")
+    assert "MULTI_CPU on 2 processes, 40 optimizer steps" in r.stdout
+    # sigma_rel 0.07, synthesized: swapped into the live model on 2 processes = the exported file in a plain module
+    (swapped,) = [x for x in r.stdout.splitlines() if "EMA sigma_rel=0.07 (synthesized)" in x]
+    (exported,) = [x for x in r.stdout.splitlines() if x.startswith("synthesized sigma_rel=0.07")]
+    assert abs(_loss(swapped) - _loss(exported)) < 1e-4, (swapped, exported)
