@@ -36,12 +36,13 @@ def _check(ema: dict[str, torch.Tensor], trajectory, sigma_rel: float, what: str
     assert max((ema[k].double() - last[k].double()).abs().max().item() for k in ref) > 1e-3  # not the raw weights
 
 
-def _run(cmd: list[str], timeout: float = 300) -> None:
+def _run(cmd: list[str], timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra_env)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
 
 
 def _torchrun(script: str, *args: str) -> None:
@@ -134,10 +135,10 @@ def test_accelerate_with_gradient_accumulation_and_save_load_state(tmp_path, plu
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port())]
     if plugin == "ddp":  # the resume in new processes
-        _run([*launch, app, str(tmp_path), "a", plugin])
-        _run([*launch, app, str(tmp_path), "b", plugin])
+        runs = [_run([*launch, app, str(tmp_path), "a", plugin]), _run([*launch, app, str(tmp_path), "b", plugin])]
     else:  # one run (half the time): save_state, 3 abandoned steps, load_state, 4 steps
-        _run([*launch, app, str(tmp_path), "ab", plugin])
+        runs = [_run([*launch, app, str(tmp_path), "ab", plugin])]
+    assert not any("did not apply" in r.stderr for r in runs)  # attach_ema found the plugin applied
     a, b = (torch.load(tmp_path / f"{p}.pt", weights_only=True) for p in "ab")
     assert a["world"] == b["world"] == 2
     # the plugin really ran: Accelerate's distributed type, the engine dist-ema found, the sharding
@@ -159,3 +160,29 @@ def test_accelerate_with_gradient_accumulation_and_save_load_state(tmp_path, plu
     assert len(full) == 10 and b["clock"] == (10, 10.0, 10)
     for s in SIGMAS:
         _check(b["ema"][s], full, s, "after load_state")
+
+
+@pytest.mark.timeout(300)
+def test_accelerate_attach_ema_warns_when_accelerate_ignored_a_plugin():
+    """Accelerator(cpu=True) ignores the FSDP plugin that ``accelerate launch --use_fsdp`` asks for (it sets
+    ACCELERATE_USE_FSDP): attach_ema says so, once, and tracks the model as prepared; without the variable,
+    nothing is said."""
+    pytest.importorskip("accelerate")
+    code = (
+        "import os, sys, torch\n"
+        "from accelerate import Accelerator\n"
+        "from dist_ema.integrations.accelerate import attach_ema\n"
+        "acc = Accelerator(cpu=True)\n"
+        "model = acc.prepare(torch.nn.Linear(4, 2))\n"
+        "for flag in ('true', 'false'):\n"
+        "    os.environ['ACCELERATE_USE_FSDP'] = flag\n"
+        "    print('--- ACCELERATE_USE_FSDP', flag, file=sys.stderr, flush=True)\n"
+        "    ema = attach_ema(acc, model)\n"
+        "    print('engine', ema.layout.engine, type(model).__name__)\n"
+    )
+    r = _run([sys.executable, "-c", code], FSDP_VERSION="2")
+    ignored, plain = r.stderr.split("--- ACCELERATE_USE_FSDP true")[1].split("--- ACCELERATE_USE_FSDP false")
+    lines = [x for x in ignored.splitlines() if "did not apply" in x]
+    assert len(lines) == 1 and "ACCELERATE_USE_FSDP=true" in lines[0] and "distributed type NO" in lines[0], lines
+    assert "did not apply" not in plain
+    assert r.stdout.count("engine replicated Linear") == 2
