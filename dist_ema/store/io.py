@@ -59,11 +59,13 @@ __all__ = [
 log = logging.getLogger("dist_ema")
 
 
-def write_shard(io: StoreIO, key: str, values: np.ndarray, g: Geometry) -> int:
+def write_shard(io: StoreIO, key: str, values: np.ndarray, g: Geometry, *, durable: bool = False) -> int:
     """Write one version-2 shard (inner chunks, each with its crc32c, then the index) as ONE object.
 
     ``values``: the ``g.numel`` stored values (1-d, on-disk dtype), read in place (no copy but
-    the padded last chunk). On S3 a large shard goes up as a multipart upload. Returns bytes.
+    the padded last chunk). On S3 a large shard goes up as a multipart upload. ``durable``: a
+    local file is fsynced before this returns (snapshots: the marker must never outlive its
+    data). Returns bytes.
     """
     if values.ndim != 1 or values.size != g.numel or values.dtype != np_dtype(g.dtype):
         raise ValueError(f"write_shard: need {g.numel} values of {np_dtype(g.dtype)}, got {values.dtype} "
@@ -98,7 +100,11 @@ def write_shard(io: StoreIO, key: str, values: np.ndarray, g: Geometry) -> int:
         def do() -> int:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
-                return write(f)
+                n = write(f)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+                return n
     else:
         def do() -> int:
             with io.fs.open(path, "wb", block_size=SHARD_PART_BYTES) as f:
@@ -114,14 +120,14 @@ def write_rank_data(io: StoreIO, prefix: str, rank: int, data: np.ndarray, g: Ge
     """A rank's data of every profile (``data``: [profiles, numel]): one shard per profile, then zarr.json."""
     n = 0
     for k in range(data.shape[0]):
-        n += write_shard(io, shard_key(prefix, rank, k), data[k], g)
+        n += write_shard(io, shard_key(prefix, rank, k), data[k], g, durable=True)
     io.put(f"{rank_key(prefix, rank)}/zarr.json", array_doc(data.shape[0], g, {"rank": rank}))
     return n
 
 
 def write_buffers(io: StoreIO, prefix: str, raw: bytes) -> None:
     """The packed buffers of a snapshot: one uint8 array in one chunk with its crc32c."""
-    io.put(f"{buffers_key(prefix)}/c/0", raw + crc_bytes(raw))
+    io.put(f"{buffers_key(prefix)}/c/0", raw + crc_bytes(raw), durable=True)
     io.put(f"{buffers_key(prefix)}/zarr.json", bytes_array_doc(len(raw)))
 
 
