@@ -18,6 +18,7 @@ __all__ = [
     "StoreError",
     "__version__",
     "gamma_to_sigma_rel",
+    "load_synthesized",
     "open_store",
     "sigma_rel_to_gamma",
     "solve_coefficients",
@@ -29,6 +30,7 @@ _LAZY = {
     "open_store": ("dist_ema.store.reader", "open_store"),
     "StoreError": ("dist_ema.store.fs", "StoreError"),
     "synthesize": ("dist_ema.synthesis", "synthesize"),
+    "load_synthesized": ("dist_ema.load", "load_synthesized"),
 }
 
 

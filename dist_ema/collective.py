@@ -81,3 +81,14 @@ def run_and_check(fn: Callable[[], T], what: str, group: object | None = None,
         err = e
     raise_if_any(err, what, group, exc_type)
     return result
+
+
+def broadcast_object(obj: object, src: int = 0, group: object | None = None) -> object:
+    """``obj`` of rank ``src`` on every rank (the object itself in one process)."""
+    if not is_distributed():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+    return box[0]

@@ -27,10 +27,21 @@ import torch
 from dist_ema.collective import all_gather_object, raise_if_any, rank, run_and_check, world_size
 from dist_ema.config import SnapshotConfig
 from dist_ema.staging import Stager, Ticket
+from dist_ema.store.format import SnapshotMeta, data_prefix, job_key
 from dist_ema.store.fs import StoreError, StoreIO, redact
-from dist_ema.store.io import ensure_store, read_commits, remove_snapshot, retire_snapshots, write_layout
+from dist_ema.store.io import (
+    HEARTBEAT_SECONDS,
+    claim_store,
+    ensure_store,
+    job_doc,
+    read_commits,
+    release_store,
+    remove_snapshot,
+    remove_torn_attempts,
+    retire_snapshots,
+    write_layout,
+)
 from dist_ema.store.layout import (
-    FORMAT_VERSION,
     Layout,
     Read,
     merge_reads,
@@ -126,12 +137,20 @@ class SnapshotManager:
     # ------------------------------------------------------------------ start-up
 
     def _startup(self) -> None:
+        # one id per job start: the job's attempt folders and its ownership record carry it
+        job = f"j{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(4)}"
+
         def rank0() -> None:
             ensure_store(self.io, create=True)
+            self.took_over = claim_store(self.io, job, self._resume)  # before anything else is written
+            self._owner = True
             done, torn = read_commits(self.io)
             for snap in torn:  # crash leftovers: never visible, now removed
                 log.warning("dist-ema: removing uncommitted (torn) snapshot %s from %s", snap, self.io.url)
                 remove_snapshot(self.io, snap)
+            for c in done:  # attempts no marker names (a job refused at its commit, a crash): removed
+                for key in remove_torn_attempts(self.io, c.snap, c.meta.get("attempt")):
+                    log.warning("dist-ema: removing uncommitted attempt %s from %s", key, self.io.url)
             self.committed = [(c.snap, float(c.meta["t"])) for c in done]
             if done and not self._resume:
                 raise StoreError(
@@ -139,50 +158,59 @@ class SnapshotManager:
                     f"{done[-1].meta['step']}); pass resume=True to continue that run, or use a new store URL"
                 )
 
+        self.took_over = None
+        self._owner = False
         where = f"store {self.io.url} (storage_options={redact(self.config.storage_options)})"
-        if self.rank == 0:
-            run_and_check(rank0, f"opening {where}", self.group, StoreError)
-        else:
-            run_and_check(lambda: None, f"opening {where}", self.group, StoreError)
-        # one id per job start (names what this job writes apart from other jobs), and the committed
-        # snapshots known on every rank, so that every rank refuses a committed step the same way
-        job = f"j{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(4)}"
+        try:
+            if self.rank == 0:
+                run_and_check(rank0, f"opening {where}", self.group, StoreError)
+            else:
+                run_and_check(lambda: None, f"opening {where}", self.group, StoreError)
+        except BaseException:
+            self._release_owner()
+            raise
+        # the job id and the committed snapshots, known on every rank, so that every rank refuses a
+        # committed step the same way
         self.job, committed = all_gather_object((job, self.committed) if self.rank == 0 else None, self.group)[0]
         self.committed_ids = {snap for snap, _ in committed}
+        self._beat = time.monotonic()
         # every rank writes its own layout file: permanent storage problems show up here, at start-up
-        run_and_check(lambda: write_layout(self.io, self.layout, self.rank), f"writing the layout to {where}",
-                      self.group, StoreError)
+        try:
+            run_and_check(lambda: write_layout(self.io, self.layout, self.rank), f"writing the layout to {where}",
+                          self.group, StoreError)
+        except BaseException:
+            self._release_owner()
+            raise
+
+    def _release_owner(self) -> None:
+        """Rank 0: give up the store (close, or a job that stops with an error). Never raises."""
+        if not getattr(self, "_owner", False):
+            return
+        self._owner = False
+        try:
+            release_store(self.io, self.job if hasattr(self, "job") else "")
+        except Exception as e:  # noqa: BLE001 - reported; the next job can still take a stale owner over
+            log.warning("dist-ema: could not release the ownership of %s: %s", self.io.url, e)
 
     # ------------------------------------------------------------------ snapshot
 
     def _meta(self) -> dict:
         ema = self.ema
         cfg = ema.config
-        return {
-            "format": "dist-ema-snapshot",
-            "version": FORMAT_VERSION,
-            "step": ema.step,
-            "t": ema._t_updated,
-            "t_now": ema.t,
-            "updates": ema.updates,
-            "unit": cfg.unit,
-            "batch_size": cfg.batch_size,
-            "update_every": cfg.update_every,
-            "t_delta_rule": "beta = (1 - t_delta / t) ** (gamma + 1); t_delta = time since the previous update",
-            "profiles": [{"sigma_rel": p.sigma_rel, "gamma": p.gamma, "array": f"p{k}"}
-                         for k, p in enumerate(ema.profiles)],
-            "dtype": self.config.dtype,
-            "compression": self.config.compression,
-            "max_object_bytes": self.config.max_object_bytes,
-            "world_size": self.world,
-            "engine": self.layout.engine,
-            "layout": self.layout_id,
-            "model": self.layout.model_fingerprint(),
-            "ties": dict(ema.ties),  # {alias: stored name} of tied parameters
-            "buffers": [[n, list(b.shape), str(b.dtype).replace("torch.", "")]
-                        for n, b in ema.layout.buffers.items()] if cfg.buffers == "copy" else [],
-            "created": time.time(),
-        }
+        records, off = [], 0
+        if cfg.buffers == "copy":
+            for n, b in ema.layout.buffers.items():
+                nbytes = b.numel() * b.element_size()
+                records.append((n, list(b.shape), str(b.dtype).replace("torch.", ""), off, nbytes))
+                off += nbytes
+        return SnapshotMeta(
+            step=ema.step, t=ema._t_updated, t_now=ema.t, updates=ema.updates, unit=cfg.unit,
+            batch_size=cfg.batch_size, update_every=cfg.update_every,
+            profiles=tuple((p.sigma_rel, p.gamma) for p in ema.profiles), dtype=self.config.dtype,
+            compression=self.config.compression, inner_bytes=self.config.max_object_bytes, world_size=self.world,
+            engine=self.layout.engine, layout=self.layout_id, model=self.layout.model_fingerprint(),
+            ties=dict(ema.ties), buffers=tuple(records), attempt=self.job, created=time.time(),
+        ).to_doc()
 
     @torch.no_grad()
     def snapshot(self) -> str | None:
@@ -240,9 +268,11 @@ class SnapshotManager:
                 if not block:
                     continue
                 self.stager.wait(p.ticket)
-            buffers = [b.numpy().copy() for b in p.ticket.payload.get("buffers", [])] or None
+            bufs = p.ticket.payload.get("buffers", [])
+            packed = b"".join(b.contiguous().view(torch.uint8).numpy().tobytes() for b in bufs) if bufs else None
             try:
-                p.jid = self.writer.submit({"kind": "data", "snap": p.snap, "buffers": buffers}, p.ticket.slot)
+                p.jid = self.writer.submit({"kind": "data", "snap": p.snap, "prefix": data_prefix(p.snap, self.job),
+                                            "buffers": packed}, p.ticket.slot)
             except StoreError as e:  # the writer died since the exchange: reported to every rank at the next one
                 self._local_errors[p.snap] = str(e)
                 p.jid = -1
@@ -253,6 +283,13 @@ class SnapshotManager:
         if self.pending:
             self.stager.order_update()
             self.submit_staged()
+        if self._owner and time.monotonic() - self._beat > HEARTBEAT_SECONDS:  # rank 0: still alive
+            self._beat = time.monotonic()
+            try:
+                self._heartbeats.add(self.writer.submit({"kind": "heartbeat", "key": job_key(self.job),
+                                                         "doc": job_doc(self.job)}))
+            except StoreError:
+                pass  # a dead writer is reported at the next exchange
 
     def _stage(self, slot: int, buffers: list[torch.Tensor]) -> Ticket:
         # a rank that owns nothing (a small model on many ranks) stages no data; it still commits with the rest
@@ -329,6 +366,7 @@ class SnapshotManager:
         cfg = self.config
         spec = WriterSpec(self.rank, self.ema.owned_numel, len(self.ema.profiles), cfg.dtype, cfg.compression,
                           cfg.max_object_bytes)
+        self._heartbeats = set()
         return SnapshotWriter(self.io, spec, mode=cfg.writer, slots=cfg.slots)
 
     def _collect(self, block: bool):
@@ -341,6 +379,9 @@ class SnapshotManager:
         if dead is None:
             try:
                 self.writer.poll()
+                for jid in [j for j in self._heartbeats if self.writer.done(j) is not None]:
+                    self._heartbeats.discard(jid)
+                    self.writer.pop_result(jid)  # a failed heartbeat is harmless: the next one retries
                 for p in self.pending:
                     if p.snap in mine_failed or p.jid is None:
                         continue
@@ -382,7 +423,8 @@ class SnapshotManager:
             self.committed = [(s, t) for i, (s, t) in enumerate(zip(snaps, times)) if i not in drop]
         else:
             self.committed.append((p.snap, p.t))
-        jid = self.writer.submit({"kind": "commit", "snap": p.snap, "meta": p.meta, "remove": remove})
+        jid = self.writer.submit({"kind": "commit", "snap": p.snap, "meta": p.meta, "remove": remove,
+                                  "owner": self.job})
         self.commit_jobs[jid] = p.snap
 
     def maybe_exchange(self) -> None:
@@ -430,6 +472,7 @@ class SnapshotManager:
             if self.stager is not None:
                 self.stager.close()
             self.writer.close()
+            self._release_owner()
 
     def abandon(self) -> None:
         """Stop the writer without collectives (an exception is propagating, maybe on this rank only)."""
@@ -441,6 +484,7 @@ class SnapshotManager:
             self.stager.close()
         if self.writer is not None:
             self.writer.close(timeout=30)
+        self._release_owner()
 
     def _at_exit(self) -> None:
         """The interpreter exits without close(): commit when that is safe (one process), else say what is lost."""

@@ -1,25 +1,30 @@
 """Distributed synthesis: the EMA for any sigma_rel (and time) from stored snapshots.
 
-Map-reduce over the store:
+A job in named phases, the way torch.distributed.checkpoint names its steps:
 
-1. Plan (rank 0, then broadcast): pick the committed snapshots with t <= target t,
-   solve for all targets at once (one column per target), decide the output layout
-   (the newest snapshot's) and its units of work (its stored objects).
-2. Map: every synthesis rank takes its units (a deterministic, size-balanced split), reads
-   each unit's elements from every snapshot that has a non-zero coefficient ONCE, and
-   accumulates all targets in float64 in the same pass. Reads are prefetched on a thread
-   pool so I/O and arithmetic overlap; memory per rank is a few units.
-3. Reduce: each rank writes whole output objects (no two ranks write the same one); rank 0
-   commits the output (metadata, then the marker) after every rank succeeded, and exports
-   safetensors when asked. On any failure every rank raises and the output is removed.
+1. **plan** (rank 0, then broadcast): pick the committed snapshots with t <= target t, solve
+   for all targets at once (one column per target), and cut the newest snapshot's rank
+   arrays into units of work at stored chunk boundaries: a frozen :class:`SynthesisPlan`.
+   The units depend on the store only, never on the synthesis world size.
+2. **prepare** (rank 0): claim the output with its marker, write the output store's skeleton.
+3. **map** (every rank): its units (a deterministic, size-balanced split). Per block of a
+   unit, every needed inner chunk of every snapshot with a non-zero coefficient is read ONCE
+   into reused buffers (checksums checked), converted to float64 on that copy, and all
+   targets are accumulated in one matrix product; a reader thread fetches the next block
+   while the current one is computed. Each unit is one output rank array: the rank that
+   computed it writes it (one shard per target).
+4. **commit** (rank 0, after every rank succeeded): the output's metadata, then its marker.
+5. **export** (every rank): safetensors files, split across ranks.
+On any failure every rank raises and the output is removed.
 
 The output folder is claimed by a marker (``MARKER``) written before anything else; only
 what a marked synthesis wrote is ever removed or replaced (see ``_check_output``). A
 snapshot that disappears while it is read (retention of a running training job) makes
 every rank re-plan from a fresh listing, for the same target time (``REPLANS`` times).
 
-A unit's result depends only on the unit, never on which rank computed it, so the output
-is bitwise identical for any synthesis world size.
+A unit's result depends only on the unit, never on which rank computed it (the compute
+runs on one thread per rank, in blocks fixed by the plan), so the output is bitwise
+identical for any synthesis world size.
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ import resource
 import socket
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,28 +50,34 @@ import torch.distributed as dist
 
 from dist_ema import phema
 from dist_ema.collective import all_gather_object, is_distributed, raise_if_any, run_and_check
-from dist_ema.store.fs import StoreError, StoreIO
-from dist_ema.store.io import (
-    COMMIT,
-    array_key,
-    commit_snapshot,
-    ensure_store,
-    group_doc,
-    open_rank_array,
-    write_layout,
-)
-from dist_ema.store.layout import (
-    FORMAT_VERSION,
+from dist_ema.store.format import (
     STORAGE_DTYPES,
     STORE_MARKER,
+    SnapshotMeta,
+    array_doc,
+    commit_key,
+    data_prefix,
+    geometry,
+    np_dtype,
+    rank_key,
+    shard_key,
+    snapshot_id,
+)
+from dist_ema.store.fs import StoreError, StoreIO
+from dist_ema.store.io import (
+    commit_snapshot,
+    ensure_store,
+    write_buffers,
+    write_layout,
+    write_shard,
+)
+from dist_ema.store.layout import (
     Layout,
     Read,
     Unit,
     assign_units,
     merge_reads,
-    np_dtype,
     plan_units,
-    snapshot_id,
     translate,
     unit_segments,
 )
@@ -147,12 +157,53 @@ def _choose_time(snaps: list[Snapshot], t: float | None, step: int | None) -> fl
     return t
 
 
-def _plan(store: SnapshotStore, s_targets: list[float], g_targets: list[float], t, step, out_dtype: str) -> dict:
-    """Rank 0: everything every rank needs (plain data and the Snapshot records, broadcast as one object).
+UNIT_BYTES_MAX = 64 * 2**20  # a unit (one output rank array per target): at most this, in output bytes
+UNIT_BYTES_MIN = 1 * 2**20
+BLOCK_BYTES = 1 * 2**20  # elements per compute block, in float32 bytes: fixed, so results never depend on ranks
 
-    The snapshots are listed here once; the other ranks use these records and never list
-    the store themselves (a listing taken later could disagree while training thins it).
-    """
+
+@dataclass(frozen=True)
+class SynthesisPlan:
+    """Everything every rank needs, made on rank 0 from one listing and broadcast (immutable)."""
+
+    targets: tuple[dict, ...]  # per target: sigma_rel, gamma, t, error, condition
+    used: tuple[Snapshot, ...]  # the snapshots with t <= target t, oldest first
+    rows: tuple[tuple[int, int], ...]  # row of X -> (index in used, profile)
+    X: tuple[tuple[float, ...], ...]  # coefficients [rows, targets]
+    out_layout: Layout  # the output's layout: one "rank" per unit of the newest snapshot
+    units: tuple[Unit, ...]  # unit u = output rank u: (rank of the newest snapshot, start, numel)
+    block: int  # elements per compute block (rounded to the newest snapshot's inner chunks of a rank)
+    dtype: str  # output dtype
+    source: str
+    ties: dict
+    unit: str  # time unit of the snapshots
+    step: int | None  # the newest snapshot's step when the target time is its time
+
+    @property
+    def ref(self) -> Snapshot:
+        return self.used[-1]
+
+    @property
+    def snapshot_ids(self) -> list[str]:
+        return [s.id for s in self.used]
+
+    @property
+    def params(self):
+        return self.out_layout.params
+
+    @property
+    def target_t(self) -> float:
+        return self.targets[0]["t"]
+
+    @property
+    def out_step(self) -> int:
+        return self.step if self.step is not None else int(round(self.target_t))
+
+
+def _plan(store: SnapshotStore, s_targets: list[float], g_targets: list[float], t, step, out_dtype: str,
+          unit_bytes: int | None) -> SynthesisPlan:
+    """Rank 0: the plan. The snapshots are listed here once; the other ranks never list the store
+    themselves (a listing taken later could disagree while training thins it)."""
     if out_dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}; got {out_dtype!r}")
     snaps = store.snapshots()
@@ -179,20 +230,26 @@ def _plan(store: SnapshotStore, s_targets: list[float], g_targets: list[float], 
                 f"snapshots of different models are mixed in {store.url}: {s.id} and {ref.id} have different "
                 f"parameter names or shapes; use one store per model"
             )
-    return {
-        "targets": [{"sigma_rel": s, "gamma": g, "t": target_t, "error": float(e), "condition": float(c)}
-                    for s, g, e, c in zip(s_targets, g_targets, sol.error, sol.condition)],
-        "snapshots": [s.id for s in used],
-        "used": used,
-        "rows": rows,
-        "X": X.tolist(),
-        "ref": ref.id,
-        "params": ref_layout.params,
-        "source": store.url,
-        "ties": dict(ref.meta.get("ties") or {}),  # {alias: stored name}: exported under both names
-        "unit": ref.unit,
-        "step": ref.step if target_t == ref.t else None,
-    }
+    # units: the newest snapshot's rank arrays cut at its inner chunks, about 1/16 of a profile each
+    # (so that ranks balance), at most UNIT_BYTES_MAX; a function of the store only
+    chunk = [store.geometry(ref, r).inner for r in range(ref_layout.world_size)]
+    total = ref_layout.total_numel * STORAGE_DTYPES[out_dtype]
+    ub = unit_bytes or min(UNIT_BYTES_MAX, max(UNIT_BYTES_MIN, total // 16))
+    work = plan_units(ref_layout, chunk, max(1, ub // STORAGE_DTYPES[out_dtype]))
+    block = BLOCK_BYTES // 4  # aligned down to each source rank's inner chunks in the map
+    out_pieces = []
+    for u in work:
+        segs = unit_segments(ref_layout, u)
+        out_pieces.append([(ref_layout.params[p][0], start, numel) for p, start, numel, _ in segs])
+    out_layout = Layout.build(ref_layout.params, out_pieces, "synthesized")
+    return SynthesisPlan(
+        targets=tuple({"sigma_rel": s, "gamma": g, "t": target_t, "error": float(e), "condition": float(c)}
+                      for s, g, e, c in zip(s_targets, g_targets, sol.error, sol.condition)),
+        used=tuple(used), rows=tuple((int(i), int(k)) for i, k in rows),
+        X=tuple(tuple(float(x) for x in row) for row in X), out_layout=out_layout, units=tuple(work),
+        block=block, dtype=out_dtype, source=store.url, ties=dict(ref.meta.get("ties") or {}), unit=ref.unit,
+        step=ref.step if target_t == ref.t else None,
+    )
 
 
 def _init_dist() -> bool:
@@ -308,7 +365,7 @@ def _guarded(store: SnapshotStore, snap: Snapshot, fn: Callable[[], T]) -> T:
         return fn()
     except Exception as e:  # noqa: BLE001 - classified, then re-raised
         try:
-            gone = not store.io.exists(f"snapshots/{snap.id}/{COMMIT}")
+            gone = not store.io.exists(commit_key(snap.id))
         except Exception:  # noqa: BLE001 - cannot tell: report the read error itself
             gone = False
         if gone:
@@ -320,8 +377,12 @@ def _guarded(store: SnapshotStore, snap: Snapshot, fn: Callable[[], T]) -> T:
 
 
 def _share_plan(store: SnapshotStore | None, store_url: str, storage_options: dict | None, args: tuple, rank: int,
-                check: Callable[[dict], None] | None) -> tuple[dict, SnapshotStore | None]:
-    """Rank 0 plans from a fresh listing (and runs ``check`` on the plan); every rank gets the plan or the error."""
+                check: Callable[[SynthesisPlan], None] | None) -> tuple[SynthesisPlan, SnapshotStore | None]:
+    """Rank 0 plans from a fresh listing (and runs ``check`` on the plan); every rank gets the plan or the error.
+
+    A planning error is raised on every rank as the same type (ValueError for bad arguments,
+    FileExistsError for an output that may not be written, StoreError otherwise).
+    """
     plan, err = None, None
     if rank == 0:
         try:
@@ -331,12 +392,31 @@ def _share_plan(store: SnapshotStore | None, store_url: str, storage_options: di
                 check(plan)
         except Exception as e:  # noqa: BLE001 - raised on every rank below
             err = e
-    msg = _broadcast(None if err is None else f"{type(err).__name__}: {err}")
+    kinds = {"ValueError": ValueError, "FileExistsError": FileExistsError, "KeyError": KeyError}
+    msg = _broadcast(None if err is None else (type(err).__name__, str(err)))
     if msg is not None:
         if err is not None:
             raise err
-        raise StoreError(f"synthesis planning failed on rank 0: {msg}")
+        name, text = msg
+        cls = next((c for n, c in kinds.items() if n == name or (name.endswith("Error") and n in name)), StoreError)
+        raise cls(f"{text} (on rank 0, where the synthesis is planned)")
     return _broadcast(plan), store  # type: ignore[return-value]
+
+
+@dataclass
+class _Job:
+    """One synthesis job's own state (owned here, by phase)."""
+
+    rank: int
+    world: int
+    top: StoreIO  # the output location
+    out_io: StoreIO  # the output store (top for zarr, top/zarr for safetensors)
+    store_url: str
+    id: str = field(default_factory=lambda: f"s{uuid.uuid4().hex}")
+    marker: dict | None = None
+    prev: dict | None = None
+    claimed: bool = False
+    bytes_read: int = 0
 
 
 def _synthesize(url, s_targets, g_targets, t, step, out, format, dtype, storage_options, out_storage_options,
@@ -346,143 +426,242 @@ def _synthesize(url, s_targets, g_targets, t, step, out, format, dtype, storage_
     world = dist.get_world_size() if is_distributed() else 1
     top = StoreIO(out, out_storage_options)
     store_url = out if format == "zarr" else f"{out.rstrip('/')}/zarr"
-    out_io = top if format == "zarr" else StoreIO(store_url, out_storage_options)
-    job = uuid.uuid4().hex
-    state: dict = {"claimed": False, "marker": None}
+    job = _Job(rank, world, top, top if format == "zarr" else StoreIO(store_url, out_storage_options), store_url)
+    job.id = _broadcast(job.id)  # one id for the whole job: it names the output's attempt folder
 
-    def check(plan: dict) -> None:  # rank 0, first plan: may the output be written at all?
+    def check(plan: SynthesisPlan) -> None:  # rank 0, first plan: may the output be written at all?
         owned = _owned(format, plan, dtype, max_file_bytes)
-        prev, made = _check_output(top, out, overwrite)
-        state["marker"] = _marker_doc(job, url, format, plan, owned, prev, made)
-        state["prev"] = prev
+        job.prev, made = _check_output(top, out, overwrite)
+        job.marker = _marker_doc(job.id, url, format, plan, owned, job.prev, made)
 
     store: SnapshotStore | None = None
-    stats = {"bytes": 0}  # bytes read by this rank, every attempt
     try:
+        # ---- plan, prepare, map; again from a fresh listing when planned snapshots disappear
         for attempt in range(REPLANS + 1):
-            plan, store0 = _share_plan(store, url, storage_options, (s_targets, g_targets, t, step, dtype), rank,
-                                       check if attempt == 0 else None)
+            plan, store0 = _share_plan(store, url, storage_options, (s_targets, g_targets, t, step, dtype, unit_bytes),
+                                       rank, check if attempt == 0 else None)
             if store is None:  # rank 0 opened it to plan; the others open it now, errors exchanged
-                def open_store(s=store0) -> SnapshotStore:
-                    return s if s is not None else SnapshotStore(url, storage_options)
-
-                store = run_and_check(open_store, f"opening {url}", None, StoreError)
-            assert store is not None
-            used: list[Snapshot] = plan["used"]
-            X = np.asarray(plan["X"], dtype=np.float64)  # => [rows, targets]
-            rows = [tuple(r) for r in plan["rows"]]
-            ref = used[-1]
-
-            def local_setup(ref=ref, store=store):
-                lay = store.layout(ref)
-                ub = unit_bytes
-                if ub is None:  # one unit per stored object of the newest snapshot: each object is fetched once
-                    ub = int(ref.meta["max_object_bytes"]) // STORAGE_DTYPES[ref.dtype] * STORAGE_DTYPES[dtype]
-                return lay, ub, assign_units(plan_units(lay, dtype, ub), world)[rank]
-
-            layout, ub, mine = run_and_check(local_setup, "planning the units", None, StoreError)
-            m = X.shape[1]
-            snap_name = snapshot_id(plan["step"] if plan["step"] is not None else int(round(plan["targets"][0]["t"])))
-
-            # ---- output skeleton (rank 0): the marker first, then the store's skeleton
-            def prepare(first=attempt == 0, layout=layout) -> None:
-                if first:
-                    _claim(top, state["marker"], state["prev"])
-                    state["claimed"] = True
-                else:  # a re-plan: start the store over (it is this job's own)
-                    _remove_owned(top, state["marker"]["owned"])
-                _prepare_output(out_io, layout)
-
-            run_and_check(prepare if rank == 0 else (lambda: None), f"creating {store_url}", None, StoreError)
-
-            # ---- every rank reads its units; rank 0 also the buffers of the newest snapshot
-            err, bufs = None, {}
-            try:
-                _map_units(store, used, rows, X, layout, mine, out_io, snap_name, dtype, ub, prefetch, stats,
-                           progress and rank == 0, m)
-                if rank == 0 and ref.meta.get("buffers"):
-                    bufs = _guarded(store, ref, lambda ref=ref, store=store: store.read_buffers(ref))
-            except Exception as e:  # noqa: BLE001 - exchanged below
-                err = e
-            everyone = all_gather_object(None if err is None else (isinstance(err, _SnapshotGone), str(err)))
-            if all(x is None for x in everyone):
+                store = run_and_check(lambda s=store0: s if s is not None else SnapshotStore(url, storage_options),
+                                      f"opening {url}", None, StoreError)
+            run_and_check((lambda a=attempt, p=plan: _prepare(job, p, first=a == 0)) if rank == 0 else (lambda: None),
+                          f"creating {store_url}", None, StoreError)
+            gone = _map(job, store, plan, prefetch, progress and rank == 0)
+            if gone is None:
                 break
-            if any(x is not None and not x[0] for x in everyone):  # real errors: every rank raises them
-                raise_if_any(err, "synthesis", None, StoreError)
-            gone = [x[1] for x in everyone if x is not None]
             if rank == 0:
-                log.warning("dist-ema: %s; re-planning (%d of %d) from a fresh listing", gone[0], attempt + 1,
-                            REPLANS)
-            # keep the target time: the same EMA, from the snapshots that are left
-            t, step = plan["targets"][0]["t"], None
+                log.warning("dist-ema: %s; re-planning (%d of %d) from a fresh listing", gone, attempt + 1, REPLANS)
+            t, step = plan.target_t, None  # keep the target time: the same EMA, from the snapshots that are left
         else:
             raise StoreError(
                 f"synthesis from {url}: planned snapshots disappeared while they were read under {REPLANS + 1} "
-                f"plans ({gone[0]}); a training job with keep=K removes them faster than this job reads them. "
+                f"plans ({gone}); a training job with keep=K removes them faster than this job reads them. "
                 f"Synthesize after training, from a copy of the store, or at an earlier step= that is kept"
             )
-
         if rank == 0:
-            for line in high_error_warnings(plan["targets"]):
+            for line in high_error_warnings(plan.targets):
                 log.warning("dist-ema: %s", line)
-
-        # ---- commit (rank 0), export
-        meta = {
-            "format": "dist-ema-snapshot", "version": FORMAT_VERSION, "kind": "synthesized",
-            "step": ref.step if plan["step"] is not None else int(round(plan["targets"][0]["t"])),
-            "t": plan["targets"][0]["t"], "t_now": plan["targets"][0]["t"], "updates": 0, "unit": plan["unit"],
-            "profiles": [{"sigma_rel": tg["sigma_rel"], "gamma": tg["gamma"], "array": f"p{j}",
-                          "error": tg["error"], "condition": tg["condition"]} for j, tg in enumerate(plan["targets"])],
-            "dtype": dtype, "compression": None, "max_object_bytes": ub, "world_size": layout.world_size,
-            "engine": layout.engine, "layout": layout.layout_id(), "model": layout.model_fingerprint(),
-            "buffers": ref.meta.get("buffers", []), "source": store.url, "snapshots": plan["snapshots"],
-            "coefficients": plan["X"], "rows": plan["rows"], "created": time.time(),
-        }
-
-        def commit() -> None:
-            for r in range(layout.world_size):
-                for j in range(m):
-                    if layout.rank_numel(r):
-                        _, _, doc = _array_doc(layout.rank_numel(r), dtype, ub)
-                        out_io.put(f"{array_key(snap_name, r, j)}/zarr.json", doc)
-                out_io.put(f"snapshots/{snap_name}/r{r:05d}/zarr.json", group_doc({"rank": r}))
-            if meta["buffers"]:
-                _write_buffers(bufs, out_io, snap_name)
-            commit_snapshot(out_io, snap_name, meta)
-
-        run_and_check(commit if rank == 0 else (lambda: None), f"committing {store_url}", None, StoreError)
-
+        run_and_check((lambda: _commit(job, store, plan)) if rank == 0 else (lambda: None),
+                      f"committing {store_url}", None, StoreError)
         files: list[str] = []
         if format == "safetensors":
-            files = _export_safetensors(out_io, top, out, plan, snap_name, rank, world, max_file_bytes)
+            files = _export_safetensors(job.out_io, top, out, plan, rank, world, max_file_bytes)
 
         def finish() -> None:  # the marker, rewritten last: this output is complete
-            doc = dict(state["marker"], state="complete", owned=_owned(format, plan, dtype, max_file_bytes),
+            doc = dict(job.marker, state="complete", owned=_owned(format, plan, dtype, max_file_bytes),
                        finished=time.time())
             top.put(MARKER, json.dumps(doc, indent=1).encode())
 
         run_and_check(finish if rank == 0 else (lambda: None), f"finishing {out}", None, StoreError)
     except Exception as e:
         # rank 0 removes what this job wrote (only where its own marker is); then every rank raises
-        if rank == 0 and state["claimed"]:
-            _cleanup(top, job)
-        if isinstance(e, (StoreError, ValueError, FileExistsError)):
+        if rank == 0 and job.claimed:
+            _cleanup(top, job.id)
+        if isinstance(e, (StoreError, ValueError, FileExistsError, KeyError)):
             raise
         if is_distributed() and isinstance(e, RuntimeError):  # a collective failed: the process group lost a peer
             raise StoreError(f"synthesis failed: a rank stopped responding ({type(e).__name__}: {e}); the partial "
                              f"output was removed, rerun the job") from e
         raise StoreError(f"synthesis failed ({type(e).__name__}: {e}); the partial output was removed") from e
 
-    everyone = [stats["bytes"], _peak_rss_mib()]
-    gathered = all_gather_object(everyone)
+    gathered = all_gather_object([job.bytes_read, _peak_rss_mib()])
     res = SynthesisResult(
-        targets=plan["targets"], snapshots=plan["snapshots"], out=out, files=files,
+        targets=list(plan.targets), snapshots=plan.snapshot_ids, out=out, files=files,
         bytes_read=int(sum(g[0] for g in gathered)), seconds=time.perf_counter() - t0,
         peak_rss_mib=[float(g[1]) for g in gathered], replans=attempt,
     )
     if rank == 0:
         log.info("dist-ema synthesis: %s", summary(res))
     return res
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def _prepare(job: _Job, plan: SynthesisPlan, first: bool) -> None:
+    """Rank 0: claim the output (the marker first), then the output store's skeleton."""
+    if first:
+        _claim(job.top, job.marker, job.prev)
+        job.claimed = True
+    else:  # a re-plan: start the store over (it is this job's own)
+        _remove_owned(job.top, job.marker["owned"])
+    ensure_store(job.out_io, create=True)
+    for r in range(plan.out_layout.world_size):
+        write_layout(job.out_io, plan.out_layout, r)
+
+
+def _out_meta(job: _Job, store: SnapshotStore, plan: SynthesisPlan) -> SnapshotMeta:
+    ref = plan.ref
+    return SnapshotMeta(
+        step=plan.out_step, t=plan.target_t, t_now=plan.target_t, updates=0, unit=plan.unit,
+        profiles=tuple((tg["sigma_rel"], tg["gamma"]) for tg in plan.targets), dtype=plan.dtype,
+        world_size=plan.out_layout.world_size, layout=plan.out_layout.layout_id(),
+        model=plan.out_layout.model_fingerprint(), engine="synthesized", inner_bytes=_out_inner_bytes(plan),
+        attempt=job.id, ties=dict(plan.ties), buffers=tuple(tuple(b) for b in ref.meta.get("buffers") or []),
+        kind="synthesized", created=time.time(),
+        extra={"errors": [tg["error"] for tg in plan.targets], "conditions": [tg["condition"] for tg in plan.targets],
+               "source": store.url, "snapshots": plan.snapshot_ids, "coefficients": [list(r) for r in plan.X],
+               "rows": [list(r) for r in plan.rows]},
+    )
+
+
+def _out_inner_bytes(plan: SynthesisPlan) -> int:
+    return plan.block * STORAGE_DTYPES[plan.dtype]
+
+
+def _commit(job: _Job, store: SnapshotStore, plan: SynthesisPlan) -> None:
+    """Rank 0, after every rank wrote its units: the buffers, the metadata, then the marker."""
+    meta = _out_meta(job, store, plan)
+    snap = snapshot_id(plan.out_step)
+    if meta.buffers:
+        bufs = _guarded(store, plan.ref, lambda: store.read_buffers(plan.ref))
+        from dist_ema.store.format import pack_buffers
+
+        raw, records = pack_buffers(list(bufs.items()))
+        meta = SnapshotMeta(**{**meta.__dict__, "buffers": tuple(tuple(r) for r in records)})
+        write_buffers(job.out_io, data_prefix(snap, job.id), raw)
+    commit_snapshot(job.out_io, snap, meta.to_doc())
+
+
+def _map(job: _Job, store: SnapshotStore, plan: SynthesisPlan, prefetch: int, show: bool) -> str | None:
+    """Every rank: compute and write its units. Returns None, or why planned snapshots are gone (re-plan).
+
+    Errors of any rank are raised on every rank.
+    """
+    err: BaseException | None = None
+    try:
+        mine = assign_units(plan.units, job.world)[job.rank]
+        _map_units(job, store, plan, [plan.units.index(u) for u in mine], prefetch, show)
+    except Exception as e:  # noqa: BLE001 - exchanged below
+        err = e
+    everyone = all_gather_object(None if err is None else (isinstance(err, _SnapshotGone), str(err)))
+    if all(x is None for x in everyone):
+        return None
+    if any(x is not None and not x[0] for x in everyone):  # real errors: every rank raises them
+        raise_if_any(err, "synthesis", None, StoreError)
+    return next(x[1] for x in everyone if x is not None)
+
+
+class _Sources:
+    """Where each (snapshot, profile) row reads a block of a unit: straight ranges in the newest
+    snapshot's layout, translated reads in another one (cached per layout)."""
+
+    def __init__(self, store: SnapshotStore, plan: SynthesisPlan) -> None:
+        self.store, self.plan = store, plan
+        self.ref_layout = store.layout(plan.ref)
+        self.indexes = {s.layout_id: store.layout(s).piece_index(self.ref_layout) for s in plan.used}
+
+    def reads(self, snap: Snapshot, rank: int, lo: int, hi: int) -> list[Read]:
+        if snap.layout_id == self.plan.ref.layout_id:
+            return [Read(rank, lo, 0, hi - lo)]
+        segs = unit_segments(self.ref_layout, Unit(rank, lo, hi - lo))
+        return merge_reads(translate(self.indexes[snap.layout_id], segs))
+
+
+def _map_units(job: _Job, store: SnapshotStore, plan: SynthesisPlan, mine: list[int], prefetch: int,
+               show: bool) -> None:
+    X = np.asarray(plan.X, dtype=np.float64)  # [rows, targets]
+    live = [row for row in range(X.shape[0]) if np.any(X[row] != 0)]  # rows with a coefficient
+    Xt = torch.from_numpy(np.ascontiguousarray(X[live].T))  # [targets, live rows]
+    m = Xt.shape[0]
+    src = _Sources(store, plan)
+    snap_name = snapshot_id(plan.out_step)
+    prefix = data_prefix(snap_name, job.id)
+    ref_layout = src.ref_layout
+    blocks = []  # (unit index, lo, hi) in the newest snapshot's rank coordinates
+    for ui in mine:
+        u = plan.units[ui]
+        inner = store.geometry(plan.ref, u.rank).inner
+        step = max(1, plan.block // inner) * inner
+        blocks.extend((ui, a, min(a + step, u.start + u.numel)) for a in range(u.start, u.start + u.numel, step))
+    width = max((hi - lo for _, lo, hi in blocks), default=0)
+    # two block buffers: the reader thread fills one while the other is computed
+    bufs = [torch.empty((len(live), width), dtype=torch.float64) for _ in range(2)]
+    scratch = [bytearray(), bytearray()]
+    acc = torch.empty((m, width), dtype=torch.float64)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-ema-read")
+    bar = None
+    if show:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(hi - lo for _, lo, hi in blocks), unit="elem", unit_scale=True, desc="synthesize")
+        except ImportError:  # pragma: no cover
+            bar = None
+
+    def fill(b: int, slot: int) -> int:
+        ui, lo, hi = blocks[b]
+        u = plan.units[ui]
+        V = bufs[slot].numpy()
+        n = 0
+        for j, row in enumerate(live):
+            i, k = plan.rows[row]
+            snap = plan.used[i]
+            reads = src.reads(snap, u.rank, lo, hi)
+            n += _guarded(store, snap, lambda snap=snap, k=k, reads=reads, j=j: store.read_reads(
+                snap, k, reads, V[j, : hi - lo], scratch[slot]))
+        return n
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one compute thread per rank: the same arithmetic whichever rank runs a block
+    out_unit: torch.Tensor | None = None
+    try:
+        fut = pool.submit(fill, 0, 0) if blocks else None
+        for b, (ui, lo, hi) in enumerate(blocks):
+            job.bytes_read += fut.result()
+            fut = pool.submit(fill, b + 1, (b + 1) % 2) if b + 1 < len(blocks) else None
+            u = plan.units[ui]
+            if lo == u.start:
+                out_unit = torch.empty((m, u.numel), dtype=torch.float32 if plan.dtype == "float32" else torch.float64)
+            w = hi - lo
+            torch.mm(Xt, bufs[b % 2][:, :w], out=acc[:, :w])
+            out_unit[:, lo - u.start : hi - u.start] = acc[:, :w]
+            if hi == u.start + u.numel:
+                _write_unit(job.out_io, prefix, plan, ui, out_unit)
+                out_unit = None
+            if bar is not None:
+                bar.update(w)
+    finally:
+        torch.set_num_threads(threads)
+        pool.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.close()
+    del ref_layout
+
+
+def _write_unit(out_io: StoreIO, prefix: str, plan: SynthesisPlan, ui: int, vals: torch.Tensor) -> None:
+    """Output rank array ``ui``: one shard per target, then its zarr.json."""
+    n = vals.shape[1]
+    g = geometry(n, plan.dtype, _out_inner_bytes(plan))
+    for j in range(vals.shape[0]):
+        v = vals[j]
+        if plan.dtype == "float32":
+            data = v.numpy()
+        elif plan.dtype == "bfloat16":
+            data = v.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        else:
+            data = v.to(torch.float16).numpy()
+        write_shard(out_io, shard_key(prefix, ui, j), np.ascontiguousarray(data, dtype=np_dtype(plan.dtype)), g)
+    out_io.put(f"{rank_key(prefix, ui)}/zarr.json", array_doc(vals.shape[0], g, {"rank": ui}))
 
 
 def high_error_warnings(targets: Sequence[dict], limit: float = HIGH_ERROR) -> list[str]:
@@ -500,13 +679,6 @@ def summary(res: SynthesisResult) -> str:
     return (f"{len(res.targets)} target(s) at t={res.targets[0]['t']:g}: {tg}; {len(res.snapshots)} snapshot(s) "
             f"read, {res.bytes_read / 2**20:.1f} MiB in {res.seconds:.2f}s ({res.throughput_mib_s:.1f} MiB/s); "
             f"peak RSS per rank {', '.join(f'{r:.0f}' for r in res.peak_rss_mib)} MiB; output {res.out}")
-
-
-def _array_doc(numel: int, dtype: str, unit_bytes: int):
-    from dist_ema.store.io import _array_template
-    from dist_ema.store.layout import chunk_elems
-
-    return _array_template(numel, dtype, chunk_elems(numel, dtype, unit_bytes), None)
 
 
 # ----------------------------------------------------------------------------- the output and its marker
@@ -571,13 +743,13 @@ def _check_not_store(out: str, url: str) -> None:
                          f"synthesis never writes around the store it reads: {fix}")
 
 
-def _owned(format: str, plan: dict, dtype: str, max_file_bytes: int) -> list[str]:
+def _owned(format: str, plan: SynthesisPlan, dtype: str, max_file_bytes: int) -> list[str]:
     """Keys (under ``out``) that this job writes; a folder is owned as a whole."""
     if format == "zarr":
         return list(_ZARR_OWNED)
-    _, names = _pack_files(plan["params"], STORAGE_DTYPES[dtype], max_file_bytes)
+    _, names = _pack_files(plan.params, STORAGE_DTYPES[dtype], max_file_bytes)
     per = names + (["model.safetensors.index.json"] if len(names) > 1 else [])
-    return ["zarr", "synthesis.json", *(f"{target_folder(tg['sigma_rel'])}/{n}" for tg in plan["targets"]
+    return ["zarr", "synthesis.json", *(f"{target_folder(tg['sigma_rel'])}/{n}" for tg in plan.targets
                                          for n in per)]
 
 
@@ -634,14 +806,14 @@ def _check_output(top: StoreIO, out: str, overwrite: bool) -> tuple[dict | None,
     return prev, False
 
 
-def _marker_doc(job: str, url: str, format: str, plan: dict, owned: list[str], prev: dict | None,
+def _marker_doc(job: str, url: str, format: str, plan: SynthesisPlan, owned: list[str], prev: dict | None,
                 made: bool) -> dict:
     # while writing, the marker also claims what the replaced synthesis owned: a job that dies
     # half-way through the replacement leaves a leftover that the next job can still clear
     claimed = list(dict.fromkeys([*owned, *(prev["owned"] if prev else [])]))
     return {"format": "dist-ema-synthesis", "version": 1, "job": job, "state": "writing", "created": time.time(),
             "host": socket.gethostname(), "source": url, "output": format,
-            "targets": [tg["sigma_rel"] for tg in plan["targets"]], "t": plan["targets"][0]["t"],
+            "targets": [tg["sigma_rel"] for tg in plan.targets], "t": plan.target_t,
             "owned": claimed, "made_folder": made or bool(prev and prev.get("made_folder"))}
 
 
@@ -665,12 +837,6 @@ def _remove_owned(top: StoreIO, owned: Sequence[str]) -> None:
                 os.rmdir(top.path(d))
 
 
-def _prepare_output(out_io: StoreIO, layout: Layout) -> None:
-    ensure_store(out_io, create=True)
-    for r in range(layout.world_size):
-        write_layout(out_io, layout, r)
-
-
 def _cleanup(top: StoreIO, job: str) -> None:
     """Remove a failed job's partial output: what its marker lists, then the marker. Nothing else, ever."""
     try:
@@ -690,101 +856,6 @@ def _cleanup(top: StoreIO, job: str) -> None:
         log.error("dist-ema: could not remove the partial output %s: %s", top.url, e)
 
 
-def _map_units(store: SnapshotStore, used: list[Snapshot], rows, X: np.ndarray, layout: Layout, units: list[Unit],
-               out_io: StoreIO, snap_name: str, dtype: str, unit_bytes: int, prefetch: int, stats: dict,
-               show: bool, m: int) -> None:
-    # which (snapshot, profile) rows matter: skip snapshots whose coefficients are all zero
-    by_snap: dict[int, list[tuple[int, int]]] = {}
-    for row, (i, k) in enumerate(rows):
-        if np.any(X[row] != 0):
-            by_snap.setdefault(i, []).append((row, k))
-    order = sorted(by_snap)
-    indexes = {s.layout_id: store.layout(s).piece_index(layout) for s in used}  # by name: orders differ
-    pool = ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="dist-ema-read")
-    bar = None
-    if show:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=sum(u.numel for u in units) * sum(len(v) for v in by_snap.values()), unit="elem",
-                       unit_scale=True,
-                       desc="synthesize")
-        except ImportError:  # pragma: no cover
-            bar = None
-
-    def read(unit: Unit, i: int, k: int) -> tuple[np.ndarray, int]:
-        snap = used[i]
-        segs = unit_segments(layout, unit)
-        if snap.layout_id == layout.layout_id():  # same layout: the unit is one range of one rank array
-            reads = [Read(unit.rank, unit.start, 0, unit.numel)]
-        else:  # written at another world size: gather the unit's parameter segments from that layout
-            reads = merge_reads(translate(indexes[snap.layout_id], segs))
-        buf = np.empty(unit.numel, dtype=np.float32)
-        nbytes = _guarded(store, snap, lambda: store.read_reads(snap, k, reads, buf))
-        return buf, nbytes
-
-    try:
-        jobs = [(u, i, row, k) for u in units for i in order for row, k in by_snap[i]]
-        q: deque = deque()
-        it = iter(jobs)
-        acc = None
-        cur = None
-        for _ in range(prefetch):
-            j = next(it, None)
-            if j is None:
-                break
-            q.append((j, pool.submit(read, j[0], j[1], j[3])))
-        while q:
-            (u, i, row, k), fut = q.popleft()
-            j = next(it, None)
-            if j is not None:
-                q.append((j, pool.submit(read, j[0], j[1], j[3])))
-            if cur is None or cur.key != u.key:
-                if cur is not None:
-                    _write_unit(out_io, layout, snap_name, cur, acc, dtype, unit_bytes)
-                cur, acc = u, torch.zeros((m, u.numel), dtype=torch.float64)
-            vals, nbytes = fut.result()
-            stats["bytes"] += nbytes
-            v = torch.from_numpy(vals)  # float32; add_ into the float64 accumulator promotes, no copy
-            for jt in range(m):
-                x = float(X[row, jt])
-                if x != 0.0:
-                    acc[jt].add_(v, alpha=x)
-            if bar is not None:
-                bar.update(u.numel)
-        if cur is not None:
-            _write_unit(out_io, layout, snap_name, cur, acc, dtype, unit_bytes)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        if bar is not None:
-            bar.close()
-
-
-def _write_unit(out_io: StoreIO, layout: Layout, snap_name: str, unit: Unit, acc: torch.Tensor, dtype: str,
-                unit_bytes: int) -> None:
-    n = layout.rank_numel(unit.rank)
-    for j in range(acc.shape[0]):
-        arr = open_rank_array(out_io, array_key(snap_name, unit.rank, j), n, dtype, None, unit_bytes)
-        vals = acc[j].to(torch.float32 if dtype == "float32" else getattr(torch, dtype))
-        if dtype == "bfloat16":
-            data = vals.view(torch.int16).numpy().view(np.uint16)
-        else:
-            data = vals.numpy().astype(np_dtype(dtype), copy=False)
-        arr[unit.start : unit.start + unit.numel] = data  # exactly one whole object (units are objects)
-
-
-def _write_buffers(bufs: dict[str, np.ndarray], out_io: StoreIO, snap_name: str) -> None:
-    import zarr
-
-    from dist_ema.store.io import buffer_key
-
-    for i, values in enumerate(bufs.values()):
-        flat = np.ascontiguousarray(values).reshape(-1)
-        z = zarr.create_array(out_io.zarr_store, name=buffer_key(snap_name, i), shape=flat.shape, dtype=flat.dtype,
-                              chunks=(max(1, flat.size),), overwrite=True, zarr_format=3)
-        z[:] = flat
-
-
 def _pack_files(params, itemsize: int, max_file_bytes: int) -> tuple[list[list[str]], list[str]]:
     """Parameters per safetensors file (greedy, in parameter order: the sharded-checkpoint convention), names."""
     files: list[list[str]] = [[]]
@@ -801,8 +872,8 @@ def _pack_files(params, itemsize: int, max_file_bytes: int) -> tuple[list[list[s
     return files, names
 
 
-def _export_safetensors(out_io: StoreIO, top: StoreIO, out: str, plan: dict, snap_name: str, rank: int,
-                        world: int, max_file_bytes: int) -> list[str]:
+def _export_safetensors(out_io: StoreIO, top: StoreIO, out: str, plan: SynthesisPlan, rank: int, world: int,
+                        max_file_bytes: int) -> list[str]:
     """Per target, safetensors file(s) keyed by the model's parameter names; files split across ranks.
 
     Writes only the keys that ``_owned`` lists (the marker claimed them before the job began).
@@ -816,16 +887,16 @@ def _export_safetensors(out_io: StoreIO, top: StoreIO, out: str, plan: dict, sna
     itemsize = STORAGE_DTYPES[snap.dtype]
     files, names = _pack_files(params, itemsize, max_file_bytes)
     nfiles = len(files)
-    ties = plan.get("ties") or {}
+    ties = plan.ties
     shapes = {f: s for f, s, _ in params}
-    jobs = [(j, fi) for j in range(len(plan["targets"])) for fi in range(nfiles)]
+    jobs = [(j, fi) for j in range(len(plan.targets)) for fi in range(nfiles)]
 
     def mine() -> None:
         bufvals = reader.read_buffers(snap) if buffers else {}
         for n, (j, fi) in enumerate(jobs):
             if n % world != rank:
                 continue
-            tg = plan["targets"][j]
+            tg = plan.targets[j]
             tensors = {}
             for f in files[fi]:
                 vals = reader.read_region(snap, j, f, 0, math.prod(shapes[f])).reshape(shapes[f])
@@ -838,12 +909,12 @@ def _export_safetensors(out_io: StoreIO, top: StoreIO, out: str, plan: dict, sna
                     tensors[bname] = torch.from_numpy(np.ascontiguousarray(bval))
             md = {"format": "pt", "dist_ema": json.dumps({
                 "sigma_rel": tg["sigma_rel"], "gamma": tg["gamma"], "t": tg["t"], "error": tg["error"],
-                "unit": plan["unit"], "snapshots": plan["snapshots"], "source_store": plan["source"],
+                "unit": plan.unit, "snapshots": plan.snapshot_ids, "source_store": plan.source,
                 "ties": ties})}
             top.put(f"{target_folder(tg['sigma_rel'])}/{names[fi]}", st_save(tensors, metadata=md))
 
     def index() -> None:  # rank 0, after every rank wrote its files
-        for tg in plan["targets"]:
+        for tg in plan.targets:
             if nfiles > 1:
                 total = sum(math.prod(shapes[f]) * itemsize for f in shapes)
                 doc = {"metadata": {"total_size": total},
@@ -853,9 +924,9 @@ def _export_safetensors(out_io: StoreIO, top: StoreIO, out: str, plan: dict, sna
                 top.put(f"{target_folder(tg['sigma_rel'])}/model.safetensors.index.json",
                         json.dumps(doc, indent=1).encode())
         top.put("synthesis.json", json.dumps({
-            "source": plan["source"], "targets": plan["targets"], "snapshots": plan["snapshots"], "zarr": "zarr",
-            "files": {target_folder(tg["sigma_rel"]): names for tg in plan["targets"]}}, indent=1).encode())
+            "source": plan.source, "targets": plan.targets, "snapshots": plan.snapshot_ids, "zarr": "zarr",
+            "files": {target_folder(tg["sigma_rel"]): names for tg in plan.targets}}, indent=1).encode())
 
     run_and_check(mine, "safetensors export", None, StoreError)
     run_and_check(index if rank == 0 else (lambda: None), "safetensors index", None, StoreError)
-    return [f"{out.rstrip('/')}/{target_folder(tg['sigma_rel'])}/{n}" for tg in plan["targets"] for n in names]
+    return [f"{out.rstrip('/')}/{target_folder(tg['sigma_rel'])}/{n}" for tg in plan.targets for n in names]

@@ -230,7 +230,7 @@ def _store_with_snapshots(url):
 def test_flipped_byte_detected_in_resume_synthesis_and_verify(tmp_path):
     url = str(tmp_path / "s")
     m = _store_with_snapshots(url)
-    chunk = tmp_path / "s" / "snapshots" / "step-000000000004" / "r00000" / "p0" / "c" / "2"
+    chunk = next((tmp_path / "s" / "snapshots" / "step-000000000004").glob("j*/r00000/c/0/0"))  # rank 0, p0
     raw = bytearray(chunk.read_bytes())
     raw[5] ^= 0x01
     chunk.write_bytes(bytes(raw))

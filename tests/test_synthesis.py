@@ -241,8 +241,8 @@ def test_empty_store_and_missing_objects(small_store, tmp_path):
 
     broken = tmp_path / "broken"
     shutil.copytree(small_store, broken)
-    chunk = next((broken / "snapshots" / "step-000000000006" / "r00000" / "p1" / "c").iterdir())
-    chunk.unlink()
+    shard = next((broken / "snapshots" / "step-000000000006").glob("j*/r00000/c/1/0"))  # rank 0, profile 1
+    shard.unlink()
     with pytest.raises(StoreError, match="missing"):
         synthesize(str(broken), sigma_rels=[0.12], out=str(tmp_path / "o2"), progress=False)
     assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").rglob("*.safetensors"))

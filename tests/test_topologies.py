@@ -153,9 +153,9 @@ def _params(sd: dict[str, torch.Tensor], names) -> dict[str, torch.Tensor]:
 
 
 def _data_objects(store_dir: Path, snap_id: str) -> dict[int, int]:
-    """Data objects (zarr chunks) of each rank in one snapshot."""
+    """Data objects (shards: one per profile) of each rank in one snapshot."""
     counts: dict[int, int] = {}
-    for f in (store_dir / "snapshots" / snap_id).glob("r*/p*/c/*"):
+    for f in (store_dir / "snapshots" / snap_id).glob("j*/r*/c/*/0"):
         r = int(f.parts[-4][1:])
         counts[r] = counts.get(r, 0) + 1
     return counts

@@ -396,11 +396,13 @@ class StoreIO:
 
     # ------------------------------------------------------------------ objects
 
-    def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+    def put(self, key: str, data: bytes, *, exclusive: bool = False, durable: bool | None = None) -> None:
         """Write one object. Local writes are atomic (temp file + rename).
 
         exclusive: fail with FileExistsError if the object exists (conditional create
         where the backend supports it, e.g. S3 If-None-Match).
+        durable: local files are fsynced before they appear (default: exclusive ones, the
+        commit markers and the ownership record, so that a marker never outlives its data).
         """
         path = self.path(key)
         if self.protocol == "file":
@@ -408,8 +410,9 @@ class StoreIO:
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if exclusive if durable is None else durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             if exclusive:
                 try:
                     os.link(tmp, path)  # atomic create-if-absent

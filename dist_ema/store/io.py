@@ -1,122 +1,209 @@
-"""Store I/O: write a rank's snapshot data, commit a snapshot, clean up, delete (NumPy + zarr, no torch).
+"""Store I/O: write a rank's snapshot data, commit a snapshot, clean up, delete (NumPy, no torch, no zarr).
 
 These functions run in the background writer process (or inline in ``sync`` mode) and
-in synthesis. Each writes only objects that belong to its caller (see layout.py for
-who writes what), so no two ranks ever write the same object.
+in synthesis. Each writes only objects that belong to its caller (see format.py for the
+keys and who writes what), so no two ranks ever write the same object, and no job ever
+writes into another job's attempt folder: committed bytes are never written again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
-from dist_ema.store.fs import StoreError, StoreIO, retry
-from dist_ema.store.layout import (
+from dist_ema.store.format import (
+    COMMIT,
+    COMPRESSIONS,
     FORMAT_VERSION,
-    STORAGE_DTYPES,
+    NAN_FILL,
+    OWNER,
+    READABLE_VERSIONS,
     STORE_MARKER,
-    Layout,
-    chunk_elems,
+    Geometry,
+    array_doc,
+    buffers_key,
+    bytes_array_doc,
+    commit_key,
+    compressor,
+    crc_bytes,
+    data_prefix,
+    encode_index,
+    group_doc,
+    job_key,
     np_dtype,
+    rank_key,
+    shard_key,
 )
+from dist_ema.store.fs import StoreError, StoreIO, retry
+from dist_ema.store.layout import Layout
 
 __all__ = [
-    "array_key",
+    "COMPRESSIONS",
+    "Ranges",
     "commit_snapshot",
     "ensure_store",
     "list_snapshot_dirs",
-    "open_rank_array",
     "remove_snapshot",
-    "write_array",
+    "write_buffers",
     "write_layout",
+    "write_rank_data",
+    "write_shard",
 ]
 
 log = logging.getLogger("dist_ema")
 
-COMMIT = "commit.json"
-COMPRESSIONS = (None, "blosc-lz4", "zstd")
-_NAN_FILL = {"float32": float("nan"), "float16": float("nan"), "bfloat16": 0x7FC0}
+
+def write_shard(io: StoreIO, key: str, values: np.ndarray, g: Geometry, *, durable: bool = False) -> int:
+    """Write one version-2 shard (inner chunks, each with its crc32c, then the index) as ONE object.
+
+    ``values``: the ``g.numel`` stored values (1-d, on-disk dtype), read in place (no copy but
+    the padded last chunk). On S3 a large shard goes up as a multipart upload. ``durable``: a
+    local file is fsynced before this returns (snapshots: the marker must never outlive its
+    data). Returns bytes.
+    """
+    if values.ndim != 1 or values.size != g.numel or values.dtype != np_dtype(g.dtype):
+        raise ValueError(f"write_shard: need {g.numel} values of {np_dtype(g.dtype)}, got {values.dtype} "
+                         f"{values.shape}")
+    comp = compressor(g.compression, g.dtype)
+    fill = np.array(NAN_FILL[g.dtype], dtype=np_dtype(g.dtype))
+
+    def chunks():
+        for i in range(g.count):
+            a, b = g.chunk_span(i)
+            part = values[a:b]
+            if b - a < g.inner:
+                part = np.concatenate([part, np.full(g.inner - (b - a), fill, dtype=part.dtype)])
+            raw = memoryview(np.ascontiguousarray(part)).cast("B")
+            if comp is not None:
+                raw = memoryview(comp.encode(raw))
+            yield raw, crc_bytes(raw)
+
+    def write(f) -> int:
+        entries, off = [], 0
+        for raw, crc in chunks():
+            f.write(raw)
+            f.write(crc)
+            entries.append((off, len(raw) + 4))
+            off += len(raw) + 4
+        idx = encode_index(entries)
+        f.write(idx)
+        return off + len(idx)
+
+    path = io.path(key)
+    if io.protocol == "file":
+        def do() -> int:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                n = write(f)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+                return n
+    else:
+        def do() -> int:
+            with io.fs.open(path, "wb", block_size=SHARD_PART_BYTES) as f:
+                return write(f)
+
+    return retry(do, f"write {io.url}/{key}", io.attempts)
 
 
-def array_key(snap: str, rank: int, profile: int) -> str:
-    return f"snapshots/{snap}/r{rank:05d}/p{profile}"
+SHARD_PART_BYTES = 64 * 2**20  # S3 multipart part size for shards (one PUT below twice this)
 
 
-def buffer_key(snap: str, i: int) -> str:
-    return f"snapshots/{snap}/buffers/b{i}"
+def write_rank_data(io: StoreIO, prefix: str, rank: int, data: np.ndarray, g: Geometry) -> int:
+    """A rank's data of every profile (``data``: [profiles, numel]): one shard per profile, then zarr.json."""
+    n = 0
+    for k in range(data.shape[0]):
+        n += write_shard(io, shard_key(prefix, rank, k), data[k], g, durable=True)
+    io.put(f"{rank_key(prefix, rank)}/zarr.json", array_doc(data.shape[0], g, {"rank": rank}))
+    return n
 
 
-@lru_cache(maxsize=256)
-def _array_template(numel: int, dtype: str, chunk: int, compression: str | None):
-    """zarr metadata (and its zarr.json bytes) of a 1-d array, made in memory without touching the store."""
-    import zarr
-    import zarr.storage as zs
-    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
-
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"compression must be one of {COMPRESSIONS}; got {compression!r}")
-    comp = {None: [], "blosc-lz4": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
-            "zstd": [ZstdCodec(level=3)]}[compression]
-    mem = zs.MemoryStore()
-    arr = zarr.create_array(
-        mem, name="a", shape=(numel,), chunks=(chunk,), dtype=np_dtype(dtype), serializer=BytesCodec(),
-        compressors=[*comp, Crc32cCodec()],  # every object carries a checksum, verified on read
-        # NaN fill: zarr returns the fill value for a MISSING object; readers see NaN and then check
-        # which object is gone (a real NaN in the EMA is told apart by the object being there)
-        filters=None, fill_value=_NAN_FILL[dtype], config={"write_empty_chunks": True},
-        attributes={"dist_ema_dtype": dtype},
-    )
-    doc = mem._store_dict["a/zarr.json"].to_bytes()
-    return arr.metadata, arr._async_array.config, doc
+def write_buffers(io: StoreIO, prefix: str, raw: bytes) -> None:
+    """The packed buffers of a snapshot: one uint8 array in one chunk with its crc32c."""
+    io.put(f"{buffers_key(prefix)}/c/0", raw + crc_bytes(raw), durable=True)
+    io.put(f"{buffers_key(prefix)}/zarr.json", bytes_array_doc(len(raw)))
 
 
-def _bind(io: StoreIO, key: str, numel: int, dtype: str, chunk: int, compression: str | None):
-    import zarr
-    from zarr.core.array import AsyncArray
-    from zarr.storage._common import StorePath
+class Ranges:
+    """Byte ranges of objects read into caller buffers (local files: ``preadv`` on cached descriptors).
 
-    meta, config, doc = _array_template(numel, dtype, chunk, compression)
-    return zarr.Array(AsyncArray(metadata=meta, store_path=StorePath(io.zarr_store, key), config=config)), doc
+    Thread-safe: reader threads share one instance.
+    """
+
+    def __init__(self, io: StoreIO, max_open: int = 256) -> None:
+        self.io = io
+        self._fds: dict[str, int] = {}
+        self._max_open = max_open
+        self._lock = threading.Lock()
+
+    def _fd(self, key: str) -> int:
+        with self._lock:
+            fd = self._fds.get(key)
+            if fd is None:
+                if len(self._fds) >= self._max_open:
+                    for old in list(self._fds)[: self._max_open // 2]:
+                        os.close(self._fds.pop(old))
+                fd = os.open(self.io.path(key), os.O_RDONLY)  # FileNotFoundError: missing object
+                self._fds[key] = fd
+            return fd
+
+    def read_into(self, key: str, start: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the object's bytes [start, start + len(buf)); a short object is an error."""
+        want = len(buf)
+        if self.io.protocol == "file":
+            fd = self._fd(key)
+            got = 0
+            while got < want:
+                n = os.preadv(fd, [buf[got:]], start + got)
+                if n == 0:
+                    raise TruncatedObjectError(f"{self.io.url}/{key} ends at byte {start + got}; "
+                                               f"{start + want} expected (the object is truncated)")
+                got += n
+            return
+        path = self.io.path(key)
+        data = retry(lambda: self.io.fs.cat_file(path, start=start, end=start + want), f"read {self.io.url}/{key}",
+                     self.io.attempts)
+        if len(data) != want:
+            raise TruncatedObjectError(f"{self.io.url}/{key}: {len(data)} bytes at {start}, {want} expected "
+                                       f"(the object is truncated)")
+        buf[:] = data
+
+    def size(self, key: str) -> int:
+        if self.io.protocol == "file":
+            return os.fstat(self._fd(key)).st_size
+        path = self.io.path(key)
+        return int(retry(lambda: self.io.fs.size(path), f"stat {self.io.url}/{key}", self.io.attempts))
+
+    def get(self, key: str) -> bytes:
+        if self.io.protocol == "file":
+            n = self.size(key)
+            buf = bytearray(n)
+            self.read_into(key, 0, memoryview(buf))
+            return bytes(buf)
+        return self.io.get(key)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:  # descriptors of a reader dropped without close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
 
 
-def write_array(io: StoreIO, key: str, data: np.ndarray, dtype: str, compression: str | None,
-                max_object_bytes: int) -> int:
-    """Write a 1-d array (chunks first, its zarr.json last); return bytes written."""
-    if data.ndim != 1 or data.dtype != np_dtype(dtype):
-        raise ValueError(f"write_array: need 1-d {np_dtype(dtype)} data, got {data.dtype} {data.shape}")
-    numel = int(data.size)
-    if numel == 0:
-        return 0
-    arr, doc = _bind(io, key, numel, dtype, chunk_elems(numel, dtype, max_object_bytes), compression)
-
-    def put_chunks() -> None:
-        arr[:] = data
-
-    retry(put_chunks, f"write {io.url}/{key}", io.attempts)
-    io.put(f"{key}/zarr.json", doc)
-    return numel * STORAGE_DTYPES[dtype]
-
-
-def open_rank_array(io: StoreIO, key: str, numel: int, dtype: str, compression: str | None, max_object_bytes: int):
-    """The zarr array of a committed snapshot, bound from the metadata we know (no metadata GET)."""
-    arr, _ = _bind(io, key, numel, dtype, chunk_elems(numel, dtype, max_object_bytes), compression)
-    return arr
-
-
-def missing_chunks(io: StoreIO, key: str, numel: int, dtype: str, max_object_bytes: int, lo: int, hi: int) -> list[str]:
-    """Object keys of array ``key`` overlapping [lo, hi) that do not exist."""
-    c = chunk_elems(numel, dtype, max_object_bytes)
-    keys = [f"{key}/c/{i}" for i in range(lo // c, (max(hi, lo + 1) - 1) // c + 1)]
-    return [k for k in keys if not io.exists(k)]
-
-
-def group_doc(attributes: dict) -> bytes:
-    return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes}, indent=1).encode()
+class TruncatedObjectError(StoreError):
+    """An object shorter than its format says."""
 
 
 def ensure_store(io: StoreIO, *, create: bool) -> dict:
@@ -129,7 +216,7 @@ def ensure_store(io: StoreIO, *, create: bool) -> dict:
         doc = json.loads(raw)
         if doc.get("format") != "dist-ema-store":
             raise StoreError(f"{io.url} is not a dist-ema store ({STORE_MARKER} has format {doc.get('format')!r})")
-        if int(doc.get("version", -1)) > FORMAT_VERSION:
+        if int(doc.get("version", -1)) not in READABLE_VERSIONS:
             raise StoreError(
                 f"{io.url} was written by a newer dist-ema (store format version {doc.get('version')}, this "
                 f"dist-ema reads <= {FORMAT_VERSION}); upgrade dist-ema"
@@ -170,15 +257,37 @@ def read_layout(io: StoreIO, lid: str, world_size: int) -> Layout:
 
 
 def commit_snapshot(io: StoreIO, snap: str, meta: dict) -> None:
-    """Make a snapshot visible: its group metadata, then the marker, written last (create-only)."""
-    io.put(f"snapshots/{snap}/zarr.json", group_doc({"dist_ema": meta}))
+    """Make a snapshot visible: its group metadata (in its attempt's folder), then the marker, last, create-only.
+
+    The marker names the attempt (``meta["attempt"]``) whose data it commits. A marker that
+    exists already (another job committed this step) is never replaced: this attempt's data
+    stays uncommitted, and the committed snapshot is untouched.
+    """
+    attempt = meta.get("attempt")
+    io.put(f"{data_prefix(snap, attempt)}/zarr.json", group_doc({"dist_ema": meta}))
     try:
-        io.put(f"snapshots/{snap}/{COMMIT}", json.dumps(meta, indent=1).encode(), exclusive=True)
+        io.put(commit_key(snap), json.dumps(meta, indent=1).encode(), exclusive=True)
     except FileExistsError as e:
         raise StoreError(
-            f"snapshot {snap} is already committed in {io.url}: two jobs write the same store, or a resumed job "
-            f"repeats steps; use a new store URL or resume=True"
+            f"snapshot {snap} is already committed in {io.url} by another job: two jobs write the same store, or "
+            f"a resumed job repeats steps. The committed snapshot is unchanged (this job's data went to its own "
+            f"attempt folder {data_prefix(snap, attempt)}/, removed at the next start); use a new store URL, or "
+            f"restore the EMA from the training checkpoint you restarted from"
         ) from e
+
+
+def remove_torn_attempts(io: StoreIO, snap: str, committed_attempt: str | None) -> list[str]:
+    """Owner only: remove attempt folders of ``snap`` that its marker does not name. Returns their keys."""
+    removed = []
+    for name in io.list_dir(f"snapshots/{snap}"):
+        if name in (COMMIT, "zarr.json") or name == committed_attempt or not name.startswith("j"):
+            continue
+        if committed_attempt is None and name.startswith("r") and name[1:].isdigit():
+            continue  # version 1 data lies next to the marker
+        key = f"snapshots/{snap}/{name}"
+        io.remove(key)
+        removed.append(key)
+    return removed
 
 
 def list_snapshot_dirs(io: StoreIO) -> list[str]:
@@ -262,3 +371,125 @@ def read_retired(io: StoreIO) -> list[tuple[str, dict, list[Committed]]]:
         snaps = [Committed(k.split("/")[-2], json.loads(v)) for k, v in got.items() if not isinstance(v, Exception)]
         out.append((base, record, sorted(snaps, key=lambda c: c.meta["step"])))
     return sorted(out, key=lambda x: x[1].get("time", 0))
+
+
+# ----------------------------------------------------------------------------- ownership
+#
+# One job owns a store at a time (docs/commit-protocol.md): ``owner.json`` is written
+# create-only by the first job and removed by it at close(); ``jobs/<job>.json`` is that
+# job's own record, rewritten by it (a heartbeat). Another job is refused at start-up; a dead
+# owner is taken over only when asked (resume=True and the owner is provably gone: the same
+# elastic/SLURM run restarted, its process gone on this host, or not seen for
+# ``stale_after`` seconds; or resume="takeover"). The old owner, should it still run, is
+# fenced: its writer checks the record before every commit.
+
+STALE_AFTER = 600.0  # seconds without a heartbeat after which an owner counts as dead
+HEARTBEAT_SECONDS = 60.0
+
+
+def run_id() -> str | None:
+    """The launcher's id of this run, the same across its restarts (torchrun elastic, SLURM)."""
+    for var in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
+        v = os.environ.get(var)
+        if v and v != "none":
+            return f"{var}={v}"
+    return None
+
+
+def job_doc(job: str) -> bytes:
+    import socket
+
+    return json.dumps({"job": job, "host": socket.gethostname(), "pid": os.getpid(), "run": run_id(),
+                       "last_seen": time.time()}).encode()
+
+
+def read_owner(io: StoreIO) -> dict | None:
+    try:
+        return json.loads(io.get(OWNER))
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise StoreError(f"the ownership record {io.url}/{OWNER} is corrupt ({e}); if no job writes this store, "
+                         f"remove it") from e
+
+
+def _why_dead(io: StoreIO, owner: dict) -> str | None:
+    """Why the owner can be taken over under resume=True, or None while it may be alive."""
+    import socket
+
+    me = run_id()
+    if me is not None and owner.get("run") == me:
+        return f"it is an earlier start of this run ({me})"
+    if owner.get("host") == socket.gethostname():
+        try:
+            os.kill(int(owner.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return f"its process {owner.get('pid')} on this host is gone"
+        except (PermissionError, ValueError, OverflowError):
+            pass
+    seen = owner.get("started", 0.0)
+    try:
+        seen = max(seen, float(json.loads(io.get(job_key(owner["job"])))["last_seen"]))
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        pass
+    idle = time.time() - seen
+    if idle > float(owner.get("stale_after", STALE_AFTER)):
+        return f"it has not been seen for {idle:.0f} s"
+    return None
+
+
+def claim_store(io: StoreIO, job: str, resume: bool | str) -> dict | None:
+    """Rank 0 at start-up: make ``job`` the store's owner. Returns the owner taken over (or None)."""
+    import socket
+
+    rec = {"job": job, "host": socket.gethostname(), "pid": os.getpid(), "run": run_id(), "started": time.time(),
+           "stale_after": STALE_AFTER}
+    doc = json.dumps(rec, indent=1).encode()
+    try:
+        io.put(OWNER, doc, exclusive=True)
+        io.put(job_key(job), job_doc(job))
+        return None
+    except FileExistsError:
+        pass
+    cur = read_owner(io)
+    if cur is None:  # released between our write and our read: try once more
+        return claim_store(io, job, resume)
+    if cur.get("job") == job:
+        return None
+    why = "resume='takeover'" if resume == "takeover" else (_why_dead(io, cur) if resume else None)
+    if why is None:
+        seen = time.time() - float(cur.get("started", 0.0))
+        raise StoreError(
+            f"{io.url} is owned by another job ({cur.get('job')} on host {cur.get('host')}, pid {cur.get('pid')}, "
+            f"started {seen:.0f} s ago; record {OWNER}): two jobs must never write one store. Use a new store "
+            f"URL; if that job is dead, pass resume=True (it is taken over once it has not been seen for "
+            f"{float(cur.get('stale_after', STALE_AFTER)):.0f} s, or at once when it was this run or this host) "
+            f"or resume='takeover' to take the store over now"
+        )
+    io.remove(OWNER)
+    try:
+        io.put(OWNER, json.dumps(dict(rec, took_over=cur), indent=1).encode(), exclusive=True)
+    except FileExistsError:
+        raise StoreError(f"another job took over {io.url} at the same time as this one; two jobs must never "
+                         f"write one store") from None
+    io.put(job_key(job), job_doc(job))
+    log.warning("dist-ema: took over %s from job %s (host %s, pid %s): %s", io.url, cur.get("job"),
+                cur.get("host"), cur.get("pid"), why)
+    return cur
+
+
+def check_owner(io: StoreIO, job: str) -> None:
+    """Fencing, before every commit: this job still owns the store."""
+    cur = read_owner(io)
+    if cur is None or cur.get("job") != job:
+        by = "no job (the record was removed)" if cur is None else f"job {cur.get('job')} on {cur.get('host')}"
+        raise StoreError(f"this job ({job}) no longer owns {io.url}: it is owned by {by}; nothing more is "
+                         f"committed by this job. Stop it, or give it a store of its own")
+
+
+def release_store(io: StoreIO, job: str) -> None:
+    """At close(): give the store up (only if this job still owns it)."""
+    cur = read_owner(io)
+    if cur is not None and cur.get("job") == job:
+        io.remove(OWNER)
+    io.remove(job_key(job))

@@ -6,17 +6,8 @@ A training *layout* says where every parameter's elements live in the store:
     ranks:   per rank, [(param_index, flat_start, numel, offset)]
 
 Each rank writes, per profile, ONE flat array holding its owned pieces back to back
-(``offset`` is a piece's position in it), split into objects of at most
-``max_object_bytes``. So objects per snapshot = O(ranks x profiles), never
-O(ranks x parameters). Keys:
-
-    dist_ema.json                              store marker (format, version)
-    layouts/<layout_id>/params.json            parameter table (rank 0)
-    layouts/<layout_id>/rank-<r>.json          pieces of rank r (rank r)
-    snapshots/<snap_id>/r<r>/p<k>/...          zarr array: rank r's data of profile k (rank r)
-    snapshots/<snap_id>/buffers/b<i>/...       zarr arrays: buffers (rank 0)
-    snapshots/<snap_id>/zarr.json              zarr group, attributes = metadata (rank 0)
-    snapshots/<snap_id>/commit.json            commit marker, written last (rank 0)
+(``offset`` is a piece's position in it). So objects per snapshot = O(ranks x profiles),
+never O(ranks x parameters). The keys and bytes of the stored arrays are in format.py.
 """
 
 from __future__ import annotations
@@ -29,7 +20,17 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
+import numpy as np  # noqa: F401 - re-exported helpers below take numpy arrays
+
+from dist_ema.store.format import (  # noqa: F401 - the format's names, importable from here too
+    DEFAULT_INNER_BYTES,
+    FORMAT_VERSION,
+    STORAGE_DTYPES,
+    STORE_MARKER,
+    decode,
+    np_dtype,
+    snapshot_id,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -37,17 +38,13 @@ __all__ = [
     "Layout",
     "Read",
     "Unit",
-    "chunk_elems",
     "plan_region",
     "plan_units",
     "snapshot_id",
     "validate_fqn",
 ]
 
-FORMAT_VERSION = 1
-STORE_MARKER = "dist_ema.json"
-STORAGE_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
-DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20  # moderate: zarr's write memory grows with object size x concurrency
+DEFAULT_MAX_OBJECT_BYTES = DEFAULT_INNER_BYTES  # the option's default: the size of one inner chunk
 
 _FQN_RE = re.compile(r"^[A-Za-z0-9_.\-:\[\]]+$")
 
@@ -60,16 +57,6 @@ def validate_fqn(fqn: str) -> str:
             f"rename the parameter"
         )
     return fqn
-
-
-def snapshot_id(step: int) -> str:
-    return f"step-{int(step):012d}"
-
-
-def chunk_elems(numel: int, dtype: str, max_object_bytes: int) -> int:
-    """Elements per object of a rank array: all of it, or as many as fit in max_object_bytes."""
-    per = max(1, max_object_bytes // STORAGE_DTYPES[dtype])
-    return max(1, min(numel, per))
 
 
 @dataclass(frozen=True)
@@ -256,15 +243,21 @@ class Unit:
         return (self.rank, self.start)
 
 
-def plan_units(layout: Layout, dtype: str, max_object_bytes: int) -> list[Unit]:
-    """Split every rank array into units that are exactly its stored objects (chunks)."""
+def plan_units(layout: Layout, chunk_of_rank: Sequence[int], unit_elems: int) -> list[Unit]:
+    """Split every rank array into units of about ``unit_elems`` elements, cut at stored chunk boundaries.
+
+    ``chunk_of_rank[r]``: elements per inner chunk of rank r's stored array; a unit is a whole
+    number of chunks, so every unit fetches each of its chunks once and no two units share one.
+    Independent of the synthesis world size (so the output is too).
+    """
     units = []
     for r in range(layout.world_size):
         n = layout.rank_numel(r)
         if n == 0:
             continue
-        c = chunk_elems(n, dtype, max_object_bytes)
-        units.extend(Unit(r, a, min(c, n - a)) for a in range(0, n, c))
+        c = max(1, int(chunk_of_rank[r]))
+        step = max(1, unit_elems // c) * c
+        units.extend(Unit(r, a, min(step, n - a)) for a in range(0, n, step))
     return units
 
 
@@ -319,15 +312,3 @@ def merge_reads(reads: Sequence[Read]) -> list[Read]:
         else:
             out.append(rd)
     return out
-
-
-def np_dtype(dtype: str) -> np.dtype:
-    """On-disk numpy dtype: bfloat16 is stored as uint16 bit patterns (zarr has no bfloat16)."""
-    return {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}[dtype]
-
-
-def decode(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored values -> float32."""
-    if dtype == "bfloat16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32, copy=False)

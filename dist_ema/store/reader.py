@@ -9,17 +9,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dist_ema.store.fs import StoreError, StoreIO
-from dist_ema.store.io import (
-    array_key,
-    buffer_key,
-    ensure_store,
-    missing_chunks,
-    open_rank_array,
-    read_commits,
-    read_layout,
+from dist_ema.store.format import (
+    READABLE_VERSIONS,
+    ChecksumError,
+    Geometry,
+    SnapshotMeta,
+    check_chunk,
+    compressor,
+    data_prefix,
+    decode_index,
+    geometry,
+    np_dtype,
+    shard_key,
+    unpack_buffers,
+    v1_array_key,
+    v1_buffer_key,
+    v1_geometry,
 )
-from dist_ema.store.layout import FORMAT_VERSION, Layout, Read, decode, plan_region
+from dist_ema.store.fs import StoreError, StoreIO
+from dist_ema.store.io import Ranges, ensure_store, read_commits, read_layout
+from dist_ema.store.layout import Layout, Read, plan_region
 
 __all__ = ["Snapshot", "SnapshotStore", "open_store"]
 
@@ -47,21 +56,34 @@ class Snapshot:
     layout_id: str
     dtype: str
     meta: dict = field(repr=False, compare=False)
+    version: int = 1
+    attempt: str | None = None  # version 2: the job whose data the marker commits
+
+    @property
+    def prefix(self) -> str:
+        """Where this snapshot's data lies (its committed attempt's folder)."""
+        return data_prefix(self.id, self.attempt)
+
+    @property
+    def format(self) -> SnapshotMeta:
+        return SnapshotMeta.from_doc(self.meta)
 
 
 def _snapshot_from_meta(snap: str, meta: dict) -> Snapshot:
     v = meta.get("version")
     if meta.get("format") != "dist-ema-snapshot" or not isinstance(v, int):
         raise StoreError(f"snapshot {snap}: not a dist-ema snapshot marker (format={meta.get('format')!r})")
-    if v > FORMAT_VERSION:
+    if v not in READABLE_VERSIONS:
         raise StoreError(
-            f"snapshot {snap} has format version {v}; this dist-ema reads <= {FORMAT_VERSION}: upgrade dist-ema"
+            f"snapshot {snap} has format version {v}; this dist-ema reads versions {list(READABLE_VERSIONS)}: "
+            f"upgrade dist-ema"
         )
     profs = meta["profiles"]
     return Snapshot(
         id=snap, step=int(meta["step"]), t=float(meta["t"]), unit=meta["unit"],
         sigma_rels=tuple(float(p["sigma_rel"]) for p in profs), gammas=tuple(float(p["gamma"]) for p in profs),
         world_size=int(meta["world_size"]), layout_id=meta["layout"], dtype=meta["dtype"], meta=meta,
+        version=v, attempt=meta.get("attempt") if v >= 2 else None,
     )
 
 
@@ -79,7 +101,7 @@ class SnapshotStore:
         self.url = self.io.url
         ensure_store(self.io, create=False)
         self._layouts: dict[str, Layout] = {}
-        self._index: dict[str, list] = {}
+        self._index_cache: dict[str, list] = {}
 
     def __repr__(self) -> str:
         return f"SnapshotStore({self.url!r})"
@@ -123,7 +145,7 @@ class SnapshotStore:
             if lay.layout_id() != snap.layout_id:
                 raise StoreError(f"layout {snap.layout_id} in {self.url} does not match its id: the store is damaged")
             self._layouts[snap.layout_id] = lay
-            self._index[snap.layout_id] = lay.piece_index()
+            self._index_cache[snap.layout_id] = lay.piece_index()
         return self._layouts[snap.layout_id]
 
     def params(self, snap: Snapshot | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -142,42 +164,112 @@ class SnapshotStore:
 
     # ------------------------------------------------------------------ reading
 
-    def rank_array(self, snap: Snapshot, rank: int, profile: int):
-        lay = self.layout(snap)
-        return open_rank_array(
-            self.io, array_key(snap.id, rank, profile), lay.rank_numel(rank), snap.dtype,
-            snap.meta.get("compression"), int(snap.meta["max_object_bytes"]),
-        )
+    def geometry(self, snap: Snapshot, rank: int) -> Geometry:
+        """How rank ``rank``'s data of each profile of ``snap`` is stored."""
+        n = self.layout(snap).rank_numel(rank)
+        comp = snap.meta.get("compression")
+        if snap.version >= 2:
+            return geometry(n, snap.dtype, int(snap.meta["inner_bytes"]), comp)
+        return v1_geometry(n, snap.dtype, int(snap.meta["max_object_bytes"]), comp)
 
-    def read_reads(self, snap: Snapshot, profile: int, reads: Sequence[Read], out: np.ndarray) -> int:
-        """Execute reads (rank array -> out) for one profile; one ranged read per source rank. Returns bytes."""
+    @property
+    def ranges(self) -> Ranges:
+        r = self.__dict__.get("_ranges")
+        if r is None:
+            r = self.__dict__["_ranges"] = Ranges(self.io)
+        return r
+
+    def _index(self, key: str, g: Geometry) -> np.ndarray:
+        """The shard index of a compressed version-2 shard (cached)."""
+        cache = self.__dict__.setdefault("_indexes", {})
+        if key not in cache:
+            size = self.ranges.size(key)
+            raw = bytearray(g.index_bytes)
+            self.ranges.read_into(key, size - g.index_bytes, memoryview(raw))
+            cache[key] = decode_index(raw, g.count, f"{self.url}/{key}")
+        return cache[key]
+
+    def read_stored(self, snap: Snapshot, rank: int, profile: int, lo: int, hi: int, out: np.ndarray,
+                    scratch: bytearray | None = None) -> int:
+        """Elements [lo, hi) of one rank array into ``out`` (any float dtype; converted on the copy).
+
+        Fetches only the inner chunks (version 2) or objects (version 1) that hold them, and checks
+        every fetched chunk's crc32c. ``scratch``: a reused byte buffer (grown when too small).
+        Returns the bytes fetched. Raises StoreError naming the object when one is missing, short
+        or damaged.
+        """
+        g = self.geometry(snap, rank)
+        if not 0 <= lo <= hi <= g.numel:
+            raise ValueError(f"bad range [{lo}, {hi}) of rank {rank} ({g.numel} elements)")
+        if hi == lo:
+            return 0
+        chunks = g.chunks_of(lo, hi)
+        isz = g.itemsize
+        dt = np_dtype(g.dtype)
+        codec = compressor(g.compression, g.dtype)
+        if snap.version >= 2:
+            key = shard_key(snap.prefix, rank, profile)
+            where = f"snapshot {snap.id}: rank {rank} profile p{profile} ({self.url}/{key})"
+        else:
+            key = v1_array_key(snap.prefix, rank, profile)
+            where = f"snapshot {snap.id}: rank {rank} profile p{profile} ({self.url}/{key})"
+        try:
+            if codec is None and snap.version >= 2:  # one ranged read of the chunks, back to back
+                nbytes = len(chunks) * g.chunk_bytes
+                buf = _grow(scratch, nbytes)
+                self.ranges.read_into(key, g.dense_offset(chunks[0]), memoryview(buf)[:nbytes])
+                rows = np.frombuffer(buf, dtype=np.uint8, count=nbytes).reshape(len(chunks), g.chunk_bytes)
+                body = g.inner * isz
+                for j, c in enumerate(chunks):
+                    check_chunk(rows[j, :body], rows[j, body:], where, c)
+                vals = rows[:, :body].view(dt)  # [chunks, inner], strided over the checksums
+                fetched = nbytes
+                for j, c in enumerate(chunks):
+                    a, b = g.chunk_span(c)
+                    s0, s1 = max(a, lo), min(b, hi)
+                    _put(out, s0 - lo, vals[j, s0 - a:s1 - a], g.dtype)
+                return fetched
+            fetched = 0
+            idx = self._index(key, g) if snap.version >= 2 else None
+            for c in chunks:
+                if idx is None:  # version 1: one object per chunk
+                    obj = f"{key}/c/{c}"
+                    raw = self.ranges.get(obj)
+                else:
+                    off, n = int(idx[c, 0]), int(idx[c, 1])
+                    if off == 2**64 - 1:
+                        raise StoreError(f"{where}: inner chunk {c} is not stored; the snapshot is damaged")
+                    raw = bytearray(n)
+                    self.ranges.read_into(key, off, memoryview(raw))
+                fetched += len(raw)
+                body, crc = memoryview(raw)[:-4], memoryview(raw)[-4:]
+                check_chunk(body, crc, where, c)
+                data = np.frombuffer(codec.decode(body) if codec is not None else body, dtype=dt)
+                a, b = g.chunk_span(c)
+                s0, s1 = max(a, lo), min(b, hi)
+                _put(out, s0 - lo, data[s0 - a:s1 - a], g.dtype)
+            return fetched
+        except FileNotFoundError as e:
+            raise StoreError(f"{where}: an object is missing ({e}); the snapshot is damaged "
+                             f"(run dist-ema ls --verify)") from e
+        except (ChecksumError, StoreError):
+            raise
+        except Exception as e:  # noqa: BLE001 - decode errors, truncated objects
+            raise StoreError(f"{where}: unreadable or corrupt ({type(e).__name__}: {e})") from e
+
+    def read_reads(self, snap: Snapshot, profile: int, reads: Sequence[Read], out: np.ndarray,
+                   scratch: bytearray | None = None) -> int:
+        """Execute reads (rank array -> out) for one profile. Returns bytes fetched."""
         by_rank: dict[int, list[Read]] = defaultdict(list)
         for rd in reads:
             by_rank[rd.rank].append(rd)
         nbytes = 0
         for r, rds in by_rank.items():
-            lo = min(rd.src for rd in rds)
-            hi = max(rd.src + rd.numel for rd in rds)
-            arr = self.rank_array(snap, r, profile)
-            try:
-                raw = arr[lo:hi]
-            except FileNotFoundError as e:
-                raise StoreError(f"snapshot {snap.id}: object of rank {r} profile p{profile} is missing ({e})") from e
-            except Exception as e:  # checksum mismatch, truncated object, decode error
-                raise StoreError(
-                    f"snapshot {snap.id}: object of rank {r} profile p{profile} [{lo}, {hi}) is unreadable or "
-                    f"corrupt ({type(e).__name__}: {e})"
-                ) from e
-            vals = decode(np.asarray(raw), snap.dtype)
-            if np.isnan(vals).any():  # a missing object reads as the NaN fill value: tell the two apart
-                gone = missing_chunks(self.io, array_key(snap.id, r, profile), self.layout(snap).rank_numel(r),
-                                      snap.dtype, int(snap.meta["max_object_bytes"]), lo, hi)
-                if gone:
-                    raise StoreError(f"snapshot {snap.id}: object(s) of rank {r} profile p{profile} missing: "
-                                     f"{gone[:3]}; the snapshot is damaged (run dist-ema ls --verify)")
-            nbytes += raw.nbytes
+            rds.sort(key=lambda x: x.src)
+            # contiguous source runs whose destinations are contiguous too read straight into out
             for rd in rds:
-                out[rd.dst : rd.dst + rd.numel] = vals[rd.src - lo : rd.src - lo + rd.numel]
+                nbytes += self.read_stored(snap, r, profile, rd.src, rd.src + rd.numel,
+                                           out[rd.dst:rd.dst + rd.numel], scratch)
         return nbytes
 
     def read_region(self, snap: Snapshot, profile: int, name: str, start: int, end: int) -> np.ndarray:
@@ -186,10 +278,14 @@ class SnapshotStore:
         idx = lay.fqn_index()
         if name not in idx:
             raise UnknownParameterError(name, snap.id, list(idx))
-        reads = plan_region(self._index[snap.layout_id][idx[name]], start, end)
+        reads = plan_region(self._index_of(snap)[idx[name]], start, end)
         out = np.empty(end - start, dtype=np.float32)
         self.read_reads(snap, profile, reads, out)
         return out
+
+    def _index_of(self, snap: Snapshot):
+        self.layout(snap)
+        return self._index_cache[snap.layout_id]
 
     def read(self, step: int | None, sigma_rel: float | None = None, name: str = "", *, gamma: float | None = None):
         """Full tensor (torch, float32, the parameter's shape) of one parameter of one snapshot."""
@@ -206,34 +302,76 @@ class SnapshotStore:
 
     def read_buffers(self, snap: Snapshot) -> dict[str, np.ndarray]:
         """Buffers stored with a snapshot (``buffers="copy"``)."""
-        import zarr
+        records = snap.meta.get("buffers") or []
+        if not records:
+            return {}
+        if snap.version >= 2:
+            key = f"{snap.prefix}/buffers/c/0"
+            try:
+                raw = self.ranges.get(key)
+            except FileNotFoundError as e:
+                raise StoreError(f"snapshot {snap.id}: its buffers object {key} is missing") from e
+            check_chunk(memoryview(raw)[:-4], memoryview(raw)[-4:], f"snapshot {snap.id} buffers", 0)
+            return unpack_buffers(raw[:-4], records)
+        import zarr  # version 1 wrote each buffer as a zarr array with zarr's default codecs: zarr reads it
 
         out = {}
-        for i, (name, shape, _dtype) in enumerate(snap.meta.get("buffers", [])):
-            arr = zarr.open_array(self.io.zarr_store, path=buffer_key(snap.id, i), mode="r", zarr_format=3)
+        for i, (name, shape, _dtype) in enumerate(records):
+            arr = zarr.open_array(self.io.zarr_store, path=v1_buffer_key(snap.prefix, i), mode="r", zarr_format=3)
             out[name] = np.asarray(arr[...]).reshape(shape)
         return out
 
     def verify(self, snap: Snapshot) -> list[str]:
-        """Read every object of a snapshot and check its checksum; return problems (empty = healthy)."""
+        """Read every object of a snapshot and check its checksums (and a shard's index); empty = healthy."""
         problems = []
         lay = self.layout(snap)
         for r in range(lay.world_size):
             n = lay.rank_numel(r)
             if n == 0:
                 continue
+            g = self.geometry(snap, r)
             for k in range(len(snap.gammas)):
                 try:
-                    arr = self.rank_array(snap, r, k)
-                    vals = np.asarray(arr[...])
-                    if np.isnan(decode(vals, snap.dtype)).any():
-                        gone = missing_chunks(self.io, array_key(snap.id, r, k), n, snap.dtype,
-                                              int(snap.meta["max_object_bytes"]), 0, n)
-                        if gone:
-                            problems.append(f"{snap.id}: rank {r} profile p{k}: missing objects {gone[:3]}")
+                    if snap.version >= 2:
+                        problems.extend(self._verify_shard(snap, r, k, g))
+                    self.read_stored(snap, r, k, 0, n, np.empty(n, dtype=np.float32))
                 except Exception as e:  # noqa: BLE001 - reported, not raised
                     problems.append(f"{snap.id}: rank {r} profile p{k}: {type(e).__name__}: {e}")
+        try:
+            self.read_buffers(snap)
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{snap.id}: buffers: {type(e).__name__}: {e}")
         return problems
+
+    def _verify_shard(self, snap: Snapshot, r: int, k: int, g: Geometry) -> list[str]:
+        key = shard_key(snap.prefix, r, k)
+        size = self.ranges.size(key)
+        raw = bytearray(g.index_bytes)
+        self.ranges.read_into(key, size - g.index_bytes, memoryview(raw))
+        idx = decode_index(raw, g.count, f"{self.url}/{key}")
+        if g.compression is None:
+            want = np.array([[g.dense_offset(i), g.chunk_bytes] for i in range(g.count)], dtype="<u8")
+            if size != g.shard_bytes or not np.array_equal(idx, want):
+                return [f"{snap.id}: rank {r} profile p{k}: shard of {size} bytes, index {idx[:2].tolist()}...; "
+                        f"expected {g.shard_bytes} bytes with chunks back to back"]
+        return []
+
+
+def _grow(buf: bytearray | None, n: int) -> bytearray:
+    if buf is None:
+        return bytearray(n)
+    if len(buf) < n:
+        buf.extend(bytes(n - len(buf)))
+    return buf
+
+
+def _put(out: np.ndarray, at: int, stored: np.ndarray, dtype: str) -> None:
+    """Stored values -> out[at:at+len] (float32/float64), decoded on the copy."""
+    n = stored.shape[0]
+    if dtype == "bfloat16":
+        out[at:at + n] = (stored.astype(np.uint32) << 16).view(np.float32)
+    else:
+        out[at:at + n] = stored
 
 
 class UnknownParameterError(KeyError):

@@ -11,8 +11,11 @@ beyond the one being staged). A job that needs a slot while all are busy waits f
 the oldest (backpressure), with a logged warning.
 
 Jobs and results (plain dicts over a pipe):
-    {"kind": "data", "id", "snap", "slot", "buffers": [...]}  -> {"id", "ok", "error", "bytes", "seconds"}
-    {"kind": "commit", "id", "snap", "meta", "remove": [...]} -> same
+    {"kind": "data", "id", "snap", "prefix", "slot", "buffers": bytes | None} -> {"id", "ok", "error", "bytes", ...}
+    {"kind": "commit", "id", "snap", "meta", "remove": [...], "owner": job | None} -> same
+    {"kind": "heartbeat", "id", "key", "doc"}                                   -> same
+
+A data job writes only under ``prefix``, the job's own attempt folder of the snapshot.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
+from dist_ema.store.format import STORAGE_DTYPES, geometry, np_dtype
 from dist_ema.store.fs import StoreError, StoreIO
-from dist_ema.store.io import array_key, buffer_key, commit_snapshot, group_doc, remove_snapshot, write_array
-from dist_ema.store.layout import STORAGE_DTYPES, np_dtype
+from dist_ema.store.io import check_owner, commit_snapshot, remove_snapshot, write_buffers, write_rank_data
 
 __all__ = ["SnapshotWriter", "WriterSpec"]
 
@@ -50,7 +53,7 @@ class WriterSpec:
     profiles: int
     dtype: str
     compression: str | None
-    max_object_bytes: int
+    inner_bytes: int
 
     @property
     def slot_bytes(self) -> int:
@@ -62,23 +65,20 @@ def _execute(io: StoreIO, spec: WriterSpec, slot_buf: memoryview | None, job: di
     nbytes = 0
     if job["kind"] == "data":
         data = np.frombuffer(slot_buf, dtype=np_dtype(spec.dtype), count=spec.numel * spec.profiles)
-        for k in range(spec.profiles):
-            part = data[k * spec.numel : (k + 1) * spec.numel]
-            nbytes += write_array(io, array_key(job["snap"], spec.rank, k), part, spec.dtype, spec.compression,
-                                  spec.max_object_bytes)
-        io.put(f"snapshots/{job['snap']}/r{spec.rank:05d}/zarr.json", group_doc({"rank": spec.rank}))
-        for i, arr in enumerate(job.get("buffers") or []):
-            flat = np.ascontiguousarray(arr).reshape(-1)
-            import zarr
-
-            z = zarr.create_array(io.zarr_store, name=buffer_key(job["snap"], i), shape=flat.shape,
-                                  dtype=flat.dtype, chunks=(max(1, flat.size),), overwrite=True, zarr_format=3)
-            z[:] = flat
-            nbytes += flat.nbytes
+        if spec.numel:
+            g = geometry(spec.numel, spec.dtype, spec.inner_bytes, spec.compression)
+            nbytes += write_rank_data(io, job["prefix"], spec.rank, data.reshape(spec.profiles, spec.numel), g)
+        if job.get("buffers") is not None:
+            write_buffers(io, job["prefix"], job["buffers"])
+            nbytes += len(job["buffers"])
     elif job["kind"] == "commit":
+        if job.get("owner"):
+            check_owner(io, job["owner"])  # fencing: a job that lost the store commits nothing
         commit_snapshot(io, job["snap"], job["meta"])
         for snap in job.get("remove") or []:
             remove_snapshot(io, snap)
+    elif job["kind"] == "heartbeat":
+        io.put(job["key"], job["doc"])
     else:
         raise ValueError(f"unknown writer job {job['kind']!r}")
     return {"id": job["id"], "ok": True, "error": None, "bytes": nbytes, "seconds": time.perf_counter() - t0}
