@@ -14,6 +14,7 @@ from dist_ema.phema import gamma_to_sigma_rel, sigma_rel_to_gamma, solve_coeffic
 __version__ = "0.1.0"
 
 __all__ = [
+    "DistEMAError",
     "PostHocEMA",
     "StoreError",
     "__version__",
@@ -29,6 +30,7 @@ _LAZY = {
     "PostHocEMA": ("dist_ema.tracker", "PostHocEMA"),
     "open_store": ("dist_ema.store.reader", "open_store"),
     "StoreError": ("dist_ema.store.fs", "StoreError"),
+    "DistEMAError": ("dist_ema.errors", "DistEMAError"),
     "synthesize": ("dist_ema.synthesis", "synthesize"),
     "load_synthesized": ("dist_ema.load", "load_synthesized"),
 }

@@ -66,6 +66,7 @@ def raise_if_any(
         return
     detail = "; ".join(f"rank {r}: {m}" for r, m in bad[:4]) + (f"; and {len(bad) - 4} more" if len(bad) > 4 else "")
     exc = exc_type(f"{what} failed on {len(bad)} of {len(everyone)} rank(s): {detail}")
+    exc.failures = dict(bad)  # each rank's own failure, on every rank (DistEMAError declares it)
     if error is not None:
         raise exc from error
     raise exc

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from dist_ema import phema
+from dist_ema.errors import DistEMAError
 
 __all__ = [
     "Buffers",
@@ -89,10 +90,10 @@ _COMPRESSIONS: tuple[str, ...] = get_args(Compression)
 _WRITERS: tuple[str, ...] = get_args(Writer)
 _WHEN_BEHIND: tuple[str, ...] = get_args(WhenBehind)
 _ON_ERROR: tuple[str, ...] = get_args(OnError)
-DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20  # = dist_ema.store.layout.DEFAULT_MAX_OBJECT_BYTES
+DEFAULT_MAX_OBJECT_BYTES = 1 * 2**20  # = dist_ema.store.layout.DEFAULT_MAX_OBJECT_BYTES (the inner chunk)
 
 
-class ConfigError(ValueError):
+class ConfigError(DistEMAError, ValueError):
     """A setting (keyword argument, config file entry or flag) that cannot be used; the message names
     the field and the fix."""
 
@@ -222,7 +223,7 @@ def check_keep(value: object, name: str = "keep") -> int | None:
 
 def check_max_object_bytes(value: object, name: str = "max_object_bytes") -> int:
     return _check_int(name, value, minimum=4, example=f"max_object_bytes = {DEFAULT_MAX_OBJECT_BYTES}",
-                      unit="bytes per stored object")
+                      unit="bytes per inner chunk")
 
 
 def check_slots(value: object, name: str = "slots") -> int:
@@ -355,7 +356,9 @@ class SnapshotConfig:
         compression: None (default; weights barely compress), "blosc-lz4" or "zstd".
         keep: None keeps every snapshot; an integer K >= 2 thins to at most K snapshots
             spread evenly over the run (never only the last K: that ruins synthesis).
-        max_object_bytes: cap on one stored object; larger shards become several objects.
+        max_object_bytes: size of one inner chunk (default 1 MiB): a rank's data of one profile is
+            ONE object (a zarr shard) of such chunks, each with its own crc32c, the unit of a
+            partial read and of a checksum.
         writer: "process" (default: off the training process's GIL), "thread" or "sync".
         slots: staging buffers (2: one snapshot in flight beyond the one being staged).
         when_behind: what a snapshot does when a staging slot is still busy on some rank:

@@ -19,11 +19,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from dist_ema.errors import DistEMAError
+
 __all__ = ["ShardPiece", "ShardLayout", "UnsupportedEngineError", "check_pieces_local", "even_chunk", "even_split",
            "share_among_replicas", "split_among_replicas"]
 
 
-class UnsupportedEngineError(RuntimeError):
+class UnsupportedEngineError(DistEMAError, RuntimeError):
     """The model/engine (or its version or configuration) is not understood by any adapter."""
 
 

@@ -21,6 +21,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from dist_ema.errors import DistEMAError
+
 __all__ = [
     "PERMANENT",
     "TRANSIENT",
@@ -37,12 +39,13 @@ __all__ = [
 ]
 
 log = logging.getLogger("dist_ema")
+
 T = TypeVar("T")
 
 _SECRET_KEYS = ("secret", "token", "password", "key")
 
 
-class StoreError(RuntimeError):
+class StoreError(DistEMAError, RuntimeError):
     """A store operation failed (after retries) or the store's content is not usable."""
 
 

@@ -154,11 +154,17 @@ class SnapshotStore:
         return {f: (s, d) for f, s, d in lay.params}
 
     def profile_index(self, snap: Snapshot, sigma_rel: float | None = None, gamma: float | None = None) -> int:
-        for k, (s, g) in enumerate(zip(snap.sigma_rels, snap.gammas)):
-            if (sigma_rel is not None and abs(s - sigma_rel) <= 1e-6 * sigma_rel) or (
-                gamma is not None and abs(g - gamma) <= 1e-9 * max(1.0, gamma)
-            ):
-                return k
+        """Array index of a profile of ``snap`` (the one rule for the same profile: ``phema.same_gamma``)."""
+        from dist_ema import phema
+
+        if gamma is None and sigma_rel is not None:
+            try:
+                gamma = phema.sigma_rel_to_gamma(float(sigma_rel))
+            except ValueError:
+                gamma = None
+        k = phema.find_gamma(snap.gammas, gamma) if gamma is not None else None
+        if k is not None:
+            return k
         raise ValueError(f"snapshot {snap.id} has no profile sigma_rel={sigma_rel} gamma={gamma}; "
                          f"it has sigma_rels {list(snap.sigma_rels)}")
 
