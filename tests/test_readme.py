@@ -163,6 +163,7 @@ RUN = {
     "from safetensors.torch import load_file": _CHAIN,
     "from dist_ema import open_store": _CHAIN,
     "import torch.distributed.checkpoint as dcp": "test_readme_dcp_block",
+    "dist_ema.load_synthesized(model,": "test_readme_sweep_block",
     "PostHocEMACallback": "test_readme_lightning_block",
     "attach_ema": "test_readme_accelerate_block",
     "python launch/lightning_train.py": "test_readme_lightning_example",
@@ -356,6 +357,28 @@ def test_readme_dcp_block(tmp_path):
         print("RESULT", json.dumps({"step": ema.step, "same": all(torch.equal(before[k], after[k]) for k in before)}))
     """), tmp_path)
     assert out == {"step": 3, "same": True}  # loaded back to the saved step, bit for bit
+
+
+def test_readme_sweep_block(tmp_path):
+    """The sweep prints one line per sigma_rel; the model then holds the offline synthesis of the last one."""
+    block = _sub(_block("dist_ema.load_synthesized(model,"), {"s3://bucket/run1/snapshots": "store"})
+    out = _python(TINY + textwrap.dedent("""
+        from dist_ema import PostHocEMA, synthesize
+        from safetensors.torch import load_file
+        model = TinyModel()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        with PostHocEMA(model, store="store", snapshot_every=4, writer="sync") as ema:
+            for b in batches(24):
+                compute_loss(model, b).backward(); opt.step(); opt.zero_grad(); ema.update()
+        def evaluate(m):
+            return float(sum(compute_loss(m, b) for b in batches(2)))
+    """) + block + textwrap.dedent("""
+        synthesize("store", sigma_rels=[0.20], out="offline", progress=False)
+        ref = load_file("offline/sigma_rel-0.2000/model.safetensors")
+        same = all(torch.allclose(p, ref[n], rtol=1e-6, atol=1e-7) for n, p in model.named_parameters())
+        print("RESULT", json.dumps({"same": same}))
+    """), tmp_path)
+    assert out == {"same": True}
 
 
 def test_readme_accelerate_block(tmp_path):
