@@ -197,6 +197,7 @@ class SnapshotManager:
     def _meta(self) -> dict:
         ema = self.ema
         cfg = ema.config
+        clock = ema.clock
         records, off = [], 0
         if cfg.buffers == "copy":
             for n, b in ema.layout.buffers.items():
@@ -204,7 +205,7 @@ class SnapshotManager:
                 records.append((n, list(b.shape), str(b.dtype).replace("torch.", ""), off, nbytes))
                 off += nbytes
         return SnapshotMeta(
-            step=ema.step, t=ema._t_updated, t_now=ema.t, updates=ema.updates, unit=cfg.unit,
+            step=clock.step, t=clock.t_updated, t_now=clock.t, updates=clock.updates, unit=cfg.unit,
             batch_size=cfg.batch_size, update_every=cfg.update_every,
             profiles=tuple((p.sigma_rel, p.gamma) for p in ema.profiles), dtype=self.config.dtype,
             compression=self.config.compression, inner_bytes=self.config.max_object_bytes, world_size=self.world,
@@ -219,22 +220,22 @@ class SnapshotManager:
         Returns the snapshot id, or None when none was taken (already taken at this step, or
         skipped because the writer is behind and ``when_behind="skip"``; see ``skipped``).
         """
-        ema = self.ema
+        clock = self.ema.clock
         if self._closed:
             raise StoreError("snapshot() after close(): the EMA's store is closed")
-        if ema.updates == 0:
+        if clock.updates == 0:
             raise ValueError("snapshot() before the first update(): the EMA has no time yet; call update() first")
-        if self.last_step == ema.step or self.last_t == ema._t_updated:
+        if self.last_step == clock.step or self.last_t == clock.t_updated:
             return None  # already snapshotted at this step, or the EMA has not moved since (update_every)
-        snap = snapshot_id(ema.step)
+        snap = snapshot_id(clock.step)
         if snap in self.committed_ids:  # the same on every rank: refuse before anything is written
             raise StoreError(
-                f"snapshot {snap} is already committed in {self.io.url}; this run repeats step {ema.step} of an "
+                f"snapshot {snap} is already committed in {self.io.url}; this run repeats step {clock.step} of an "
                 f"earlier one. Committed snapshots are never rewritten: restore the EMA with "
                 f"ema.load_state_dict(...) from the training checkpoint you restarted from (the snapshots after it "
                 f"are then retired), or use a new store URL"
             )
-        self.last_step, self.last_t = ema.step, ema._t_updated
+        self.last_step, self.last_t = clock.step, clock.t_updated
         # agree first: commit what every rank finished, and learn whether every rank can stage now
         everyone_free = self.exchange()
         if not everyone_free and self.config.when_behind == "skip":
@@ -248,7 +249,7 @@ class SnapshotManager:
         meta = self._meta()
         try:
             slot = self.writer.acquire_slot()  # blocks for the oldest write if needed (backpressure)
-            buffers = list(ema.layout.buffers.values()) if self.rank == 0 and meta["buffers"] else []
+            buffers = list(self.ema.layout.buffers.values()) if self.rank == 0 and meta["buffers"] else []
             ticket = self._stage(slot, buffers)
         except Exception as e:  # noqa: BLE001 - exchanged below
             err = e
@@ -427,6 +428,20 @@ class SnapshotManager:
                                   "owner": self.job})
         self.commit_jobs[jid] = p.snap
 
+    def after_update(self) -> None:
+        """Called by update() after each EMA update: this side owns the schedule (``snapshot_every``).
+
+        A snapshot every ``snapshot_every`` updates; halfway between two, an exchange that commits
+        what has finished (so a snapshot's commit never waits for the next snapshot).
+        """
+        every = self.config.snapshot_every
+        if every:
+            u = self.ema.clock.updates
+            if u % every == 0:
+                self.snapshot()
+            elif u % every == every // 2:
+                self.maybe_exchange()
+
     def maybe_exchange(self) -> None:
         """Called from update(): halfway between snapshots, commit what has finished."""
         if self.pending or self.unconfirmed:  # the same on every rank
@@ -455,16 +470,16 @@ class SnapshotManager:
         if self._closed:
             return
         try:
-            ema = self.ema
-            if (final_snapshot and self.config.snapshot_every is not None and ema.updates > 0
-                    and self.last_step != ema.step and self.last_t != ema._t_updated):
+            clock = self.ema.clock
+            if (final_snapshot and self.config.snapshot_every is not None and clock.updates > 0
+                    and self.last_step != clock.step and self.last_t != clock.t_updated):
                 before = self.last_step
                 self.flush()  # free the staging slots: a final snapshot is never skipped as "behind"
                 snap = self.snapshot()
                 if snap is not None and self.rank == 0:
                     since = f"the newest was step {before}" if before is not None else "none before"
                     log.info("dist-ema: close(): final snapshot at step %d (%s), so the last %d step(s) are kept; "
-                             "ema.close(final_snapshot=False) skips it", ema.step, since, ema.step - (before or 0))
+                             "ema.close(final_snapshot=False) skips it", clock.step, since, clock.step - (before or 0))
             self.flush()
         finally:
             self._closed = True
@@ -552,11 +567,10 @@ class SnapshotManager:
         if meta is None:
             log.info("dist-ema: no committed snapshot in %s; starting fresh", self.io.url)
             return None
-        ema.step, ema.t = int(meta["step"]), float(meta["t_now"])
-        ema._t_updated, ema.updates = float(meta["t"]), int(meta["updates"])
-        self.last_step, self.last_t = ema.step, ema._t_updated
+        # the tracker owns the clock: it restores it from this metadata (PostHocEMA.__init__)
+        self.last_step, self.last_t = int(meta["step"]), float(meta["t"])
         if self.rank == 0:
-            log.info("dist-ema: resumed EMA from snapshot step %d (t=%g %s) of %s", ema.step, ema._t_updated,
+            log.info("dist-ema: resumed EMA from snapshot step %d (t=%g %s) of %s", self.last_step, self.last_t,
                      meta["unit"], self.io.url)
         return meta
 

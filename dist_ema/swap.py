@@ -45,12 +45,12 @@ def synthesized_shards(ema: PostHocEMA, sigma_rel: float | None = None, gamma: f
     from dist_ema.synthesis import _targets, plan_coefficients
 
     _, (g,) = _targets([sigma_rel] if sigma_rel is not None else None, [gamma] if gamma is not None else None)
-    if ema.updates == 0:
+    if ema.clock.updates == 0:
         raise ValueError("no EMA yet: call update() after optimizer steps before synthesizing")
     k = phema.find_gamma(ema.gammas, g)
     if k is not None:
         return ema.profiles[k].flat.clone()
-    t_now = ema._t_updated
+    t_now = ema.clock.t_updated
     snaps, reader = [], None
     if ema.snapshots is not None:
         reader, snaps = ema.snapshots.committed_snapshots()

@@ -52,6 +52,29 @@ class _Profile:
     views: list[torch.Tensor] = field(default_factory=list)  # one per piece, into flat
 
 
+@dataclass
+class Clock:
+    """The EMA's time, one record with one owner (the tracker); the snapshot side only reads it.
+
+    step: optimizer steps seen (applied ones); t: time of the EMA state (in the config's unit,
+    steps or samples); t_updated: time of the last EMA update; updates: EMA updates so far.
+    """
+
+    step: int = 0
+    t: float = 0.0
+    t_updated: float = 0.0
+    updates: int = 0
+
+    @staticmethod
+    def of_snapshot(meta: dict) -> Clock:
+        """The clock stored with a snapshot (its metadata document)."""
+        return Clock(int(meta["step"]), float(meta["t_now"]), float(meta["t"]), int(meta["updates"]))
+
+
+def _clock_field(name: str, doc: str) -> property:
+    return property(lambda self: getattr(self.clock, name), lambda self, v: setattr(self.clock, name, v), doc=doc)
+
+
 class PostHocEMA:
     """Power-function EMAs of a (sharded) model, kept shard-local on every rank.
 
@@ -152,10 +175,7 @@ class PostHocEMA:
         self._build_update_plan()  # staging buffers now, not in the first update (which only compiles)
         self._hook_release = None
         self._hold_step_counter()
-        self.step = 0  # optimizer steps seen (applied ones)
-        self.t = 0.0  # time of the EMA state (in config.unit)
-        self._t_updated = 0.0  # time of the last EMA update
-        self.updates = 0
+        self.clock = Clock()  # the EMA's time: owned here, read by the snapshot side
         self.skipped_steps = 0  # update() calls after which no weight had changed (AMP overflow, ...)
         self._update_calls = 0
         self._warned_skips = False
@@ -165,6 +185,8 @@ class PostHocEMA:
             from dist_ema.snapshots import SnapshotManager
 
             self.snapshots = SnapshotManager(self, self.store_config, resume=resume)
+            if self.snapshots.resumed is not None:
+                self.clock = Clock.of_snapshot(self.snapshots.resumed)
 
     # ------------------------------------------------------------------ layout
 
@@ -291,12 +313,8 @@ class PostHocEMA:
         self._apply(self.t, t_delta)
         self._t_updated = self.t
         self.updates += 1
-        every = self.store_config.snapshot_every if self.store_config is not None else None
-        if every:
-            if self.updates % every == 0:
-                self.snapshots.snapshot()
-            elif self.updates % every == every // 2:
-                self.snapshots.maybe_exchange()
+        if self.snapshots is not None:  # the snapshot side owns its schedule
+            self.snapshots.after_update()
         return True
 
     def _hold_step_counter(self) -> None:
@@ -653,6 +671,13 @@ class PostHocEMA:
         from dist_ema import swap
 
         return swap.tracked_swapped(self, sigma_rel)
+
+
+# the clock's fields, read and written through the one record (ema.step is ema.clock.step)
+PostHocEMA.step = _clock_field("step", "optimizer steps seen (applied ones)")  # type: ignore[assignment]
+PostHocEMA.t = _clock_field("t", "time of the EMA state, in the config's unit")  # type: ignore[assignment]
+PostHocEMA._t_updated = _clock_field("t_updated", "time of the last EMA update")  # type: ignore[assignment]
+PostHocEMA.updates = _clock_field("updates", "EMA updates so far")  # type: ignore[assignment]
 
 
 class _StepCounter:

@@ -334,3 +334,26 @@ def test_defaults_and_gammas():
     assert math.isclose(ema2.gammas[0], 16.97)
     assert np.allclose(ema.gammas, phema.sigma_rel_to_gamma([0.05, 0.1]))
     assert not dist.is_initialized()
+
+
+def test_the_clock_has_one_owner(tmp_path):
+    """The tracker owns the clock (one record); the snapshot side reads it and owns its own schedule."""
+    import re
+    from pathlib import Path
+
+    from dist_ema.tracker import Clock
+
+    src = (Path(__file__).parent.parent / "dist_ema" / "snapshots.py").read_text()
+    assert not re.search(r"\bema\.(step|t|_t_updated|updates|clock)\s*=[^=]", src)
+    assert "every // 2" not in (Path(__file__).parent.parent / "dist_ema" / "tracker.py").read_text()
+    m = torch.nn.Linear(4, 4)
+    url = str(tmp_path / "s")
+    with PostHocEMA(m, store=url, snapshot_every=4, writer="sync") as ema:
+        for _ in range(9):
+            with torch.no_grad():
+                m.weight.add_(0.1)
+            ema.update()
+        assert ema.clock == Clock(step=9, t=9.0, t_updated=9.0, updates=9) and ema.step is ema.clock.step
+    again = PostHocEMA(m, store=url, snapshot_every=4, writer="sync", resume=True)
+    assert again.clock == Clock(step=9, t=9.0, t_updated=9.0, updates=9)  # the final snapshot's clock
+    again.close()
