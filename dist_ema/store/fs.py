@@ -147,6 +147,61 @@ def _by_response(e: BaseException) -> str | None:
     return None
 
 
+# S3 error codes that mean the credentials were refused: permanent, reported as "access denied"
+_ACCESS_DENIED_CODES = frozenset({
+    "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken",
+    "InvalidSecurity", "AllAccessDisabled", "AccountProblem", "403", "Forbidden",
+})
+# a full disk or file-size limit (RLIMIT_FSIZE / ulimit -f) or quota: permanent, reported as such
+_NO_SPACE_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EFBIG", "EDQUOT") if hasattr(errno, n))
+
+
+def _s3_error(e: BaseException) -> tuple[str, int | None, str] | None:
+    """(error code, HTTP status, server message) of the first S3 response in e's chain, or None."""
+    t = _net_types()
+    for x in _chain(e):
+        if t["client_error"] and isinstance(x, t["client_error"]):
+            resp = getattr(x, "response", None) or {}
+            err = resp.get("Error") or {}
+            status = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            try:
+                status = int(status) if status is not None else None
+            except (TypeError, ValueError):
+                status = None
+            return str(err.get("Code", "")), status, str(err.get("Message", ""))
+    return None
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """A conditional write refused with 412 (PreconditionFailed), however s3fs translated it.
+
+    s3fs maps it to FileExistsError only when the answer names the condition (AWS, moto);
+    SeaweedFS answers without it, which s3fs turns into ``OSError(EINVAL)``.
+    """
+    s3 = _s3_error(e)
+    return s3 is not None and (s3[0] == "PreconditionFailed" or s3[1] == 412)
+
+
+def _clear_permanent(e: BaseException, what: str) -> BaseException | None:
+    """A clearer error of the same type for refused credentials and full disks (None: keep e as it is)."""
+    s3 = _s3_error(e)
+    if s3 is not None and (s3[0] in _ACCESS_DENIED_CODES or (s3[1] == 403 and not s3[0])):
+        code, status, message = s3
+        detail = " ".join(message.split())[:200] or "forbidden"
+        return PermissionError(
+            errno.EACCES,
+            f"access denied ({code or status}: {detail}) to {what}: the store refused these credentials; check "
+            f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or key/secret in storage_options) and "
+            f"the bucket's permissions",
+        )
+    for x in _chain(e) if s3 is None else ():  # a local file system's errno (not an S3 answer s3fs mapped)
+        if isinstance(x, OSError) and x.errno in _NO_SPACE_ERRNOS:
+            cause = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "file too large (a file-size limit, "
+                     "ulimit -f / RLIMIT_FSIZE, or the file system's)"}.get(x.errno, os.strerror(x.errno).lower())
+            return OSError(x.errno, f"{cause}: {what} failed; free space (or raise the limit) on the store's disk")
+    return None
+
+
 def _by_type(e: BaseException) -> str | None:
     """Classify by exception type and errno; None when the type says nothing (look further down the chain)."""
     if isinstance(e, (StoreError, *_PERMANENT_TYPES)):
@@ -272,6 +327,9 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 6, base_delay: float =
             if i + 1 >= limit:
                 if kind == UNREACHABLE:
                     raise StoreUnreachableError(unreachable_message(e, what, i + 1)) from e
+                clear = _clear_permanent(e, what) if kind == PERMANENT else None
+                if clear is not None:
+                    raise clear from e
                 raise
             if kind == UNREACHABLE:
                 delay = min(1.0, 0.25 * 2**i)
@@ -409,20 +467,36 @@ class StoreIO:
         """
         path = self.path(key)
         if self.protocol == "file":
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if exclusive if durable is None else durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            if exclusive:
+            def local() -> None:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
                 try:
-                    os.link(tmp, path)  # atomic create-if-absent
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        if exclusive if durable is None else durable:
+                            f.flush()
+                            os.fsync(f.fileno())
+                    if exclusive:
+                        os.link(tmp, path)  # atomic create-if-absent
+                    else:
+                        os.replace(tmp, path)
+                        tmp = ""
                 finally:
-                    os.unlink(tmp)
-            else:
-                os.replace(tmp, path)
+                    if tmp:  # a failed write (a full disk) leaves no temp file behind
+                        try:
+                            os.unlink(tmp)
+                        except FileNotFoundError:
+                            pass
+
+            try:
+                local()
+            except FileExistsError:
+                raise
+            except OSError as e:
+                clear = _clear_permanent(e, f"write {self.url}/{key}")
+                if clear is None:
+                    raise
+                raise clear from e
             return
 
         def do() -> None:
@@ -433,6 +507,11 @@ class StoreIO:
                 except (TypeError, NotImplementedError):
                     if self.fs.exists(path):
                         raise FileExistsError(path) from None
+                except OSError as e:
+                    if isinstance(e, FileExistsError) or not _precondition_failed(e):
+                        raise
+                    raise FileExistsError(errno.EEXIST, f"{path} exists (the server refused the create-only "
+                                                        f"write: 412 PreconditionFailed)", path) from e
             self.fs.pipe_file(path, data)
 
         retry(do, f"write {self.url}/{key}", self.attempts)
