@@ -18,6 +18,33 @@ __all__ = ["all_gather_object", "gather_to_rank0", "is_distributed", "rank", "ra
 T = TypeVar("T")
 
 
+_SIDE: dict[tuple[int, float], object] = {}
+
+
+def side_group(timeout: float) -> object | None:
+    """A gloo group over every rank whose collectives give up after ``timeout`` seconds.
+
+    dist-ema's own collectives run on it, so a rank that stops responding makes every other
+    rank raise within ``timeout`` (not the process group's timeout), and host-side objects never
+    travel over NCCL. Collective the first time for a timeout (every rank, in the same order).
+    """
+    if not is_distributed():
+        return None
+    key = (id(dist.group.WORLD), float(timeout))  # a new process group (after a destroy) gets a new one
+    if key not in _SIDE:
+        from datetime import timedelta
+
+        _SIDE[key] = dist.new_group(backend="gloo", timeout=timedelta(seconds=key[1]))
+    return _SIDE[key]
+
+
+def stopped_responding(e: BaseException, what: str, timeout: float | None) -> bool:
+    """Whether a collective's error means a peer stopped responding (a timeout or a lost connection)."""
+    text = f"{type(e).__name__}: {e}".lower()
+    return isinstance(e, RuntimeError) and any(k in text for k in ("timed out", "timeout", "connection closed",
+                                                                     "connection reset", "broken pipe"))
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -34,7 +61,18 @@ def all_gather_object(obj: object, group: object | None = None) -> list:
     if not is_distributed():
         return [obj]
     out: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
+    try:
+        dist.all_gather_object(out, obj, group=group)
+    except RuntimeError as e:
+        if stopped_responding(e, "", None):
+            from dist_ema.errors import CollectiveError
+
+            raise CollectiveError(
+                f"a rank stopped responding in one of dist-ema's collectives (no answer within the timeout; "
+                f"{type(e).__name__}: {str(e)[:200]}). The snapshots committed so far are intact; restart the job "
+                f"with resume=True. A stuck rank inside the engine's own collectives is the process group's timeout"
+            ) from e
+        raise
     return out
 
 

@@ -239,6 +239,12 @@ def check_when_behind(value: object, name: str = "when_behind") -> str:
                          'when_behind = "block" (or "skip" to never wait for the store)')
 
 
+def check_timeout(value: object, name: str = "timeout") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < float(value) < float("inf")):
+        raise ConfigError(f"{name} must be a positive number of seconds; got {value!r}. Fix: {name} = 300")
+    return float(value)
+
+
 def check_on_error(value: object, name: str = "on_error") -> str:
     return _check_choice(value, name, _ON_ERROR,
                          'on_error = "raise" (or "warn" to keep training without that snapshot)')
@@ -271,6 +277,7 @@ FIELD_CHECKS: dict[str, Callable[[object, str], Any]] = {
     "writer": check_writer,
     "when_behind": check_when_behind,
     "on_error": check_on_error,
+    "timeout": check_timeout,
 }
 
 
@@ -368,6 +375,8 @@ class SnapshotConfig:
         on_error: a write that failed after retries: "raise" (default) raises StoreError on
             every rank at the next snapshot()/close() (or halfway between snapshots);
             "warn" logs it, lists the snapshot in ``skipped`` and keeps training.
+        timeout: seconds dist-ema's own collectives (start-up, snapshot exchanges and commits)
+            wait for a rank before every other rank raises (default 300).
     """
 
     url: str
@@ -381,6 +390,7 @@ class SnapshotConfig:
     slots: int = 2
     when_behind: WhenBehind = "block"
     on_error: OnError = "raise"
+    timeout: float = 300.0
 
     def __repr__(self) -> str:  # never show credentials
         fields = ", ".join(
@@ -454,6 +464,11 @@ class DistEMAConfig:
     """A snapshot write that failed after retries: "raise" (default: StoreError on every rank)
     or "warn" (log it, leave that snapshot out, keep training)."""
 
+    timeout: float = 300.0
+    """Seconds dist-ema's own collectives (start-up, snapshot exchanges and commits) wait for a
+    rank that stopped responding before every other rank raises a clear error (default 300; a
+    rank stuck inside the engine's own collectives is the process group's timeout)."""
+
     def __post_init__(self) -> None:
         _validate(self, prefix=f"{TABLE}.")
         if self.store is not None and self.store.startswith("memory://"):
@@ -472,7 +487,7 @@ class DistEMAConfig:
         return SnapshotConfig(url=self.store, snapshot_every=self.snapshot_every,
                               storage_options=self.storage_options, dtype=self.storage_dtype,
                               compression=self.compression, keep=self.keep, writer=self.writer,
-                              when_behind=self.when_behind, on_error=self.on_error)
+                              when_behind=self.when_behind, on_error=self.on_error, timeout=self.timeout)
 
     def ema_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`dist_ema.PostHocEMA` (add ``resume=`` yourself).
@@ -488,7 +503,8 @@ class DistEMAConfig:
         if self.store is not None:
             kw.update(store=self.store, snapshot_every=self.snapshot_every, storage_options=self.storage_options,
                       storage_dtype=self.storage_dtype, compression=self.compression, keep=self.keep,
-                      writer=self.writer, when_behind=self.when_behind, on_error=self.on_error)
+                      writer=self.writer, when_behind=self.when_behind, on_error=self.on_error,
+                      timeout=self.timeout)
         return kw
 
     def describe(self) -> str:
@@ -612,6 +628,7 @@ _FLAGS: dict[str, str] = {
     "--writer": "writer",
     "--when-behind": "when_behind",
     "--on-error": "on_error",
+    "--timeout": "timeout",
 }
 
 

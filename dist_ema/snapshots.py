@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dist_ema.collective import all_gather_object, raise_if_any, rank, run_and_check, world_size
+from dist_ema.collective import all_gather_object, raise_if_any, rank, run_and_check, side_group, world_size
 from dist_ema.config import SnapshotConfig
 from dist_ema.staging import Stager, Ticket
 from dist_ema.store.format import SnapshotMeta, data_prefix, job_key
@@ -88,7 +88,9 @@ class SnapshotManager:
     def __init__(self, ema, config: SnapshotConfig, resume: bool = False) -> None:
         self.ema = ema
         self.config = config
-        self.group = None  # ownership is world-wide: HSDP replicas own nothing but take part
+        # dist-ema's own gloo group over every rank (ownership is world-wide: HSDP replicas own
+        # nothing but take part), with its own timeout: a stuck rank fails the others in bounded time
+        self.group = side_group(config.timeout)
         self.rank = rank(self.group)
         self.world = world_size(self.group)
         self.io = StoreIO(config.url, config.storage_options)
@@ -116,8 +118,12 @@ class SnapshotManager:
         self.stager: Stager | None = None  # made with the writer's slots at the first snapshot
         # validate everything (store, resume) before creating the writer's process and shared memory
         self._startup()
-        self.resumed = self._resume_from_store() if resume else None
-        self.writer = self._start_writer()
+        try:
+            self.resumed = self._resume_from_store() if resume else None
+            self.writer = self._start_writer()
+        except BaseException:  # a refused resume (another model, ...) leaves the store to the next job
+            self._release_owner()
+            raise
         _LIVE.add(self)
 
     def _start_writer(self) -> SnapshotWriter:

@@ -252,11 +252,17 @@ def _plan(store: SnapshotStore, s_targets: list[float], g_targets: list[float], 
     )
 
 
-def _init_dist() -> bool:
-    """Join the torchrun job if there is one (gloo: synthesis is host-side work)."""
+def _init_dist(timeout: float) -> bool:
+    """Join the torchrun job if there is one (gloo: synthesis is host-side work), with ``timeout``."""
     if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    dist.init_process_group("gloo")
+    from datetime import timedelta
+
+    try:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=float(timeout)))
+    except RuntimeError as e:  # a rank that never joins (stuck, or started with other arguments)
+        raise StoreError(f"synthesis could not start: a rank stopped responding or never joined the job within "
+                         f"{timeout:g} s ({type(e).__name__}: {str(e)[:200]}); check every rank runs and rerun") from e
     return True
 
 
@@ -297,6 +303,7 @@ def synthesize(
     prefetch: int = 4,
     max_file_bytes: int = 4 * 2**30,
     progress: bool = True,
+    timeout: float = 300.0,
 ) -> SynthesisResult:
     """Synthesize the EMA for target sigma_rels at time t from the snapshots in ``url``.
 
@@ -325,6 +332,9 @@ def synthesize(
             newest snapshot's stored objects, so that every object is fetched exactly once.
         prefetch: snapshot reads in flight per rank.
         max_file_bytes: safetensors shard size.
+        timeout: seconds a rank waits for another in the job's collectives before every rank fails
+            with a clear error (when this call starts the process group, as under ``torchrun -m
+            dist_ema synthesize``; a group you started keeps its own timeout).
 
     Example:
         >>> res = synthesize("runs/x/snapshots", sigma_rels=[0.1, 0.15], out="runs/x/synth")
@@ -342,7 +352,9 @@ def synthesize(
     _check_not_store(out, url)
     if out_storage_options is None and storage_options and out.split("://")[0] == url.split("://")[0] and "://" in out:
         out_storage_options = storage_options  # same backend: same credentials by default
-    joined = _init_dist()
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
+    joined = _init_dist(timeout)
     try:
         return _synthesize(url, s_targets, g_targets, t, step, out, format, dtype, storage_options,
                            out_storage_options, overwrite, unit_bytes, prefetch, max_file_bytes, progress)

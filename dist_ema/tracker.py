@@ -103,10 +103,12 @@ class PostHocEMA:
         store: snapshot store URL (local path, ``file://``, ``s3://bucket/prefix``, any fsspec
             URL); None keeps the EMA in memory only.
         snapshot_every, storage_options, storage_dtype, compression, keep, max_object_bytes,
-            writer, when_behind, on_error: how snapshots are written, see
+            writer, when_behind, on_error, timeout: how snapshots are written, see
             :class:`dist_ema.config.SnapshotConfig`.
         resume: restore the EMA from the newest committed snapshot in ``store`` (any world
             size); a store with snapshots is refused without it, so nothing is overwritten.
+            ``resume="takeover"`` also takes the store over from another job that owns it
+            (see docs/commit-protocol.md).
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class PostHocEMA:
         writer: Writer = "process",
         when_behind: WhenBehind = "block",
         on_error: OnError = "raise",
+        timeout: float = 300.0,
         layout: ShardLayout | None = None,
     ) -> None:
         self.config = EMAConfig(
@@ -148,7 +151,7 @@ class PostHocEMA:
             self.store_config = SnapshotConfig(
                 url=store, snapshot_every=snapshot_every, storage_options=storage_options, dtype=storage_dtype,
                 compression=compression, keep=keep, writer=writer, when_behind=when_behind, on_error=on_error,
-                **extra,
+                timeout=timeout, **extra,
             )
         elif snapshot_every is not None or resume:
             raise ValueError("snapshot_every= and resume= need store=URL (a local path or s3://bucket/prefix)")
