@@ -216,7 +216,7 @@ def worker_swap_read_error(rank, ws, out, url):
     if rank == 0:  # damage what only rank 1 reads: its own array of profile 0 in snapshot 4
         import shutil
 
-        shutil.rmtree(Path(url) / "snapshots" / "step-000000000004" / "r00001" / "p0")
+        shutil.rmtree(next((Path(url) / "snapshots" / "step-000000000004").glob("j*/r00001/c/0")))  # rank 1, p0
     torch.distributed.barrier()
     try:
         with ema.swapped(sigma_rel=0.07):

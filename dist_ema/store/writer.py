@@ -20,6 +20,7 @@ A data job writes only under ``prefix``, the job's own attempt folder of the sna
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import socket
@@ -110,12 +111,17 @@ def _process_main(conn, io: StoreIO, spec: WriterSpec, shm_names: Sequence[str])
                 return
             if job is None:
                 return
+            buf = None
             try:
                 buf = shms[job["slot"]].buf[: spec.slot_bytes] if job["kind"] == "data" else None
                 res = _execute(io, spec, buf, job)
-                del buf
             except BaseException as e:  # noqa: BLE001 - every failure goes back to the trainer
                 res = _fail(job, e)
+            finally:
+                if buf is not None:
+                    with contextlib.suppress(BufferError):  # no view of a slot outlives its job
+                        buf.release()
+                buf = None
             try:
                 conn.send(res)
             except OSError:  # the trainer is gone
@@ -178,11 +184,17 @@ class SnapshotWriter:
             job = self._q.get()
             if job is None:
                 return
+            buf = None
             try:
                 buf = self._shms[job["slot"]].buf[: self.spec.slot_bytes] if job["kind"] == "data" else None
                 self._out.put(_execute(self.io, self.spec, buf, job))
             except BaseException as e:  # noqa: BLE001
                 self._out.put(_fail(job, e))
+            finally:
+                if buf is not None:
+                    with contextlib.suppress(BufferError):
+                        buf.release()
+                buf = None
 
     # ------------------------------------------------------------------ staging
 
