@@ -149,7 +149,7 @@ SKIPPED = {
 }
 # Blocks that are text, not commands: checked by the test named
 TEXT = {
-    "weights        tracked recon. error": "the demo's output (numbers differ per run): not compared",
+    "weights        tracked recon. error": "test_readme_demo_block_is_the_demos_output",
     "<url>/dist_ema.json": "a diagram",
     "dist_ema/phema.py        the math": "a diagram",
     "schedule: tracked sigma_rel 0.05, 0.1": "test_readme_error_block_prints_its_output",
@@ -328,6 +328,41 @@ def test_readme_toml_block_is_the_shipped_config():
 
     shown = tomllib.loads(_block("[dist_ema]\nsigma_rels"))
     assert shown["dist_ema"] == load_toml(ROOT / "configs" / "dist_ema.toml")["dist_ema"]
+
+
+def test_readme_demo_block_is_the_demos_output():
+    """The demo's table and summary as launch/run_demo.py prints them for those rows, and the prose says what they show.
+
+    The numbers come from a real run (fixed seeds: the same on every run on one CPU and torch
+    build); the demo itself runs in tests/test_launch.py, in short form.
+    """
+    sys.path.insert(0, str(ROOT / "launch"))
+    from evaluate import Row, format_table
+    from run_demo import summary
+
+    lines = _block("weights        tracked recon. error").splitlines()
+    rows = []
+    for line in lines[2:]:
+        m = re.match(r"(raw weights|sigma_rel=([\d.]+))\s+(yes\s+)?(-|[\d.]+%)\s+([\d.]+)\s+([\d.]+)%", line)
+        if not m:
+            break
+        sr = None if m.group(2) is None else float(m.group(2))
+        err = None if m.group(4) == "-" else float(m.group(4)[:-1]) / 100
+        rows.append(Row(m.group(1), sr, err, float(m.group(5)), float(m.group(6)) / 100, tracked=bool(m.group(3))))
+    assert len(rows) >= 3 and rows[0].sigma_rel is None, lines
+    assert format_table(rows).splitlines() == lines[:len(rows) + 2]
+    synth = [r for r in rows if r.sigma_rel is not None]
+    best = min(synth, key=lambda r: r.loss)
+    tracked = [r for r in synth if r.tracked]
+    said = summary(best, rows[0], tracked).splitlines()  # after the table and one blank line
+    assert lines[len(rows) + 2:len(rows) + 3 + len(said)] == ["", *said]
+    # the sentences under the block quote the best row and how much it beats the tracked ones and the raw weights
+    text = " ".join(README.split())
+    top = min(tracked, key=lambda r: r.loss)
+    assert not best.tracked and f"The best sigma_rel, {best.sigma_rel:.2f}, was never tracked" in text
+    assert (f"({best.loss:.4f}) is {round(100 * (1 - best.loss / top.loss))}% below that of the best tracked "
+            f"profile ({top.sigma_rel:.2f}, {top.loss:.4f}) and {round(100 * (1 - best.loss / rows[0].loss))}% "
+            f"below that of the raw final weights ({rows[0].loss:.4f})") in text
 
 
 def test_readme_config_table_is_the_field_docstrings():
