@@ -1,7 +1,9 @@
 """One synthesis in a fresh process (clean peak RSS): ``python -m bench.synth_child '<json>'``.
 
-Prints one JSON line: seconds, bytes read, peak RSS (ru_maxrss) and the RSS right before the
-work started (imports, model), so the work's own footprint is ``peak - before``.
+Prints one JSON line: seconds, bytes read, peak RSS (VmHWM) and the RSS right before the work
+started (imports, model), so the work's own footprint is ``peak - before``; CPU seconds of the
+process; with ``"profile": true`` the cProfile top functions (own time) of the main thread and
+of synthesis' reader thread.
 """
 
 from __future__ import annotations
@@ -19,39 +21,8 @@ def _rss_mib() -> float:
     return _peak_rss_mib()
 
 
-def _digest(url: str) -> str:
-    import hashlib
-
-    from dist_ema import open_store
-
-    st = open_store(url)
-    snap = st.snapshot()
-    h = hashlib.sha256()
-    for name in sorted(st.params(snap)):
-        h.update(st.read(snap.step, gamma=snap.gammas[0], name=name).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _count_fetches() -> dict:
-    """Count the bytes of snapshot data objects fetched from a local store (instrumentation only)."""
-    import zarr.storage as zs
-
-    stats = {"bytes": 0, "gets": 0}
-    orig = zs.LocalStore.get
-
-    async def get(self, key, prototype, byte_range=None):
-        buf = await orig(self, key, prototype, byte_range)
-        if buf is not None and key.startswith("snapshots/") and "/c/" in key:
-            stats["bytes"] += len(buf)
-            stats["gets"] += 1
-        return buf
-
-    zs.LocalStore.get = get
-    return stats
-
-
-def _top(prof, rows: int = 6) -> list[str]:
-    """The functions with the most own time (main thread), as 'share% name'."""
+def top_functions(prof, rows: int = 6) -> list[str]:
+    """The functions with the most own time, as 'share% name (seconds)'."""
     import pstats
 
     st = pstats.Stats(prof)
@@ -59,9 +30,32 @@ def _top(prof, rows: int = 6) -> list[str]:
     items = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:rows]
     out = []
     for (fname, line, func), v in items:
-        where = func if fname == "~" else f"{fname.rsplit('/', 2)[-1]}:{line}({func})"
-        out.append(f"{100 * v[2] / total:.0f}% {where}")
+        where = func if fname == "~" else f"{fname.rsplit('/', 1)[-1]}:{line}({func})"
+        out.append(f"{100 * v[2] / total:.0f}% {where} {v[2]:.2f}s")
     return out
+
+
+def profile_reader_threads() -> list:
+    """Profile synthesis' reader thread too (cProfile sees one thread): a profiler per pool worker."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import dist_ema.synthesis as lib
+
+    profs: list = []
+
+    class Profiled(ThreadPoolExecutor):
+        def __init__(self, *a, **k):
+            def start() -> None:
+                import cProfile
+
+                p = cProfile.Profile()
+                profs.append(p)
+                p.enable()
+
+            super().__init__(*a, initializer=start, **k)
+
+    lib.ThreadPoolExecutor = Profiled
+    return profs
 
 
 def main(cfg: dict) -> dict:
@@ -71,36 +65,49 @@ def main(cfg: dict) -> dict:
     if cfg["kind"] == "dist-ema":
         from dist_ema import synthesize
 
-        fetched = _count_fetches() if cfg.get("count_fetch") else None
-        if cfg.get("proposed"):
-            import dist_ema.synthesis as lib
-            from bench.proposed import map_units
+        readers = profile_reader_threads() if cfg.get("profile") else None
+        if cfg.get("warmup"):  # a first synthesis in this process: lazy imports and caches out of the profile
+            import shutil
 
-            lib._map_units = map_units
+            synthesize(cfg["store"], sigma_rels=cfg["sigma_rels"], out=cfg["out"] + "-warmup", format=cfg.get(
+                "format", "zarr"), progress=False, storage_options=cfg.get("storage_options"))
+            shutil.rmtree(cfg["out"] + "-warmup", ignore_errors=True)
         before = _rss_mib()
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
-        t0 = time.perf_counter()
         prof = None
-        if cfg.get("profile"):
+        if readers is not None:
             import cProfile
 
             prof = cProfile.Profile()
             prof.enable()
-        extra = {"unit_bytes": int(cfg["unit_bytes"])} if cfg.get("unit_bytes") else {}  # else: library default
+        mods = set(sys.modules)
+        t0 = time.perf_counter()
         r = synthesize(cfg["store"], sigma_rels=cfg["sigma_rels"], step=cfg.get("step"), out=cfg["out"],
-                       format=cfg.get("format", "zarr"), progress=False, **extra)
+                       format=cfg.get("format", "zarr"), progress=False, storage_options=cfg.get("storage_options"))
+        wall = time.perf_counter() - t0
+        imported = sorted({m.split(".")[0] for m in set(sys.modules) - mods})  # lazy imports of the first call
         top = None
         if prof is not None:
             prof.disable()
-            top = _top(prof)
-        wall = time.perf_counter() - t0
+            top = {"main": top_functions(prof), "reader": top_functions(readers[-1]) if readers else [],
+                   "run": "second synthesis in the process" if cfg.get("warmup") else "first synthesis in a fresh "
+                   "process, as timed"}
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = {"user_s": ru1.ru_utime - ru0.ru_utime, "sys_s": ru1.ru_stime - ru0.ru_stime,
-               "minor_faults": ru1.ru_minflt - ru0.ru_minflt}
-        return {**cpu, "seconds": r.seconds, "wall": wall, "bytes_read": r.bytes_read, "peak_rss_mib": _rss_mib(),
+        peak = _rss_mib()
+        warm = None
+        if cfg.get("again"):  # a second synthesis in the same process: imports and caches warm
+            import shutil
+
+            t1 = time.perf_counter()
+            synthesize(cfg["store"], sigma_rels=cfg["sigma_rels"], step=cfg.get("step"), out=cfg["out"] + "-again",
+                       format=cfg.get("format", "zarr"), progress=False, storage_options=cfg.get("storage_options"))
+            warm = time.perf_counter() - t1
+            shutil.rmtree(cfg["out"] + "-again", ignore_errors=True)
+        return {"again_seconds": warm, "imported": imported, "user_s": ru1.ru_utime - ru0.ru_utime,
+                "sys_s": ru1.ru_stime - ru0.ru_stime,
+                "seconds": wall, "lib_seconds": r.seconds, "bytes_read": r.bytes_read, "peak_rss_mib": peak,
                 "lib_peak_rss_mib": r.peak_rss_mib[0], "rss_before_mib": before, "snapshots": len(r.snapshots),
-                "error": r.targets[0]["error"], "bytes_fetched": fetched["bytes"] if fetched else None,
-                "digest": _digest(cfg["out"]) if cfg.get("digest") else None, "profile": top}
+                "error": r.targets[0]["error"], "profile": top}
     if cfg["kind"] == "ema-pytorch":
         import ema_pytorch
 
@@ -115,7 +122,7 @@ def main(cfg: dict) -> dict:
         synth = ema.synthesize_ema_model(sigma_rel=cfg["sigma_rels"][0])
         wall = time.perf_counter() - t0
         del synth
-        return {"seconds": wall, "wall": wall, "peak_rss_mib": _rss_mib(), "rss_before_mib": before}
+        return {"seconds": wall, "peak_rss_mib": _rss_mib(), "rss_before_mib": before}
     raise ValueError(cfg["kind"])
 
 
