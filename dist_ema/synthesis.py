@@ -589,16 +589,28 @@ class _Sources:
         return merge_reads(translate(self.indexes[snap.layout_id], segs))
 
 
+ROW_GROUP = 8  # snapshot rows summed per matrix product: memory stays flat in the snapshot count
+
+
 def _map_units(job: _Job, store: SnapshotStore, plan: SynthesisPlan, mine: list[int], prefetch: int,
                show: bool) -> None:
+    """Compute this rank's units, block by block, rows in fixed groups of ROW_GROUP.
+
+    Per block (a run of the newest snapshot's inner chunks): for each group of rows, the reader
+    thread fills a [group, block] float64 buffer (each needed chunk fetched once, crc32c checked,
+    converted on the copy; on object stores the group's ranged reads go out concurrently), then
+    ``acc += X[:, group] @ V`` on this thread. Two buffers: the next group is read while this one
+    is computed. A finished unit is written by a writer thread while the next one is computed.
+    Block width and groups come from the plan, and the compute runs on one thread, so every
+    element's arithmetic is the same whichever rank computes it.
+    """
     X = np.asarray(plan.X, dtype=np.float64)  # [rows, targets]
     live = [row for row in range(X.shape[0]) if np.any(X[row] != 0)]  # rows with a coefficient
     Xt = torch.from_numpy(np.ascontiguousarray(X[live].T))  # [targets, live rows]
     m = Xt.shape[0]
+    groups = [live[g:g + ROW_GROUP] for g in range(0, len(live), ROW_GROUP)]
     src = _Sources(store, plan)
-    snap_name = snapshot_id(plan.out_step)
-    prefix = data_prefix(snap_name, job.id)
-    ref_layout = src.ref_layout
+    prefix = data_prefix(snapshot_id(plan.out_step), job.id)
     blocks = []  # (unit index, lo, hi) in the newest snapshot's rank coordinates
     for ui in mine:
         u = plan.units[ui]
@@ -606,11 +618,15 @@ def _map_units(job: _Job, store: SnapshotStore, plan: SynthesisPlan, mine: list[
         step = max(1, plan.block // inner) * inner
         blocks.extend((ui, a, min(a + step, u.start + u.numel)) for a in range(u.start, u.start + u.numel, step))
     width = max((hi - lo for _, lo, hi in blocks), default=0)
-    # two block buffers: the reader thread fills one while the other is computed
-    bufs = [torch.empty((len(live), width), dtype=torch.float64) for _ in range(2)]
-    scratch = [bytearray(), bytearray()]
+    tasks = [(b, g) for b in range(len(blocks)) for g in range(len(groups))]
+    gw = min(ROW_GROUP, len(live)) if live else 1
+    bufs = [torch.empty((gw, width), dtype=torch.float64) for _ in range(2)]
+    remote = store.io.protocol != "file"
+    scratch = [[bytearray() for _ in range(gw)] for _ in range(2)]
     acc = torch.empty((m, width), dtype=torch.float64)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-ema-read")
+    rows_pool = ThreadPoolExecutor(max_workers=gw, thread_name_prefix="dist-ema-get") if remote else None
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-ema-write")
     bar = None
     if show:
         try:
@@ -620,44 +636,61 @@ def _map_units(job: _Job, store: SnapshotStore, plan: SynthesisPlan, mine: list[
         except ImportError:  # pragma: no cover
             bar = None
 
-    def fill(b: int, slot: int) -> int:
+    def read_row(b: int, slot: int, j: int, row: int) -> int:
         ui, lo, hi = blocks[b]
-        u = plan.units[ui]
+        i, k = plan.rows[row]
+        snap = plan.used[i]
+        reads = src.reads(snap, plan.units[ui].rank, lo, hi)
         V = bufs[slot].numpy()
-        n = 0
-        for j, row in enumerate(live):
-            i, k = plan.rows[row]
-            snap = plan.used[i]
-            reads = src.reads(snap, u.rank, lo, hi)
-            n += _guarded(store, snap, lambda snap=snap, k=k, reads=reads, j=j: store.read_reads(
-                snap, k, reads, V[j, : hi - lo], scratch[slot]))
-        return n
+        return _guarded(store, snap, lambda: store.read_reads(snap, k, reads, V[j, : hi - lo], scratch[slot][j]))
+
+    def fill(t: int, slot: int) -> int:
+        b, g = tasks[t]
+        if rows_pool is not None:  # object stores: the group's ranged GETs at once
+            return sum(f.result() for f in [rows_pool.submit(read_row, b, slot, j, row)
+                                            for j, row in enumerate(groups[g])])
+        return sum(read_row(b, slot, j, row) for j, row in enumerate(groups[g]))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one compute thread per rank: the same arithmetic whichever rank runs a block
     out_unit: torch.Tensor | None = None
+    pending = None  # the previous unit's write
     try:
-        fut = pool.submit(fill, 0, 0) if blocks else None
-        for b, (ui, lo, hi) in enumerate(blocks):
+        fut = pool.submit(fill, 0, 0) if tasks else None
+        for t, (b, g) in enumerate(tasks):
             job.bytes_read += fut.result()
-            fut = pool.submit(fill, b + 1, (b + 1) % 2) if b + 1 < len(blocks) else None
+            fut = pool.submit(fill, t + 1, (t + 1) % 2) if t + 1 < len(tasks) else None
+            ui, lo, hi = blocks[b]
             u = plan.units[ui]
-            if lo == u.start:
-                out_unit = torch.empty((m, u.numel), dtype=torch.float32 if plan.dtype == "float32" else torch.float64)
             w = hi - lo
-            torch.mm(Xt, bufs[b % 2][:, :w], out=acc[:, :w])
-            out_unit[:, lo - u.start : hi - u.start] = acc[:, :w]
-            if hi == u.start + u.numel:
-                _write_unit(job.out_io, prefix, plan, ui, out_unit)
-                out_unit = None
-            if bar is not None:
-                bar.update(w)
+            if lo == u.start and g == 0:
+                out_unit = torch.empty((m, u.numel), dtype=torch.float32 if plan.dtype == "float32" else torch.float64)
+            n = len(groups[g])
+            V = bufs[t % 2][:n, :w]
+            cols = slice(g * ROW_GROUP, g * ROW_GROUP + n)
+            if g == 0:
+                torch.mm(Xt[:, cols], V, out=acc[:, :w])
+            else:
+                acc[:, :w].addmm_(Xt[:, cols], V)
+            if g == len(groups) - 1:
+                out_unit[:, lo - u.start : hi - u.start] = acc[:, :w]
+                if bar is not None:
+                    bar.update(w)
+                if hi == u.start + u.numel:
+                    if pending is not None:
+                        pending.result()  # at most one unit waits for its write
+                    pending = writer.submit(_write_unit, job.out_io, prefix, plan, ui, out_unit)
+                    out_unit = None
+        if pending is not None:
+            pending.result()
     finally:
         torch.set_num_threads(threads)
         pool.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)
+        if rows_pool is not None:
+            rows_pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
-    del ref_layout
 
 
 def _write_unit(out_io: StoreIO, prefix: str, plan: SynthesisPlan, ui: int, vals: torch.Tensor) -> None:

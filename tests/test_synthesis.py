@@ -329,16 +329,16 @@ def _remove_before_reading(monkeypatch, url, doomed: set[str], data_only: bool =
     removed: list[str] = []
     real = SnapshotStore.read_reads
 
-    def read_reads(self, snap, profile, reads, out):
+    def read_reads(self, snap, profile, reads, out, scratch=None):
         if snap.id in doomed:
             doomed.discard(snap.id)
             io = StoreIO(url)
             if data_only:  # damage: the objects go, the marker stays
-                io.remove(f"snapshots/{snap.id}/r00000")
+                io.remove(f"{snap.prefix}/r00000")
             else:
                 remove_snapshot(io, snap.id)
             removed.append(snap.id)
-        return real(self, snap, profile, reads, out)
+        return real(self, snap, profile, reads, out, scratch)
 
     monkeypatch.setattr(SnapshotStore, "read_reads", read_reads)
     return removed
