@@ -625,7 +625,9 @@ def _map_units(job: _Job, store: SnapshotStore, plan: SynthesisPlan, mine: list[
     scratch = [[bytearray() for _ in range(gw)] for _ in range(2)]
     acc = torch.empty((m, width), dtype=torch.float64)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-ema-read")
-    rows_pool = ThreadPoolExecutor(max_workers=gw, thread_name_prefix="dist-ema-get") if remote else None
+    # on object stores a group's ranged GETs go out at once (local reads: the one reader thread, so
+    # that a rank uses about two cores and ranks scale)
+    rows_pool = ThreadPoolExecutor(max_workers=gw, thread_name_prefix="dist-ema-get") if remote and gw > 1 else None
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-ema-write")
     bar = None
     if show:
@@ -646,7 +648,7 @@ def _map_units(job: _Job, store: SnapshotStore, plan: SynthesisPlan, mine: list[
 
     def fill(t: int, slot: int) -> int:
         b, g = tasks[t]
-        if rows_pool is not None:  # object stores: the group's ranged GETs at once
+        if rows_pool is not None:
             return sum(f.result() for f in [rows_pool.submit(read_row, b, slot, j, row)
                                             for j, row in enumerate(groups[g])])
         return sum(read_row(b, slot, j, row) for j, row in enumerate(groups[g]))
