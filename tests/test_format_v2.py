@@ -90,7 +90,7 @@ def test_objects_bytes_and_plain_layout(tmp_path):
 
 @pytest.mark.parametrize("numel", [1, 5, 600, 4097, 262_145, 1_000_003])
 def test_stored_bytes_within_one_percent(tmp_path, numel):
-    """Overhead of a shard: 24 bytes per inner chunk + 4, padding below one element per chunk."""
+    """Overhead of a shard: 20 bytes per inner chunk (crc32c + index entry) + 4, padding below one element per chunk."""
     io = StoreIO(str(tmp_path))
     vals = np.random.default_rng(numel).standard_normal(numel).astype(np.float32)
     g = geometry(numel, "float32")
@@ -98,7 +98,7 @@ def test_stored_bytes_within_one_percent(tmp_path, numel):
     size = (tmp_path / "x").stat().st_size
     assert n == size == g.shard_bytes
     assert g.inner * g.count - numel < g.count  # padding: less than one element per chunk
-    assert size - 4 * numel <= 24 * g.count + 4 + 4 * (g.count - 1)
+    assert size - 4 * numel == 20 * g.count + 4 + 4 * (g.inner * g.count - numel)  # exactly: checksums, index, padding
     if 4 * numel >= 2400:
         assert size <= 1.01 * 4 * numel
     assert np.array_equal(_plain_shard(tmp_path / "x", numel), vals)

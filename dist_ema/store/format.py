@@ -19,8 +19,8 @@ Format version 2 (new stores)::
     snapshots/step-<N>/<job>/buffers/c/0
 
 So a snapshot is at most ranks x (profiles + 1) + 4 objects, whatever the shard sizes, and
-stores its data plus 24 bytes per inner chunk (+ 4 per shard, + at most ``count`` elements
-of padding in the last inner chunk). Every job writes under its own attempt folder: a
+stores its data plus 20 bytes per inner chunk (its crc32c and index entry), 4 per shard,
+and at most ``count`` elements of padding in the last inner chunk. Every job writes under its own attempt folder: a
 committed snapshot's bytes are never written again, whoever else writes the store.
 
 Shards are plain Zarr v3 (``sharding_indexed`` with crc32c on the inner chunks and on the
