@@ -14,6 +14,7 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from dist_ema import PostHocEMA, open_store
@@ -75,12 +76,21 @@ def test_a_stuck_rank_fails_the_others_within_the_timeout_and_a_restart_resumes(
     ema.close()
 
 
-def worker_synth(rank: int, ws: int, out: str, url: str) -> None:
+def worker_synth(rank: int, ws: int, out: str, url: str, phase: str = "start") -> None:
+    import dist_ema.synthesis as syn
     from dist_ema import synthesize
 
+    if phase == "map" and rank == 1:  # planned with the others, then stuck in the map
+        real = syn._map_units
+
+        def stuck(*a, **k):
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return real(*a, **k)
+
+        syn._map_units = stuck
     pids = [int(p) for p in os.environ["STUCK_PIDS"].split(",")] if "STUCK_PIDS" in os.environ else []
     (Path(out) / f"pid{rank}").write_text(str(os.getpid()))
-    if rank == 1:
+    if rank == 1 and phase == "start":
         os.kill(os.getpid(), signal.SIGSTOP)
     t0 = time.monotonic()
     try:
@@ -92,7 +102,8 @@ def worker_synth(rank: int, ws: int, out: str, url: str) -> None:
     os._exit(0)
 
 
-def test_a_stuck_rank_fails_a_synthesis_within_the_timeout(tmp_path):
+@pytest.mark.parametrize("phase", ["start", "map"])
+def test_a_stuck_rank_fails_a_synthesis_within_the_timeout(tmp_path, phase):
     url = str(tmp_path / "s")
     m = torch.nn.Linear(16, 16)
     with PostHocEMA(m, store=url, snapshot_every=2, writer="sync") as ema:
@@ -100,7 +111,7 @@ def test_a_stuck_rank_fails_a_synthesis_within_the_timeout(tmp_path):
             with torch.no_grad():
                 m.weight.add_(0.01)
             ema.update()
-    run_workers("tests.test_stuck_ranks:worker_synth", 2, tmp_path, kwargs={"url": url}, timeout=120,
+    run_workers("tests.test_stuck_ranks:worker_synth", 2, tmp_path, kwargs={"url": url, "phase": phase}, timeout=120,
                 expect_failure=True, env={"DIST_HARNESS_NO_INIT": "1"})
     got = json.loads((tmp_path / "s0.json").read_text())
     assert got["type"] == "StoreError" and "stopped responding" in got["error"], got
