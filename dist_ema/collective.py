@@ -38,7 +38,7 @@ def side_group(timeout: float) -> object | None:
     return _SIDE[key]
 
 
-def stopped_responding(e: BaseException, what: str, timeout: float | None) -> bool:
+def stopped_responding(e: BaseException) -> bool:
     """Whether a collective's error means a peer stopped responding (a timeout or a lost connection)."""
     text = f"{type(e).__name__}: {e}".lower()
     return isinstance(e, RuntimeError) and any(k in text for k in ("timed out", "timeout", "connection closed",
@@ -64,7 +64,7 @@ def all_gather_object(obj: object, group: object | None = None) -> list:
     try:
         dist.all_gather_object(out, obj, group=group)
     except RuntimeError as e:
-        if stopped_responding(e, "", None):
+        if stopped_responding(e):
             from dist_ema.errors import CollectiveError
 
             raise CollectiveError(

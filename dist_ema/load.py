@@ -20,7 +20,7 @@ import torch
 
 from dist_ema.collective import broadcast_object, is_distributed, run_and_check
 from dist_ema.store.fs import StoreError
-from dist_ema.store.layout import Read, merge_reads, plan_region
+from dist_ema.store.layout import param_mismatch
 from dist_ema.store.reader import Snapshot, SnapshotStore
 
 __all__ = ["LoadResult", "load_synthesized"]
@@ -60,14 +60,10 @@ def _plan(store: SnapshotStore, sigma_rel, gamma, t, step, params: dict) -> _Pla
         raise StoreError(f"no committed snapshot in {store.url}: nothing to synthesize from")
     target_t = _choose_time(snaps, t, step)
     used = [x for x in snaps if x.t <= target_t]
-    theirs = {f: tuple(shape) for f, (shape, _) in store.params(used[-1]).items()}
-    mine = {f: tuple(shape) for f, (shape, _) in params.items()}
-    if theirs != mine:
-        only_store = sorted(set(theirs) - set(mine))[:5]
-        only_model = sorted(set(mine) - set(theirs))[:5]
-        shapes = sorted(f for f in set(mine) & set(theirs) if mine[f] != theirs[f])[:5]
-        raise StoreError(f"the model does not match the snapshots in {store.url}: parameters only in the store "
-                         f"{only_store}, only in the model {only_model}, different shapes {shapes}")
+    diff = param_mismatch({f: shape for f, (shape, _) in params.items()},
+                          {f: shape for f, (shape, _) in store.params(used[-1]).items()})
+    if diff is not None:
+        raise StoreError(f"the model does not match the snapshots in {store.url}: {diff}")
     X, sol, rows = plan_coefficients([(x.t, x.gammas) for x in used], target_t, [g])
     return _Plan(tuple(used), tuple((int(i), int(k)) for i, k in rows), tuple(float(v) for v in X[:, 0]), s, g,
                  target_t, float(sol.error[0]))
@@ -121,14 +117,7 @@ def load_synthesized(model_or_engine, url: str, sigma_rel: float | None = None, 
         for (i, k), x in zip(plan.rows, plan.x):
             if x == 0.0 or total == 0:
                 continue
-            snap = plan.used[i]
-            src = store.layout(snap)
-            index, fidx = src.piece_index(), src.fqn_index()
-            reads = []
-            for j, p in enumerate(pieces):
-                for rd in plan_region(index[fidx[p.fqn]], p.flat_start, p.flat_end):
-                    reads.append(Read(rd.rank, rd.src, int(offsets[j]) + rd.dst, rd.numel))
-            nbytes += store.read_reads(snap, k, merge_reads(reads), vals, scratch)
+            nbytes += store.read_pieces(plan.used[i], k, pieces, offsets, vals, scratch)[1]
             acc += x * vals
         return acc, nbytes
 

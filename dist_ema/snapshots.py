@@ -27,7 +27,7 @@ import torch
 from dist_ema.collective import all_gather_object, raise_if_any, rank, run_and_check, side_group, world_size
 from dist_ema.config import SnapshotConfig
 from dist_ema.staging import Stager, Ticket
-from dist_ema.store.format import SnapshotMeta, data_prefix, job_key
+from dist_ema.store.format import SnapshotMeta, data_prefix, job_key, step_of
 from dist_ema.store.fs import StoreError, StoreIO, redact
 from dist_ema.store.io import (
     HEARTBEAT_SECONDS,
@@ -41,13 +41,7 @@ from dist_ema.store.io import (
     retire_snapshots,
     write_layout,
 )
-from dist_ema.store.layout import (
-    Layout,
-    Read,
-    merge_reads,
-    plan_region,
-    snapshot_id,
-)
+from dist_ema.store.layout import Layout, param_mismatch, snapshot_id
 from dist_ema.store.reader import SnapshotStore
 from dist_ema.store.retention import thin_evenly
 from dist_ema.store.writer import SnapshotWriter, WriterSpec
@@ -70,16 +64,7 @@ class _Pending:
 
 def read_pieces(reader: SnapshotStore, snap, profile: int, pieces, offsets) -> np.ndarray:
     """This rank's pieces of one profile of a snapshot (any layout), as one flat float32 array."""
-    src = reader.layout(snap)
-    index = src.piece_index()
-    fidx = src.fqn_index()
-    reads = []
-    for i, p in enumerate(pieces):
-        for rd in plan_region(index[fidx[p.fqn]], p.flat_start, p.flat_end):
-            reads.append(Read(rd.rank, rd.src, offsets[i] + rd.dst, rd.numel))
-    buf = np.empty(offsets[-1], dtype=np.float32)
-    reader.read_reads(snap, profile, merge_reads(reads), buf)
-    return buf
+    return reader.read_pieces(snap, profile, pieces, offsets)[0]
 
 
 class SnapshotManager:
@@ -542,17 +527,10 @@ class SnapshotManager:
                 return None
             snap = snaps[-1]
             src = reader.layout(snap)
-            mine = {f: (tuple(s), d) for f, s, d in self.layout.params}
-            theirs = {f: (tuple(s), d) for f, s, d in src.params}
-            if {f: s for f, (s, _) in mine.items()} != {f: s for f, (s, _) in theirs.items()}:
-                missing = sorted(set(theirs) - set(mine))[:5]
-                extra = sorted(set(mine) - set(theirs))[:5]
-                shape = [f for f in set(mine) & set(theirs) if mine[f][0] != theirs[f][0]][:5]
-                raise StoreError(
-                    f"store {self.io.url} holds snapshots of a different model (snapshot {snap.id}): parameters "
-                    f"only in the store {missing}, only in this model {extra}, different shapes {shape}; "
-                    f"use a new store URL for a new model"
-                )
+            diff = param_mismatch({f: s for f, s, _ in self.layout.params}, {f: s for f, s, _ in src.params})
+            if diff is not None:
+                raise StoreError(f"store {self.io.url} holds snapshots of a different model (snapshot {snap.id}): "
+                                 f"{diff}; use a new store URL for a new model")
             if snap.unit != ema.config.unit:
                 raise StoreError(f"snapshot {snap.id} counts time in {snap.unit}, this EMA in {ema.config.unit}; "
                                  f"pass the same batch_size as the run that wrote it")
@@ -592,8 +570,8 @@ class SnapshotManager:
         self.flush()  # what this job already took is committed first (it may be among the retired)
         newer = None
         if self.rank == 0:
-            newer = sorted((snap for snap, _ in self.committed if int(snap.split("-")[1]) > step),
-                           key=lambda x: int(x.split("-")[1]))
+            newer = sorted((snap for snap, _ in self.committed if step_of(snap) > step),
+                           key=step_of)
         newer = all_gather_object(newer, self.group)[0]
         if newer:
             reason = f"the EMA was restored to step {step} from a training checkpoint"
@@ -606,9 +584,9 @@ class SnapshotManager:
                 self.committed = [(snap, t0) for snap, t0 in self.committed if snap not in set(newer)]
                 log.warning("dist-ema: restored to step %d from a training checkpoint: the %d snapshot(s) after it "
                             "(steps %s) belong to the abandoned run; moved to %s/%s (kept, never used by "
-                            "synthesis)", step, len(newer), [int(x.split("-")[1]) for x in newer], self.io.url, where)
+                            "synthesis)", step, len(newer), [step_of(x) for x in newer], self.io.url, where)
         self.last_step, self.last_t = step, t
-        return [int(x.split("-")[1]) for x in newer or []]
+        return [step_of(x) for x in newer or []]
 
     # ------------------------------------------------------------------ synthesis in training
 

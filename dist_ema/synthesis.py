@@ -410,7 +410,7 @@ def _share_plan(store: SnapshotStore | None, store_url: str, storage_options: di
         if err is not None:
             raise err
         name, text = msg
-        cls = next((c for n, c in kinds.items() if n == name or (name.endswith("Error") and n in name)), StoreError)
+        cls = kinds.get(name, StoreError)
         raise cls(f"{text} (on rank 0, where the synthesis is planned)")
     return _broadcast(plan), store  # type: ignore[return-value]
 

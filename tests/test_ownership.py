@@ -39,6 +39,15 @@ def _step(m: torch.nn.Module, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
+def _train(m: torch.nn.Module, url: str, steps: int, every: int) -> dict[str, torch.Tensor]:
+    """A job that trains ``steps`` steps with a snapshot every ``every``, closes, and returns its EMA (0.10)."""
+    with PostHocEMA(m, store=url, snapshot_every=every, writer="sync") as ema:
+        for i in range(steps):
+            _step(m, i)
+            ema.update()
+        return {k: v.clone() for k, v in ema.full_state_dict(sigma_rel=0.10).items()}
+
+
 def _committed_bytes(store_dir: Path) -> dict[str, str]:
     """sha256 of every object that a commit marker covers (the marker and its attempt's data)."""
     out = {}
@@ -118,12 +127,7 @@ def test_a_commit_race_leaves_the_committed_snapshot_untouched(tmp_path):
     """A job that commits a step another job committed first (a takeover race, a resumed job repeating
     steps) writes only its own attempt; the marker stays the first job's and start-up removes the rest."""
     url = str(tmp_path / "s")
-    a = _model(1)
-    with PostHocEMA(a, store=url, snapshot_every=3, writer="sync") as ema_a:
-        for i in range(3):
-            _step(a, i)
-            ema_a.update()
-        kept = {k: v.clone() for k, v in ema_a.full_state_dict(sigma_rel=0.10).items()}
+    kept = _train(_model(1), url, steps=3, every=3)
     before = _committed_bytes(tmp_path / "s")
     b = _model(2)
     ema_b = PostHocEMA(b, store=url, resume="takeover", writer="sync")
@@ -152,10 +156,7 @@ def test_a_commit_race_leaves_the_committed_snapshot_untouched(tmp_path):
 def test_a_resumed_job_repeating_steps_is_refused_before_staging(tmp_path):
     url = str(tmp_path / "s")
     m = _model(1)
-    with PostHocEMA(m, store=url, snapshot_every=3, writer="sync") as ema:
-        for i in range(6):
-            _step(m, i)
-            ema.update()
+    _train(m, url, steps=6, every=3)
     before = _committed_bytes(tmp_path / "s")
     ema = PostHocEMA(m, store=url, snapshot_every=3, writer="sync", resume=True)
     ema.step = 2  # the training loop went back without restoring the EMA from its checkpoint
@@ -177,10 +178,7 @@ def _foreign_owner(store_dir: Path, *, age: float, host: str = "another-host", r
 def test_takeover_only_when_asked_and_the_old_owner_is_fenced(tmp_path, caplog):
     url = str(tmp_path / "s")
     m = _model(1)
-    with PostHocEMA(m, store=url, snapshot_every=2, writer="sync") as ema:
-        for i in range(2):
-            _step(m, i)
-            ema.update()
+    _train(m, url, steps=2, every=2)
     # a live owner on another host (recent): refused, with or without resume
     _foreign_owner(tmp_path / "s", age=5)
     for resume in (False, True):

@@ -88,16 +88,7 @@ def decode(raw: np.ndarray, dtype: str) -> np.ndarray:
     return raw.astype(np.float32, copy=False)
 
 
-def check_compression(compression: str | None) -> None:
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"compression must be one of {COMPRESSIONS}; got {compression!r}")
-
-
 # ----------------------------------------------------------------------------- keys
-
-
-def snapshot_prefix(snap: str) -> str:
-    return f"snapshots/{snap}"
 
 
 def commit_key(snap: str) -> str:
@@ -204,10 +195,6 @@ class SnapshotMeta:
             kind=doc.get("kind", "snapshot"), version=v, created=float(doc.get("created", 0.0)),
             extra={k: val for k, val in doc.items() if k not in known},
         )
-
-    @property
-    def data_prefix_of(self) -> str:
-        return data_prefix(snapshot_id(self.step), self.attempt if self.version >= 2 else None)
 
 
 def group_doc(attributes: dict) -> bytes:

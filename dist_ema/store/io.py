@@ -39,6 +39,7 @@ from dist_ema.store.format import (
     np_dtype,
     rank_key,
     shard_key,
+    step_of,
 )
 from dist_ema.store.fs import StoreError, StoreIO, retry
 from dist_ema.store.layout import Layout
@@ -280,10 +281,9 @@ def remove_torn_attempts(io: StoreIO, snap: str, committed_attempt: str | None) 
     """Owner only: remove attempt folders of ``snap`` that its marker does not name. Returns their keys."""
     removed = []
     for name in io.list_dir(f"snapshots/{snap}"):
+        # attempts are job ids ("j..."): version 1's data next to the marker (r<rank>/, buffers/) never is
         if name in (COMMIT, "zarr.json") or name == committed_attempt or not name.startswith("j"):
             continue
-        if committed_attempt is None and name.startswith("r") and name[1:].isdigit():
-            continue  # version 1 data lies next to the marker
         key = f"snapshots/{snap}/{name}"
         io.remove(key)
         removed.append(key)
@@ -349,7 +349,7 @@ def retire_snapshots(io: StoreIO, snaps: list[str], job: str, restored_step: int
         for f in files:
             rel = f[len(src):].lstrip("/")
             retry(lambda f=f, to=f"{dst}/{rel}": io.fs.copy(f, to), f"copy {f}", io.attempts)
-    record = {"steps": sorted(int(s.split("-")[1]) for s in snaps), "snapshots": sorted(snaps),
+    record = {"steps": sorted(step_of(s) for s in snaps), "snapshots": sorted(snaps),
               "restored_step": restored_step, "job": job, "reason": reason, "time": time.time()}
     io.put(f"{base}/retired.json", json.dumps(record, indent=1).encode())
     if io.protocol != "file":

@@ -192,6 +192,18 @@ class Layout:
         return [out[mine[f]] for f, _, _ in order.params]
 
 
+def param_mismatch(mine: dict, theirs: dict) -> str | None:
+    """How two parameter tables ({fqn: shape}) differ, for an error message; None when they are one model."""
+    mine = {f: tuple(s) for f, s in mine.items()}
+    theirs = {f: tuple(s) for f, s in theirs.items()}
+    if mine == theirs:
+        return None
+    only_store = sorted(set(theirs) - set(mine))[:5]
+    only_model = sorted(set(mine) - set(theirs))[:5]
+    shapes = sorted(f for f in set(mine) & set(theirs) if mine[f] != theirs[f])[:5]
+    return f"parameters only in the store {only_store}, only in this model {only_model}, different shapes {shapes}"
+
+
 @dataclass(frozen=True)
 class Read:
     """Copy ``numel`` elements from rank array ``rank`` at ``src`` to the output at ``dst``."""

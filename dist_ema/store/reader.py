@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dist_ema.store.format import (
+    EMPTY,
     READABLE_VERSIONS,
     ChecksumError,
     Geometry,
@@ -28,7 +29,7 @@ from dist_ema.store.format import (
 )
 from dist_ema.store.fs import StoreError, StoreIO
 from dist_ema.store.io import Ranges, ensure_store, read_commits, read_layout
-from dist_ema.store.layout import Layout, Read, plan_region
+from dist_ema.store.layout import Layout, Read, merge_reads, plan_region
 
 __all__ = ["Snapshot", "SnapshotStore", "open_store"]
 
@@ -185,14 +186,18 @@ class SnapshotStore:
             r = self.__dict__["_ranges"] = Ranges(self.io)
         return r
 
+    def _read_index(self, key: str, g: Geometry) -> tuple[np.ndarray, int]:
+        """A version-2 shard's index (its crc32c checked) and the shard's size in bytes."""
+        size = self.ranges.size(key)
+        raw = bytearray(g.index_bytes)
+        self.ranges.read_into(key, size - g.index_bytes, memoryview(raw))
+        return decode_index(raw, g.count, f"{self.url}/{key}"), size
+
     def _index(self, key: str, g: Geometry) -> np.ndarray:
         """The shard index of a compressed version-2 shard (cached)."""
         cache = self.__dict__.setdefault("_indexes", {})
         if key not in cache:
-            size = self.ranges.size(key)
-            raw = bytearray(g.index_bytes)
-            self.ranges.read_into(key, size - g.index_bytes, memoryview(raw))
-            cache[key] = decode_index(raw, g.count, f"{self.url}/{key}")
+            cache[key] = self._read_index(key, g)[0]
         return cache[key]
 
     def read_stored(self, snap: Snapshot, rank: int, profile: int, lo: int, hi: int, out: np.ndarray,
@@ -213,12 +218,8 @@ class SnapshotStore:
         isz = g.itemsize
         dt = np_dtype(g.dtype)
         codec = compressor(g.compression, g.dtype)
-        if snap.version >= 2:
-            key = shard_key(snap.prefix, rank, profile)
-            where = f"snapshot {snap.id}: rank {rank} profile p{profile} ({self.url}/{key})"
-        else:
-            key = v1_array_key(snap.prefix, rank, profile)
-            where = f"snapshot {snap.id}: rank {rank} profile p{profile} ({self.url}/{key})"
+        key = shard_key(snap.prefix, rank, profile) if snap.version >= 2 else v1_array_key(snap.prefix, rank, profile)
+        where = f"snapshot {snap.id}: rank {rank} profile p{profile} ({self.url}/{key})"
         try:
             if codec is None and snap.version >= 2:  # one ranged read of the chunks, back to back
                 nbytes = len(chunks) * g.chunk_bytes
@@ -243,7 +244,7 @@ class SnapshotStore:
                     raw = self.ranges.get(obj)
                 else:
                     off, n = int(idx[c, 0]), int(idx[c, 1])
-                    if off == 2**64 - 1:
+                    if off == EMPTY:
                         raise StoreError(f"{where}: inner chunk {c} is not stored; the snapshot is damaged")
                     raw = bytearray(n)
                     self.ranges.read_into(key, off, memoryview(raw))
@@ -277,6 +278,24 @@ class SnapshotStore:
                 nbytes += self.read_stored(snap, r, profile, rd.src, rd.src + rd.numel,
                                            out[rd.dst:rd.dst + rd.numel], scratch)
         return nbytes
+
+    def read_pieces(self, snap: Snapshot, profile: int, pieces: Sequence, offsets: Sequence[int],
+                    out: np.ndarray | None = None, scratch: bytearray | None = None) -> tuple[np.ndarray, int]:
+        """Flat ranges of parameters (any layout) of one profile, back to back: (values, bytes fetched).
+
+        ``pieces``: records with ``fqn``, ``flat_start``, ``flat_end`` (e.g. a rank's shard pieces);
+        piece i lands at ``out[offsets[i]:offsets[i + 1]]`` (``out``: float32 by default, any float
+        dtype, converted on the copy).
+        """
+        src = self.layout(snap)
+        index, fidx = self._index_of(snap), src.fqn_index()
+        reads = []
+        for i, p in enumerate(pieces):
+            for rd in plan_region(index[fidx[p.fqn]], p.flat_start, p.flat_end):
+                reads.append(Read(rd.rank, rd.src, int(offsets[i]) + rd.dst, rd.numel))
+        if out is None:
+            out = np.empty(int(offsets[-1]), dtype=np.float32)
+        return out, self.read_reads(snap, profile, merge_reads(reads), out, scratch)
 
     def read_region(self, snap: Snapshot, profile: int, name: str, start: int, end: int) -> np.ndarray:
         """Elements [start, end) of the flattened parameter ``name`` as float32."""
@@ -351,10 +370,7 @@ class SnapshotStore:
 
     def _verify_shard(self, snap: Snapshot, r: int, k: int, g: Geometry) -> list[str]:
         key = shard_key(snap.prefix, r, k)
-        size = self.ranges.size(key)
-        raw = bytearray(g.index_bytes)
-        self.ranges.read_into(key, size - g.index_bytes, memoryview(raw))
-        idx = decode_index(raw, g.count, f"{self.url}/{key}")
+        idx, size = self._read_index(key, g)
         if g.compression is None:
             want = np.array([[g.dense_offset(i), g.chunk_bytes] for i in range(g.count)], dtype="<u8")
             if size != g.shard_bytes or not np.array_equal(idx, want):
