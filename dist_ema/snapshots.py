@@ -24,7 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dist_ema.collective import all_gather_object, raise_if_any, rank, run_and_check, side_group, world_size
+from dist_ema.collective import (
+    all_gather_object,
+    broadcast_object,
+    raise_if_any,
+    rank,
+    run_and_check,
+    side_group,
+    world_size,
+)
 from dist_ema.config import SnapshotConfig
 from dist_ema.staging import Stager, Ticket
 from dist_ema.store.format import SnapshotMeta, data_prefix, job_key, step_of
@@ -592,7 +600,6 @@ class SnapshotManager:
 
     def committed_snapshots(self):
         """Committed snapshots, listed on rank 0 and broadcast so every rank uses the same set. Collective."""
-        from dist_ema.collective import is_distributed
 
         reader = SnapshotStore(self.io.url, io=self.io)
         listed = None
@@ -603,13 +610,7 @@ class SnapshotManager:
         # rank 0 owns retention: snapshots it has dropped (maybe not deleted yet) are never planned for
         kept = {snap for snap, _ in self.committed}
         ids = [s.id for s in listed if s.id in kept] if listed is not None else None
-        if is_distributed():
-            import torch.distributed as dist
-
-            box = [ids]
-            dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0) if self.group else 0,
-                                       group=self.group)
-            ids = box[0]
+        ids = broadcast_object(ids, 0, self.group)
 
         def mine() -> list:
             snaps = {s.id: s for s in (listed if listed is not None else reader.snapshots())}

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from dist_ema import phema
-from dist_ema.collective import all_gather_object, is_distributed, raise_if_any, run_and_check
+from dist_ema.collective import all_gather_object, broadcast_object, is_distributed, raise_if_any, run_and_check
 from dist_ema.store.format import (
     STORAGE_DTYPES,
     STORE_MARKER,
@@ -266,14 +266,6 @@ def _init_dist(timeout: float) -> bool:
     return True
 
 
-def _broadcast(obj: object) -> object:
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _peak_rss_mib() -> float:
     """Peak RSS of this process. VmHWM, since ru_maxrss carries a large parent's peak across exec."""
     try:
@@ -405,14 +397,14 @@ def _share_plan(store: SnapshotStore | None, store_url: str, storage_options: di
         except Exception as e:  # noqa: BLE001 - raised on every rank below
             err = e
     kinds = {"ValueError": ValueError, "FileExistsError": FileExistsError, "KeyError": KeyError}
-    msg = _broadcast(None if err is None else (type(err).__name__, str(err)))
+    msg = broadcast_object(None if err is None else (type(err).__name__, str(err)))
     if msg is not None:
         if err is not None:
             raise err
         name, text = msg
         cls = kinds.get(name, StoreError)
         raise cls(f"{text} (on rank 0, where the synthesis is planned)")
-    return _broadcast(plan), store  # type: ignore[return-value]
+    return broadcast_object(plan), store  # type: ignore[return-value]
 
 
 @dataclass
@@ -439,7 +431,7 @@ def _synthesize(url, s_targets, g_targets, t, step, out, format, dtype, storage_
     top = StoreIO(out, out_storage_options)
     store_url = out if format == "zarr" else f"{out.rstrip('/')}/zarr"
     job = _Job(rank, world, top, top if format == "zarr" else StoreIO(store_url, out_storage_options), store_url)
-    job.id = _broadcast(job.id)  # one id for the whole job: it names the output's attempt folder
+    job.id = broadcast_object(job.id)  # one id for the whole job: it names the output's attempt folder
 
     def check(plan: SynthesisPlan) -> None:  # rank 0, first plan: may the output be written at all?
         owned = _owned(format, plan, dtype, max_file_bytes)
