@@ -269,7 +269,9 @@ class SnapshotManager:
                     continue
                 self.stager.wait(p.ticket)
             bufs = p.ticket.payload.get("buffers", [])
-            packed = b"".join(b.contiguous().view(torch.uint8).numpy().tobytes() for b in bufs) if bufs else None
+            # reshape(-1) first: a 0-dim buffer (BatchNorm's num_batches_tracked) has no byte view of its own
+            packed = (b"".join(b.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for b in bufs)
+                      if bufs else None)
             try:
                 p.jid = self.writer.submit({"kind": "data", "snap": p.snap, "prefix": data_prefix(p.snap, self.job),
                                             "buffers": packed}, p.ticket.slot)

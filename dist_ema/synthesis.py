@@ -945,7 +945,7 @@ def _export_safetensors(out_io: StoreIO, top: StoreIO, out: str, plan: Synthesis
                     tensors[alias] = tensors[name].clone()
             if fi == nfiles - 1:
                 for bname, bval in bufvals.items():
-                    tensors[bname] = torch.from_numpy(np.ascontiguousarray(bval))
+                    tensors[bname] = torch.from_numpy(np.require(bval, requirements="C"))  # keeps 0-dim shapes
             md = {"format": "pt", "dist_ema": json.dumps({
                 "sigma_rel": tg["sigma_rel"], "gamma": tg["gamma"], "t": tg["t"], "error": tg["error"],
                 "unit": plan.unit, "snapshots": plan.snapshot_ids, "source_store": plan.source,

@@ -365,7 +365,7 @@ def pack_buffers(buffers: list[tuple[str, np.ndarray]]) -> tuple[bytes, list[lis
     """Buffers packed back to back, and their (name, shape, dtype, offset, nbytes) records."""
     parts, records, off = [], [], 0
     for name, arr in buffers:
-        a = np.ascontiguousarray(arr)
+        a = np.require(arr, requirements="C")  # np.ascontiguousarray would turn a 0-dim buffer into 1-dim
         b = a.tobytes()
         records.append([name, list(a.shape), str(a.dtype), off, len(b)])
         parts.append(b)
