@@ -826,6 +826,7 @@ def _check_output(top: StoreIO, out: str, overwrite: bool) -> tuple[dict | None,
             f"even with overwrite=True: choose a new or empty folder for out="
         )
     prev = _read_marker(top, out)
+    _check_owned_keys(top, out, prev["owned"])  # before anything is written or removed
     claimed = {k.split("/", 1)[0] for k in prev["owned"]} | {MARKER}
     foreign = [n for n in names if n not in claimed and not any(n.startswith(c + ".tmp-") for c in claimed)]
     if foreign:
@@ -867,7 +868,40 @@ def _claim(top: StoreIO, marker: dict, prev: dict | None) -> None:
         _remove_owned(top, prev["owned"])
 
 
+def _outside_key(top: StoreIO, key: object) -> str | None:
+    """Why a key a marker lists does not lie inside the output folder (None: it does).
+
+    A key is relative to ``out`` and normalized: no absolute path, no drive or URL, no empty,
+    ``.`` or ``..`` part. On a local disk it must also resolve (links followed) inside ``out``.
+    """
+    if not isinstance(key, str) or not key:
+        return "it is not a non-empty key"
+    if key.startswith("/") or "\\" in key or "://" in key or (len(key) > 1 and key[1] == ":"):
+        return "it is an absolute path"
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        return "it is not a normalized key inside the output (an empty, '.' or '..' part)"
+    if top.protocol == "file":
+        root = os.path.realpath(top.root)
+        real = os.path.realpath(top.path(key))
+        if not real.startswith(root.rstrip(os.sep) + os.sep):
+            return f"it resolves to {real}, outside {root} (through a link)"
+    return None
+
+
+def _check_owned_keys(top: StoreIO, out: str, owned: Sequence[object]) -> None:
+    """Refuse a marker that lists anything outside ``out``: only what lies inside it may ever be removed."""
+    for key in owned:
+        why = _outside_key(top, key)
+        if why is not None:
+            raise FileExistsError(
+                f"the synthesis marker {out}/{MARKER} lists {key!r} among the keys it owns, but {why}; dist-ema "
+                f"only ever removes what lies inside out= and removed nothing. The marker was edited or damaged: "
+                f"check {out}, and remove its content by hand or choose another out="
+            )
+
+
 def _remove_owned(top: StoreIO, owned: Sequence[str]) -> None:
+    _check_owned_keys(top, top.url, owned)  # all of them first: a bad marker removes nothing
     for key in owned:
         top.remove(key)
     if top.protocol == "file":  # folders of owned files, once empty (a user's file keeps its folder)
