@@ -82,6 +82,35 @@ def test_lightning_with_gradient_accumulation_validation_swap_and_checkpoint_res
         assert torch.equal(store.read(10, 0.10, k), v), k
 
 
+def _continued_run(out, phase: str) -> dict:
+    """Run the Lightning app's ``phase`` under DDP; check that its EMA covers all 10 steps of both fits."""
+    pytest.importorskip("lightning")
+    _torchrun(str(ROOT / "tests" / "apps" / "lightning_app.py"), str(out), phase, "ddp")
+    res = torch.load(out / f"{phase}.pt", weights_only=True)
+    assert len(res["trajectory"]) == 10 and res["clock"] == (10, 10.0, 10)
+    for s in SIGMAS:
+        _check(res["ema"][s], res["trajectory"], s, phase)
+    store = open_store(str(out / "store"))
+    assert [x.step for x in store.snapshots()] == [2, 4, 6, 8, 10]
+    for k, v in res["ema"][0.10].items():
+        assert torch.equal(store.read(10, 0.10, k), v), k
+    return res
+
+
+@pytest.mark.timeout(300)
+def test_lightning_second_fit_on_the_same_trainer_continues_the_ema(tmp_path):
+    # fit to step 6, then fit again on the same Trainer to step 10: the EMA reopens from its store
+    _continued_run(tmp_path, "twice")
+
+
+@pytest.mark.timeout(300)
+def test_lightning_resumes_from_a_linked_last_checkpoint(tmp_path):
+    # ModelCheckpoint(save_last="link"): last.ckpt is a link to the step checkpoint, whose EMA folder sits beside it
+    _continued_run(tmp_path, "link")
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.is_symlink() and not (tmp_path / "ckpt" / "last.ckpt.dist_ema").exists()
+
+
 # accelerate launch flags per plugin; on CPU the app helps Accelerate with FSDP and DeepSpeed (see the app)
 ACCELERATE_MODES = {
     # "--multi_gpu" starts the processes with torchrun, Accelerator(cpu=True) joins them with gloo ("--cpu" on CPU

@@ -3,7 +3,9 @@
     torchrun --nproc-per-node 2 tests/apps/lightning_app.py OUT PHASE STRATEGY
 
 Phase "a" trains 6 optimizer steps (accumulate_grad_batches=2) and saves a checkpoint; phase "b"
-resumes it to step 10. Rank 0 writes what the test compares with a brute-force EMA: the weights
+resumes it to step 10. Phase "twice" trains 6 steps, then 4 more with a second ``fit()`` on the same Trainer;
+phase "link" trains 6 steps with ``ModelCheckpoint(save_last="link")``, then a new Trainer resumes from the
+link ``last.ckpt`` to step 10. Rank 0 writes what the test compares with a brute-force EMA: the weights
 after every optimizer step, the weights validation saw, the weights after validation, the EMA.
 """
 
@@ -115,18 +117,45 @@ def make_strategy(name: str):
     return CPUFSDPStrategy(process_group_backend="gloo", state_dict_type="sharded")
 
 
+def make_trainer(strategy, cb: PostHocEMACallback, rec: Recorder, max_steps: int, *extra: L.Callback) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=max_steps, accumulate_grad_batches=2,
+                     limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=bool(extra),
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, rec, *extra])
+
+
+def make_callback(out: Path) -> PostHocEMACallback:
+    return PostHocEMACallback(sigma_rels=SIGMAS, store=str(out / "store"), snapshot_every=2, validate_with=0.10)
+
+
+def run_phase(out: Path, phase: str, strategy) -> tuple[L.Trainer, PostHocEMACallback, Recorder, Net]:
+    """Train one phase; returns the last trainer, its callback, the recorder and the model."""
+    cb, rec, model = make_callback(out), Recorder(), Net()
+    if phase in ("a", "b"):
+        trainer = make_trainer(strategy, cb, rec, 6 if phase == "a" else 10)
+        trainer.fit(model, ckpt_path=None if phase == "a" else str(out / "a.ckpt"))
+        if phase == "a":
+            trainer.save_checkpoint(str(out / "a.ckpt"))
+    elif phase == "twice":  # a second fit() on the same Trainer continues training, and the EMA with it
+        trainer = make_trainer(strategy, cb, rec, 6)
+        trainer.fit(model)
+        trainer.fit_loop.epoch_loop.max_steps = 10
+        trainer.fit(model)
+    elif phase == "link":  # ModelCheckpoint's last.ckpt is a link; a new Trainer resumes from the link
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        ckpt = ModelCheckpoint(dirpath=str(out / "ckpt"), every_n_train_steps=2, save_top_k=1, save_last="link")
+        make_trainer(strategy, cb, rec, 6, ckpt).fit(model)
+        cb, model = make_callback(out), Net()
+        trainer = make_trainer(strategy, cb, rec, 10)
+        trainer.fit(model, ckpt_path=str(out / "ckpt" / "last.ckpt"))
+    else:
+        raise ValueError(f"unknown phase {phase!r}")
+    return trainer, cb, rec, model
+
+
 def main() -> None:
     out, phase, strategy = Path(sys.argv[1]), sys.argv[2], make_strategy(sys.argv[3])
-    cb = PostHocEMACallback(sigma_rels=SIGMAS, store=str(out / "store"), snapshot_every=2, validate_with=0.10)
-    rec = Recorder()
-    model = Net()
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=6 if phase == "a" else 10,
-                        accumulate_grad_batches=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[cb, rec])
-    trainer.fit(model, ckpt_path=None if phase == "a" else str(out / "a.ckpt"))
-    if phase == "a":
-        trainer.save_checkpoint(str(out / "a.ckpt"))
+    trainer, cb, rec, model = run_phase(out, phase, strategy)
     ema = {s: cb.ema.full_state_dict(sigma_rel=s) for s in SIGMAS}
     if trainer.global_rank == 0:
         torch.save({"trajectory": rec.trajectory, "validation": model.seen_in_validation,
