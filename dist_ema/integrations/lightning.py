@@ -16,7 +16,10 @@
   torch.distributed.checkpoint to ``<path>.dist_ema/`` (every rank its own shards; removed with the
   checkpoint), and the callback's state in the checkpoint records it; ``fit(ckpt_path=path)`` loads it
   back (any world size: DCP reshards);
-- flushes and closes the EMA at the end of fit (``ema.close()``).
+- flushes and closes the EMA at the end of fit (``ema.close()``); a later ``fit()`` on the same Trainer
+  reopens it (from the store's newest snapshot, as a restart; without a store the in-memory state);
+- ``fit(ckpt_path=...)`` follows a link (``ModelCheckpoint(save_last="link")``'s ``last.ckpt``) to the
+  checkpoint it names, whose EMA folder sits beside it.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class PostHocEMACallback(Callback):
         self._pending: str | None = None  # DCP folder to load once the EMA exists
         self._load_path: str | None = None
         self._wrapped = None
+        self._closed = False  # the EMA was closed at the end of a fit()
 
     @property
     def state_key(self) -> str:
@@ -79,17 +83,32 @@ class PostHocEMACallback(Callback):
         self._wrap_strategy(trainer.strategy)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.ema is None:
-            kwargs = dict(self.ema_kwargs)
-            if self._pending is not None and kwargs.get("store") is not None:
-                kwargs.setdefault("resume", True)  # the store holds this run's snapshots
-            self.ema = PostHocEMA(trainer.strategy.model, **kwargs)
+        if self.ema is None or self._closed:
+            self.ema = self._open(trainer.strategy.model, previous=self.ema)
+            self._closed = False
         if self._pending is not None:
             import torch.distributed.checkpoint as dcp
 
             path, self._pending = self._pending, None
             dcp.load({"ema": self.ema}, checkpoint_id=path)
         self._seen_step = trainer.global_step
+
+    def _open(self, model, previous: PostHocEMA | None) -> PostHocEMA:
+        """The EMA of ``model`` (the strategy's, wrapped anew by every ``fit()``).
+
+        A later ``fit()`` on the same Trainer finds the previous fit's EMA closed: with a store it is
+        reopened from the store's newest snapshot (which ``close()`` made the final state), as a restart
+        would; without one the in-memory state is carried over (same sharding). A checkpoint given
+        as ``ckpt_path`` is loaded over either afterwards.
+        """
+        kwargs = dict(self.ema_kwargs)
+        reopen = previous is not None
+        if (reopen or self._pending is not None) and kwargs.get("store") is not None:
+            kwargs["resume"] = kwargs.get("resume") or True  # the store holds this run's snapshots
+        ema = PostHocEMA(model, **kwargs)
+        if reopen and kwargs.get("store") is None:
+            ema.load_state_dict(previous.per_rank_state_dict())
+        return ema
 
     def _wrap_strategy(self, strategy) -> None:
         """Route the strategy's checkpoint save/load/remove through the EMA too (on every rank)."""
@@ -105,7 +124,8 @@ class PostHocEMACallback(Callback):
             return save(checkpoint, filepath, *args, **kwargs)
 
         def load_checkpoint(checkpoint_path, *args, **kwargs):
-            cb._load_path = os.fspath(checkpoint_path)
+            # ModelCheckpoint(save_last="link") makes last.ckpt a link: the EMA folder sits beside its target
+            cb._load_path = _resolve_link(os.fspath(checkpoint_path))
             return load(checkpoint_path, *args, **kwargs)
 
         def remove_checkpoint(filepath, *args, **kwargs):
@@ -165,8 +185,9 @@ class PostHocEMACallback(Callback):
             swap.close()  # the training weights back, exactly
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if self.ema is not None:
-            self.ema.close()
+        if self.ema is not None and not self._closed:
+            self.ema.close()  # kept for full_state_dict() and save_checkpoint(); a later fit() reopens it
+            self._closed = True
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if self._swap is not None:
@@ -175,6 +196,14 @@ class PostHocEMACallback(Callback):
             self._swap = None
         if self.ema is not None and self.ema.snapshots is not None:
             self.ema.snapshots.abandon()  # no collectives: the other ranks may not be here
+        self._closed = self.ema is not None  # a later fit() opens a new EMA
+
+
+def _resolve_link(path: str) -> str:
+    """``path`` with symbolic links resolved (local paths only: a URL is returned as it is)."""
+    if "://" in path or not os.path.islink(path):
+        return path
+    return os.path.realpath(path)
 
 
 def _ema_dir(filepath) -> str:
