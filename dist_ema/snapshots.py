@@ -10,11 +10,26 @@ store (NumPy + zarr in a writer process). Per snapshot, on every rank:
    all_gather, also once between snapshots); snapshots finished on *every* rank are
    committed by rank 0 (metadata, then the marker, written last), and retention runs;
    a failed write raises one clear error on every rank.
+
+Liveness and endings without close():
+
+- The owner's heartbeat (``jobs/<job>.json``, rank 0) is beaten by the writer (store/writer.py)
+  every ``store.io.HEARTBEAT_SECONDS`` on its own clock, not by ``update()``: a job that spends
+  longer than the staleness limit in evaluation, a checkpoint save or a debugger is still seen
+  alive, and a second job started with resume=True is refused. It stops at close().
+- Ctrl-C: the writer process runs in a session of its own, so SIGINT interrupts only the
+  trainer; the exit hook then commits the pending snapshots of a one-process run (several
+  ranks: each rank names the snapshots it could not commit; they are removed at the next start).
+- A PostHocEMA garbage-collected without close() (the manager holds it only weakly, so the
+  two are no cycle that hides it): a finalizer commits its pending snapshots (one process) or
+  names them (several ranks, no collectives), stops the writer, frees its shared memory and
+  gives up the store's ownership, with a warning to call close().
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import secrets
 import time
@@ -35,10 +50,10 @@ from dist_ema.collective import (
 )
 from dist_ema.config import SnapshotConfig
 from dist_ema.staging import Stager, Ticket
+from dist_ema.store import io as store_io
 from dist_ema.store.format import SnapshotMeta, data_prefix, job_key, step_of
 from dist_ema.store.fs import StoreError, StoreIO, redact
 from dist_ema.store.io import (
-    HEARTBEAT_SECONDS,
     claim_store,
     ensure_store,
     job_doc,
@@ -52,7 +67,7 @@ from dist_ema.store.io import (
 from dist_ema.store.layout import Layout, param_mismatch, snapshot_id
 from dist_ema.store.reader import SnapshotStore
 from dist_ema.store.retention import thin_evenly
-from dist_ema.store.writer import SnapshotWriter, WriterSpec
+from dist_ema.store.writer import Heartbeat, SnapshotWriter, WriterSpec
 
 __all__ = ["SnapshotConfig", "SnapshotManager"]
 
@@ -76,10 +91,14 @@ def read_pieces(reader: SnapshotStore, snap, profile: int, pieces, offsets) -> n
 
 
 class SnapshotManager:
-    """Owns one rank's writer and the commit protocol for a :class:`~dist_ema.tracker.PostHocEMA`."""
+    """Owns one rank's writer and the commit protocol for a :class:`~dist_ema.tracker.PostHocEMA`.
+
+    It refers to its EMA weakly (the EMA owns it): an EMA dropped without close() is collected
+    and its finalizer (:meth:`_collected`) ends the snapshots cleanly.
+    """
 
     def __init__(self, ema, config: SnapshotConfig, resume: bool = False) -> None:
-        self.ema = ema
+        self._ema = weakref.ref(ema)
         self.config = config
         # dist-ema's own gloo group over every rank (ownership is world-wide: HSDP replicas own
         # nothing but take part), with its own timeout: a stuck rank fails the others in bounded time
@@ -118,6 +137,17 @@ class SnapshotManager:
             self._release_owner()
             raise
         _LIVE.add(self)
+        # holds this manager (not the EMA) until the EMA is collected or close() detaches it
+        self._finalizer = weakref.finalize(ema, SnapshotManager._collected, self)
+        self._finalizer.atexit = False  # at exit _close_at_exit does the same for live EMAs
+
+    @property
+    def ema(self):
+        """The PostHocEMA these snapshots are of (it is alive whenever one of its methods calls here)."""
+        ema = self._ema()
+        if ema is None:
+            raise StoreError("the PostHocEMA of these snapshots was garbage-collected; nothing more can be taken")
+        return ema
 
     def _start_writer(self) -> SnapshotWriter:
         writer, err = None, None
@@ -281,17 +311,13 @@ class SnapshotManager:
             p.ticket = None
 
     def before_update(self) -> None:
-        """Called by update() before it changes the EMA: order it after queued copies; submit finished ones."""
+        """Called by update() before it changes the EMA: order it after queued copies; submit finished ones.
+
+        (The owner's heartbeat is not beaten here but by the writer, on its own clock.)
+        """
         if self.pending:
             self.stager.order_update()
             self.submit_staged()
-        if self._owner and time.monotonic() - self._beat > HEARTBEAT_SECONDS:  # rank 0: still alive
-            self._beat = time.monotonic()
-            try:
-                self._heartbeats.add(self.writer.submit({"kind": "heartbeat", "key": job_key(self.job),
-                                                         "doc": job_doc(self.job)}))
-            except StoreError:
-                pass  # a dead writer is reported at the next exchange
 
     def _stage(self, slot: int, buffers: list[torch.Tensor]) -> Ticket:
         # a rank that owns nothing (a small model on many ranks) stages no data; it still commits with the rest
@@ -368,8 +394,11 @@ class SnapshotManager:
         cfg = self.config
         spec = WriterSpec(self.rank, self.ema.owned_numel, len(self.ema.profiles), cfg.dtype, cfg.compression,
                           cfg.max_object_bytes)
-        self._heartbeats = set()
-        return SnapshotWriter(self.io, spec, mode=cfg.writer, slots=cfg.slots)
+        # the owner's heartbeat: the writer beats it, however long training goes without update()
+        # (the interval is read now, from the module, so that a test can shorten it)
+        heartbeat = (Heartbeat(job_key(self.job), json.loads(job_doc(self.job)), float(store_io.HEARTBEAT_SECONDS))
+                     if self._owner else None)
+        return SnapshotWriter(self.io, spec, mode=cfg.writer, slots=cfg.slots, heartbeat=heartbeat)
 
     def _collect(self, block: bool):
         """This rank's writer results (local, never raises): done, failed, commits done/failed, death."""
@@ -381,9 +410,6 @@ class SnapshotManager:
         if dead is None:
             try:
                 self.writer.poll()
-                for jid in [j for j in self._heartbeats if self.writer.done(j) is not None]:
-                    self._heartbeats.discard(jid)
-                    self.writer.pop_result(jid)  # a failed heartbeat is harmless: the next one retries
                 for p in self.pending:
                     if p.snap in mine_failed or p.jid is None:
                         continue
@@ -471,8 +497,8 @@ class SnapshotManager:
         if self._closed:
             return
         try:
-            clock = self.ema.clock
-            if (final_snapshot and self.config.snapshot_every is not None and clock.updates > 0
+            clock = self.ema.clock if final_snapshot else None  # a collected EMA closes without one
+            if (clock is not None and self.config.snapshot_every is not None and clock.updates > 0
                     and self.last_step != clock.step and self.last_t != clock.t_updated):
                 before = self.last_step
                 self.flush()  # free the staging slots: a final snapshot is never skipped as "behind"
@@ -483,44 +509,63 @@ class SnapshotManager:
                              "ema.close(final_snapshot=False) skips it", clock.step, since, clock.step - (before or 0))
             self.flush()
         finally:
-            self._closed = True
-            _LIVE.discard(self)
-            if self.stager is not None:
-                self.stager.close()
-            self.writer.close()
+            self._stop()
+            self.writer.close()  # its heartbeat stops before the job's record is removed
             self._release_owner()
+
+    def _stop(self) -> None:
+        """Mark closed: no exit hook or finalizer runs for this manager any more."""
+        self._closed = True
+        _LIVE.discard(self)
+        self._finalizer.detach()
+        if self.stager is not None:
+            self.stager.close()
 
     def abandon(self) -> None:
         """Stop the writer without collectives (an exception is propagating, maybe on this rank only)."""
         if self._closed:
             return
-        self._closed = True
-        _LIVE.discard(self)
-        if self.stager is not None:
-            self.stager.close()
+        self._stop()
         if self.writer is not None:
             self.writer.close(timeout=30)
         self._release_owner()
 
     def _at_exit(self) -> None:
         """The interpreter exits without close(): commit when that is safe (one process), else say what is lost."""
+        self._end_without_close("the program ended without ema.close()", "at exit", always=False)
+
+    def _collected(self) -> None:
+        """Finalizer: the PostHocEMA was garbage-collected without close() (a local of a function that returned).
+
+        Runs wherever the collection happened (any thread, between any two lines of the user's
+        code), so it takes no collectives: with several ranks the others may be anywhere.
+        """
+        self._end_without_close("a PostHocEMA was garbage-collected without ema.close()",
+                                "when it was collected", always=True)
+
+    def _end_without_close(self, what: str, when: str, always: bool) -> None:
+        """Commit the pending snapshots when that is safe (one process), else name them; free everything.
+
+        ``always``: warn even when nothing was pending (the store's ownership and the writer were
+        held until now).
+        """
         if self._closed:
             return
         lost = [p.snap for p in self.pending] + list(self.unconfirmed)
         if self.world == 1:  # the world size at start: a destroyed process group must not look like one rank
             try:
                 self.close()
-                if lost:
-                    log.warning("dist-ema: the program ended without ema.close(); committed the pending "
-                                "snapshot(s) %s of %s at exit. Call ema.close() at the end of training", lost,
-                                self.io.url)
+                if lost or always:
+                    log.warning("dist-ema: %s; committed the pending snapshot(s) %s of %s %s and released the "
+                                "store. Call ema.close() at the end of training", what, lost, self.io.url, when)
                 return
-            except Exception as e:  # noqa: BLE001 - at exit: report, never raise
-                log.error("dist-ema: committing the pending snapshot(s) %s at exit failed: %s", lost, e)
-        elif lost:
-            log.warning("dist-ema: rank %d: the program ended without ema.close(): snapshot(s) %s of %s are NOT "
-                        "committed (they are removed at the next start); call ema.close() on every rank at the "
-                        "end of training", self.rank, lost, self.io.url)
+            except Exception as e:  # noqa: BLE001 - at exit or in a finalizer: report, never raise
+                log.error("dist-ema: %s; committing the pending snapshot(s) %s of %s %s failed: %s", what, lost,
+                          self.io.url, when, e)
+        elif lost or always:
+            log.warning("dist-ema: rank %d: %s: snapshot(s) %s of %s are NOT committed (they are removed at the "
+                        "next start); call ema.close() on every rank at the end of training", self.rank, what,
+                        lost, self.io.url)
         self.abandon()
 
     # ------------------------------------------------------------------ resume

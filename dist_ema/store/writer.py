@@ -13,16 +13,34 @@ the oldest (backpressure), with a logged warning.
 Jobs and results (plain dicts over a pipe):
     {"kind": "data", "id", "snap", "prefix", "slot", "buffers": bytes | None} -> {"id", "ok", "error", "bytes", ...}
     {"kind": "commit", "id", "snap", "meta", "remove": [...], "owner": job | None} -> same
-    {"kind": "heartbeat", "id", "key", "doc"}                                   -> same
 
 A data job writes only under ``prefix``, the job's own attempt folder of the snapshot.
+
+Lifecycle of the writer process:
+
+- It runs in a session of its own, so a Ctrl-C (SIGINT to the terminal's foreground
+  process group) reaches only the trainer; the trainer's exit hook then still has a
+  writer to commit its pending snapshots with. SIGINT is ignored in it as well.
+- It never outlives the trainer: a thread checks every ``_WATCH_SECONDS`` that its parent
+  is still the trainer; once the trainer is gone (SIGKILL, a crash) the writer unlinks the
+  staging slots and exits at once, whatever it was writing (a torn attempt, cleaned up at
+  the next start).
+- The owner's heartbeat (rank 0: ``jobs/<job>.json``, see store/io.py ``job_doc``) is
+  rewritten by the writer every ``Heartbeat.every`` seconds on its own clock (a thread of
+  the writer process; of the trainer in "thread" and "sync" modes), however long training
+  goes without ``update()``; it stops before :meth:`SnapshotWriter.close` returns, so a job
+  record removed after close() is never written again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
+import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -40,9 +58,11 @@ from dist_ema.store.format import STORAGE_DTYPES, geometry, np_dtype
 from dist_ema.store.fs import StoreError, StoreIO
 from dist_ema.store.io import check_owner, commit_snapshot, remove_snapshot, write_buffers, write_rank_data
 
-__all__ = ["SnapshotWriter", "WriterSpec"]
+__all__ = ["Heartbeat", "SnapshotWriter", "WriterSpec"]
 
 log = logging.getLogger("dist_ema")
+
+_WATCH_SECONDS = 0.5  # how often a writer process checks that its trainer still lives
 
 
 @dataclass(frozen=True)
@@ -59,6 +79,71 @@ class WriterSpec:
     @property
     def slot_bytes(self) -> int:
         return max(1, self.numel * self.profiles * STORAGE_DTYPES[self.dtype])
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """The owner's liveness record: ``doc`` (a JSON object) written to ``key`` every ``every`` seconds.
+
+    Each write sets ``last_seen`` to the time of writing. ``every`` comes from the caller (store/io.py
+    ``HEARTBEAT_SECONDS``, read when the writer starts), so a test can shorten it.
+    """
+
+    key: str
+    doc: dict
+    every: float  # seconds
+
+
+class _Watch:
+    """A daemon thread that beats the heart when due and, in a writer process, ends it once the trainer is gone.
+
+    ``parent``: the trainer's pid, or None in the trainer itself ("thread"/"sync" writers). A
+    parent that died makes this process an orphan (``os.getppid()`` changes): ``on_orphan`` runs.
+    """
+
+    def __init__(self, io: StoreIO, heartbeat: Heartbeat | None, parent: int | None = None, on_orphan=None) -> None:
+        self.io, self.heartbeat, self.parent, self.on_orphan = io, heartbeat, parent, on_orphan
+        self._stop = threading.Event()
+        self._failures = 0
+        self._thread = threading.Thread(target=self._run, daemon=True, name="dist-ema-watch")
+        self._thread.start()
+
+    def _run(self) -> None:
+        hb = self.heartbeat
+        due = time.monotonic() + hb.every if hb is not None else math.inf
+        watch = _WATCH_SECONDS if self.parent is not None else math.inf
+        while True:
+            wait = min(watch, due - time.monotonic())
+            if self._stop.wait(None if wait == math.inf else max(0.0, wait)):
+                return
+            if self.parent is not None and os.getppid() != self.parent:
+                self.on_orphan()
+                return
+            if time.monotonic() >= due:
+                self._beat()
+                due = time.monotonic() + hb.every
+
+    def _beat(self) -> None:
+        hb = self.heartbeat
+        try:
+            self.io.put(hb.key, json.dumps(dict(hb.doc, last_seen=time.time())).encode())
+            self._failures = 0
+        except Exception as e:  # noqa: BLE001 - the next beat retries; a job unseen for long may be taken over
+            self._failures += 1
+            log.log(logging.WARNING if self._failures == 1 else logging.DEBUG,
+                    "dist-ema: writing the heartbeat %s/%s failed (%s: %s); retried every %.0f s. A job not seen "
+                    "for the store's staleness limit can be taken over by a job started with resume=True",
+                    self.io.url, hb.key, type(e).__name__, e, hb.every)
+
+    def stop(self) -> None:
+        """No beat after this returns (one in progress finishes first)."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+def _watch(io: StoreIO, heartbeat: Heartbeat | None, parent: int | None = None, on_orphan=None) -> _Watch | None:
+    return _Watch(io, heartbeat, parent, on_orphan) if heartbeat is not None or parent is not None else None
 
 
 def _execute(io: StoreIO, spec: WriterSpec, slot_buf: memoryview | None, job: dict) -> dict:
@@ -78,8 +163,6 @@ def _execute(io: StoreIO, spec: WriterSpec, slot_buf: memoryview | None, job: di
         commit_snapshot(io, job["snap"], job["meta"])
         for snap in job.get("remove") or []:
             remove_snapshot(io, snap)
-    elif job["kind"] == "heartbeat":
-        io.put(job["key"], job["doc"])
     else:
         raise ValueError(f"unknown writer job {job['kind']!r}")
     return {"id": job["id"], "ok": True, "error": None, "bytes": nbytes, "seconds": time.perf_counter() - t0}
@@ -101,13 +184,31 @@ def _attach(name: str) -> shared_memory.SharedMemory:
     return shm
 
 
-def _process_main(conn, io: StoreIO, spec: WriterSpec, shm_names: Sequence[str]) -> None:
+def _orphaned(shm_names: Sequence[str]) -> None:
+    """The trainer died without closing this writer: nobody is left to read a result or free the slots.
+
+    The slots' names are unlinked here (the trainer's resource tracker may have done it already, or
+    died with it) and the process ends at once, also when the main thread is inside a write.
+    """
+    import _posixshmem  # what SharedMemory.unlink calls, without this process's resource tracker
+
+    for n in shm_names:
+        with contextlib.suppress(OSError):
+            _posixshmem.shm_unlink("/" + n)
+    os._exit(0)
+
+
+def _process_main(conn, io: StoreIO, spec: WriterSpec, shm_names: Sequence[str], heartbeat: Heartbeat | None,
+                  parent: int) -> None:
     shms = [_attach(n) for n in shm_names]
+    watch = _watch(io, heartbeat, parent, lambda: _orphaned(shm_names))
     try:
         while True:
             try:
                 job = conn.recv()
             except (EOFError, OSError):  # the trainer exited (or closed the pipe): nothing to report to
+                if os.getppid() != parent:
+                    _orphaned(shm_names)
                 return
             if job is None:
                 return
@@ -127,6 +228,8 @@ def _process_main(conn, io: StoreIO, spec: WriterSpec, shm_names: Sequence[str])
             except OSError:  # the trainer is gone
                 return
     finally:
+        if watch is not None:
+            watch.stop()  # the last beat is written before the trainer removes the job's record
         for s in shms:
             s.close()
 
@@ -135,15 +238,18 @@ class SnapshotWriter:
     """Per-rank writer with ``slots`` shared-memory staging buffers.
 
     ``stage_view(slot)`` gives the slot as a NumPy byte buffer for the training thread to
-    fill; ``submit`` queues a job; ``poll``/``wait`` collect results.
+    fill; ``submit`` queues a job; ``poll``/``wait`` collect results. With ``heartbeat`` (the
+    store's owner, rank 0) the writer also keeps the owner's heartbeat, until :meth:`close`.
     """
 
-    def __init__(self, io: StoreIO, spec: WriterSpec, *, mode: str = "process", slots: int = 2) -> None:
+    def __init__(self, io: StoreIO, spec: WriterSpec, *, mode: str = "process", slots: int = 2,
+                 heartbeat: Heartbeat | None = None) -> None:
         if mode not in ("process", "thread", "sync"):
             raise ValueError(f"writer must be 'process', 'thread' or 'sync'; got {mode!r}")
         if slots < 1:
             raise ValueError(f"slots must be >= 1; got {slots}")
-        self.io, self.spec, self.mode = io, spec, mode
+        self.io, self.spec, self.mode, self.heartbeat = io, spec, mode, heartbeat
+        self._watch: _Watch | None = None
         self._shms: list[shared_memory.SharedMemory] = []
         self.free = list(range(slots))
         self._job_slot: dict[int, int | None] = {}
@@ -164,16 +270,20 @@ class SnapshotWriter:
         io, spec, mode = self.io, self.spec, self.mode
         if mode == "process":
             # a fresh interpreter running this module: unlike multiprocessing's spawn it never re-imports
-            # the user's training script (which may lack an `if __name__ == "__main__"` guard)
+            # the user's training script (which may lack an `if __name__ == "__main__"` guard). A session
+            # of its own: a Ctrl-C in the terminal interrupts the trainer, never the writer that its exit
+            # hook needs to commit (the writer watches the trainer's pid to end with it instead)
             parent_sock, child_sock = socket.socketpair()
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "dist_ema.store.writer", str(child_sock.fileno())],
-                pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
+                [sys.executable, "-m", "dist_ema.store.writer", str(child_sock.fileno()), str(os.getpid())],
+                pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, close_fds=True, start_new_session=True,
             )
             child_sock.close()
             self._conn = Connection(parent_sock.detach())
-            self._conn.send((io, spec, [s.name for s in self._shms]))
-        elif mode == "thread":
+            self._conn.send((io, spec, [s.name for s in self._shms], self.heartbeat))
+            return
+        self._watch = _watch(io, self.heartbeat)  # this process beats the heart
+        if mode == "thread":
             self._q: queue.Queue = queue.Queue()
             self._out: queue.Queue = queue.Queue()
             self._thread = threading.Thread(target=self._thread_main, daemon=True, name="dist-ema-writer")
@@ -333,6 +443,8 @@ class SnapshotWriter:
                 self._q.put(None)
                 self._thread.join(timeout)
         finally:
+            if self._watch is not None:
+                self._watch.stop()
             self._release()
 
     def _release(self) -> None:
@@ -344,14 +456,17 @@ class SnapshotWriter:
                 pass
 
 
-def _child_entry(fd: int) -> None:
+def _child_entry(fd: int, parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a SIGINT meant for the trainer's group never ends a write
+    if os.getppid() != parent:  # the trainer died while this interpreter started
+        return
     conn = Connection(fd)
     try:
-        io, spec, names = conn.recv()
+        io, spec, names, heartbeat = conn.recv()
     except (EOFError, OSError):  # the trainer exited before sending the set-up
         return
-    _process_main(conn, io, spec, names)
+    _process_main(conn, io, spec, names, heartbeat, parent)
 
 
 if __name__ == "__main__":
-    _child_entry(int(sys.argv[1]))
+    _child_entry(int(sys.argv[1]), int(sys.argv[2]))
