@@ -164,16 +164,22 @@ class Ranges:
             while got < want:
                 n = os.preadv(fd, [buf[got:]], start + got)
                 if n == 0:
-                    raise TruncatedObjectError(f"{self.io.url}/{key} ends at byte {start + got}; "
-                                               f"{start + want} expected (the object is truncated)")
+                    raise TruncatedObjectError(f"{self.io.url}/{key}", start + got, f"at least {start + want}")
                 got += n
             return
         path = self.io.path(key)
-        data = retry(lambda: self.io.fs.cat_file(path, start=start, end=start + want), f"read {self.io.url}/{key}",
-                     self.io.attempts)
+        try:
+            data = retry(lambda: self.io.fs.cat_file(path, start=start, end=start + want),
+                         f"read {self.io.url}/{key}", self.io.attempts)
+        except OSError as e:  # a range that starts past the end is refused (416 InvalidRange), not answered short
+            if isinstance(e, (FileNotFoundError, StoreError)):
+                raise
+            size = self.size(key)
+            if start + want <= size:
+                raise
+            raise TruncatedObjectError(f"{self.io.url}/{key}", size, f"at least {start + want}") from e
         if len(data) != want:
-            raise TruncatedObjectError(f"{self.io.url}/{key}: {len(data)} bytes at {start}, {want} expected "
-                                       f"(the object is truncated)")
+            raise TruncatedObjectError(f"{self.io.url}/{key}", start + len(data), f"at least {start + want}")
         buf[:] = data
 
     def size(self, key: str) -> int:
@@ -204,7 +210,19 @@ class Ranges:
 
 
 class TruncatedObjectError(StoreError):
-    """An object shorter than its format says."""
+    """An object shorter than its format says.
+
+    ``detail`` is the part without the object's name ("truncated: N bytes, expected M"), so
+    that a reader can name the snapshot, rank and profile the object belongs to instead.
+    """
+
+    def __init__(self, where: str, size: int, expected: int | str) -> None:
+        self.where, self.size, self.expected = where, size, expected
+        self.detail = f"truncated: {size} bytes, expected {expected}"
+        super().__init__(f"{where}: {self.detail}")
+
+    def __reduce__(self):  # picklable with its arguments (errors cross process boundaries)
+        return type(self), (self.where, self.size, self.expected)
 
 
 def ensure_store(io: StoreIO, *, create: bool) -> dict:
@@ -326,32 +344,66 @@ def read_commits(io: StoreIO, snaps: list[str] | None = None) -> tuple[list[Comm
     return done, torn
 
 
-def retire_snapshots(io: StoreIO, snaps: list[str], job: str, restored_step: int, reason: str) -> str:
-    """Move committed snapshots of an abandoned trajectory to ``retired/<job>/`` (owner only).
+RETIRING = "retiring.json"  # a retirement's intent record: written create-only first, claims its folder
+RETIRED = "retired.json"  # a retirement's record: written create-only once every snapshot is in its folder
 
-    Crash-safe in this order: the data is copied (a rename on local disks), then the record
-    ``retired/<job>/retired.json`` is written, then the originals are removed, marker first.
-    A crash before the removal leaves the committed original (retired again at the next
-    restore); after it, at worst an uncommitted original, which start-up cleans up.
-    Returns the key of the folder that keeps them.
+
+def _claim_retirement(io: StoreIO, job: str, intent: dict) -> str:
+    """A retirement folder of its own, ``retired/<job>-r<k>``: claimed by a create-only intent record.
+
+    Never reused: every rollback of a job gets the next free k, and the claim is create-only,
+    so no retirement ever writes into another's folder (their bytes are kept as they were).
     """
-    base = f"retired/{job}"
-    for snap in snaps:
-        src, dst = io.path(f"snapshots/{snap}"), io.path(f"{base}/{snap}")
-        if io.protocol == "file":
-            import os
+    taken = {n for n in io.list_dir("retired") if n.startswith(f"{job}-r")}
+    k = len(taken) + 1
+    for _ in range(1000):
+        base = f"retired/{job}-r{k}"
+        if base.rsplit("/", 1)[1] not in taken:
+            try:
+                io.put(f"{base}/{RETIRING}", json.dumps(intent, indent=1).encode(), exclusive=True)
+                return base
+            except FileExistsError:
+                pass
+        k += 1
+    raise StoreError(f"{io.url}: no free retirement folder for job {job} (retired/{job}-r1 .. -r{k}); the store's "
+                     f"retired/ folder is damaged")
 
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            os.rename(src, dst)  # atomic: the marker moves with its data
-            io.fs.invalidate_cache()
-            continue
-        files = retry(lambda src=src: io.fs.find(src), f"list {io.url}/snapshots/{snap}", io.attempts)
-        for f in files:
-            rel = f[len(src):].lstrip("/")
-            retry(lambda f=f, to=f"{dst}/{rel}": io.fs.copy(f, to), f"copy {f}", io.attempts)
+
+def _copy_snapshot(io: StoreIO, snap: str, base: str) -> None:
+    """Object stores: copy a snapshot's objects server-side into ``base``, its marker last.
+
+    The marker last: a copy that holds a marker holds all of its data.
+    """
+    src, dst = io.path(f"snapshots/{snap}"), io.path(f"{base}/{snap}")
+    files = retry(lambda: io.fs.find(src), f"list {io.url}/snapshots/{snap}", io.attempts)
+    files.sort(key=lambda f: f.endswith(f"/{COMMIT}"))
+    for f in files:
+        rel = f[len(src):].lstrip("/")
+        retry(lambda f=f, to=f"{dst}/{rel}": io.fs.copy(f, to), f"copy {f}", io.attempts)
+
+
+def retire_snapshots(io: StoreIO, snaps: list[str], job: str, restored_step: int, reason: str) -> str:
+    """Move committed snapshots of an abandoned trajectory to a folder of this retirement (owner only).
+
+    Every retirement (every rollback, also several in one job) gets a folder of its own,
+    ``retired/<job>-r<k>/``, claimed create-only by its intent record ``retiring.json`` before
+    a byte is moved; nothing is ever written into another retirement's folder. Crash-safe in
+    this order: the data is moved (a rename on local disks; on object stores a copy, each
+    snapshot's marker last), then the record ``retired.json`` is written (create-only), then
+    the originals are removed, marker first. A crash before the removal leaves the committed
+    original (retired again, into a new folder, at the next restore); after it, at worst an
+    uncommitted original, which start-up cleans up. Returns the key of the folder.
+    """
     record = {"steps": sorted(step_of(s) for s in snaps), "snapshots": sorted(snaps),
               "restored_step": restored_step, "job": job, "reason": reason, "time": time.time()}
-    io.put(f"{base}/retired.json", json.dumps(record, indent=1).encode())
+    base = _claim_retirement(io, job, record)
+    for snap in snaps:
+        if io.protocol == "file":
+            os.rename(io.path(f"snapshots/{snap}"), io.path(f"{base}/{snap}"))  # atomic: the marker moves with its data
+            io.fs.invalidate_cache()
+        else:
+            _copy_snapshot(io, snap, base)
+    io.put(f"{base}/{RETIRED}", json.dumps(dict(record, time=time.time()), indent=1).encode(), exclusive=True)
     if io.protocol != "file":
         for snap in snaps:
             remove_snapshot(io, snap)
@@ -359,18 +411,29 @@ def retire_snapshots(io: StoreIO, snaps: list[str], job: str, restored_step: int
 
 
 def read_retired(io: StoreIO) -> list[tuple[str, dict, list[Committed]]]:
-    """Retired trajectories: (folder key, record, their snapshots' markers), oldest first."""
+    """Retired trajectories: (folder key, record, their snapshots' markers), oldest first.
+
+    Every folder under ``retired/`` with a record: one per retirement (``<job>-r<k>``), and
+    the one-per-job folders (``<job>``) of stores written before retirements had their own.
+    """
     out = []
-    for job in io.list_dir("retired"):
-        base = f"retired/{job}"
+    for name in io.list_dir("retired"):
+        base = f"retired/{name}"
         try:
-            record = json.loads(io.get(f"{base}/retired.json"))
+            record = json.loads(io.get(f"{base}/{RETIRED}"))
         except FileNotFoundError:
-            continue  # a retirement still being copied (or interrupted): not complete
+            continue  # a retirement still being moved (or interrupted): see unfinished_retirements
         got = io.get_many([f"{base}/{s}/{COMMIT}" for s in record.get("snapshots", [])])
         snaps = [Committed(k.split("/")[-2], json.loads(v)) for k, v in got.items() if not isinstance(v, Exception)]
         out.append((base, record, sorted(snaps, key=lambda c: c.meta["step"])))
     return sorted(out, key=lambda x: x[1].get("time", 0))
+
+
+def unfinished_retirements(io: StoreIO) -> list[str]:
+    """Folders of retirements that were interrupted before their record (kept, never removed, not listed)."""
+    names = io.list_dir("retired")
+    got = io.get_many([f"retired/{n}/{RETIRED}" for n in names])
+    return [f"retired/{n}" for n in names if isinstance(got[f"retired/{n}/{RETIRED}"], Exception)]
 
 
 # ----------------------------------------------------------------------------- ownership

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -28,7 +29,15 @@ from dist_ema.store.format import (
     v1_geometry,
 )
 from dist_ema.store.fs import StoreError, StoreIO
-from dist_ema.store.io import Ranges, ensure_store, read_commits, read_layout
+from dist_ema.store.io import (
+    Ranges,
+    TruncatedObjectError,
+    ensure_store,
+    read_commits,
+    read_layout,
+    read_retired,
+    unfinished_retirements,
+)
 from dist_ema.store.layout import Layout, Read, merge_reads, plan_region
 
 __all__ = ["Snapshot", "SnapshotStore", "open_store"]
@@ -119,11 +128,23 @@ class SnapshotStore:
     def retired(self) -> list[Snapshot]:
         """Snapshots of abandoned trajectories (a restart from an older training checkpoint), oldest first.
 
-        They are kept under ``retired/<job>/`` and never used by synthesis; see docs/commit-protocol.md.
+        They are kept under ``retired/<job>-r<k>/`` (one folder per retirement) and never used by
+        synthesis; see docs/commit-protocol.md. The same step can appear once per retirement.
         """
-        from dist_ema.store.io import read_retired
+        return [s for _, _, snaps in self.retirements() for s in snaps]
 
-        return [_snapshot_from_meta(c.snap, c.meta) for _, _, snaps in read_retired(self.io) for c in snaps]
+    def retirements(self) -> list[tuple[str, dict, list[Snapshot]]]:
+        """One entry per retirement, oldest first: (its folder's key, its record, its snapshots).
+
+        The record says which steps were retired, the step the EMA was restored to, the job and
+        the time. Retirements interrupted before their record are in :meth:`unfinished_retirements`.
+        """
+        return [(base, record, [_snapshot_from_meta(c.snap, c.meta) for c in snaps])
+                for base, record, snaps in read_retired(self.io)]
+
+    def unfinished_retirements(self) -> list[str]:
+        """Keys of retirement folders without their record (a job stopped while retiring); kept as they are."""
+        return unfinished_retirements(self.io)
 
     def torn(self) -> list[str]:
         return read_commits(self.io)[1]
@@ -189,6 +210,11 @@ class SnapshotStore:
     def _read_index(self, key: str, g: Geometry) -> tuple[np.ndarray, int]:
         """A version-2 shard's index (its crc32c checked) and the shard's size in bytes."""
         size = self.ranges.size(key)
+        # a short shard is named as such before its index is looked for (at a negative offset, or in data bytes)
+        least = g.shard_bytes if g.compression is None else g.index_bytes
+        if size < least:
+            raise TruncatedObjectError(f"{self.url}/{key}", size, g.shard_bytes if g.compression is None
+                                       else f"at least {least}")
         raw = bytearray(g.index_bytes)
         self.ranges.read_into(key, size - g.index_bytes, memoryview(raw))
         return decode_index(raw, g.count, f"{self.url}/{key}"), size
@@ -259,6 +285,14 @@ class SnapshotStore:
         except FileNotFoundError as e:
             raise StoreError(f"{where}: an object is missing ({e}); the snapshot is damaged "
                              f"(run dist-ema ls --verify)") from e
+        except TruncatedObjectError as e:  # named by its snapshot, rank and profile, like the other problems
+            size, expected = e.size, e.expected
+            if snap.version >= 2 and e.where.endswith(key):
+                with contextlib.suppress(Exception):  # the object's own size, not where the read stopped
+                    size = self.ranges.size(key)
+                if codec is None:
+                    expected = g.shard_bytes
+            raise TruncatedObjectError(where, size, expected) from e
         except (ChecksumError, StoreError):
             raise
         except Exception as e:  # noqa: BLE001 - decode errors, truncated objects
