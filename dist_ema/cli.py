@@ -25,6 +25,7 @@ from dist_ema import phema
 __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("dist_ema")
+MAX_SCHEDULE = 10_000_000  # snapshots a schedule of `dist-ema error` may have (its arrays: ~0.5 GB per profile)
 
 
 def schedule_profiles(tracked: Sequence[float], snapshot_every: float, steps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -36,6 +37,10 @@ def schedule_profiles(tracked: Sequence[float], snapshot_every: float, steps: fl
         raise ValueError(f"--snapshot-every and --steps must be > 0; got {snapshot_every} and {steps}")
     if snapshot_every > steps:
         raise ValueError(f"--snapshot-every ({snapshot_every:g}) is larger than --steps ({steps:g})")
+    if steps / snapshot_every > MAX_SCHEDULE:
+        raise ValueError(f"the schedule has {steps / snapshot_every:,.0f} snapshots; dist-ema error evaluates up to "
+                         f"{MAX_SCHEDULE:,}: raise --snapshot-every (synthesis uses at most "
+                         f"{phema.MAX_ROWS // 2} snapshots of 2 profiles per target anyway)")
     times = np.arange(1, int(steps // snapshot_every) + 1, dtype=np.float64) * snapshot_every
     if times[-1] < steps:
         times = np.append(times, float(steps))
@@ -65,11 +70,13 @@ def _cmd_error(args: argparse.Namespace) -> int:
     targets = np.asarray(args.targets, dtype=np.float64)
     target_g = np.atleast_1d(phema.sigma_rel_to_gamma(targets))
     sol = phema.solve_coefficients(t, g, np.full(targets.size, target_t), target_g)
-    n_snap = int(sol.used[:, 0].sum() // max(len(args.tracked), 1))
+    n_snap = int(np.unique(t[t <= target_t]).size)  # snapshots of the schedule at or before the target
+    n_used = int(np.unique(t[sol.used[:, 0]]).size)  # those the solve used (a subset above phema.MAX_ROWS rows)
     if args.json:
         print(json.dumps({
             "tracked_sigma_rels": list(args.tracked), "snapshot_every": args.snapshot_every,
-            "steps": args.steps, "t": target_t, "snapshots_used": int(sol.used[:, 0].sum()),
+            "steps": args.steps, "t": target_t, "snapshots": n_snap, "snapshots_used": int(sol.used[:, 0].sum()),
+            "subset": bool(sol.subset[0]),
             "targets": [
                 {"sigma_rel": float(s), "gamma": float(gg), "error": float(e), "condition": float(c)}
                 for s, gg, e, c in zip(targets, target_g, sol.error, sol.condition)
@@ -80,6 +87,10 @@ def _cmd_error(args: argparse.Namespace) -> int:
             f"schedule: tracked sigma_rel {', '.join(f'{s:g}' for s in args.tracked)}; snapshot every "
             f"{args.snapshot_every:g} of {args.steps:g} steps ({n_snap} snapshots); target t = {target_t:g}"
         )
+        if sol.subset[0]:
+            print(f"solved over a subset of {n_used} of the {n_snap} snapshots (at most {phema.MAX_ROWS} rows per "
+                  f"solve: spread over the run and dense near the target, as synthesis does); the errors are "
+                  f"those of the subset's coefficients")
         rows = [
             [f"{s:.4f}", f"{gg:.3f}", f"{100 * e:.3f}%", f"{c:.3g}"]
             for s, gg, e, c in zip(targets, target_g, sol.error, sol.condition)

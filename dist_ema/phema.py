@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "MAX_ROWS",
     "SIGMA_REL_MAX",
     "PROFILE_RTOL",
     "Solution",
@@ -34,6 +35,7 @@ __all__ = [
     "profile",
     "reconstructed_profile",
     "resolve_profiles",
+    "choose_snapshots",
     "same_gamma",
     "sigma_rel_to_gamma",
     "solve_coefficients",
@@ -46,6 +48,7 @@ ArrayLike = npt.ArrayLike
 
 SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)  # sigma_rel of gamma = 0 (uniform average); larger has no gamma >= 0
 PROFILE_RTOL = 1e-6  # gammas closer than this (relative; absolute below gamma = 1) are one profile
+MAX_ROWS = 1024  # rows (snapshot x profile) one target time's solve uses at most: 512 snapshots of 2 profiles
 
 
 def _as_f64(x: ArrayLike, name: str) -> np.ndarray:
@@ -223,12 +226,69 @@ class Solution:
         condition: float64 [targets]; 2-norm condition number of the (diagonally
             scaled) matrix solved for each target.
         used: bool [snapshots, targets]; which snapshots entered each target's solve.
+        subset: bool [targets]; True where more than ``max_rows`` rows were at or before the
+            target, so the solve used the snapshots :func:`choose_snapshots` picks (``error``
+            is then the error of that subset's coefficients).
     """
 
     coefficients: np.ndarray
     error: np.ndarray
     condition: np.ndarray
     used: np.ndarray
+    subset: np.ndarray | None = None
+
+
+def choose_snapshots(times: ArrayLike, limit: int) -> np.ndarray:
+    """Indices of at most ``limit`` of the increasing snapshot times ``times``, to solve a target at times[-1] or later.
+
+    Why a subset: the dense solve over n snapshots costs O(n^2) memory and O(n^3) time, and
+    snapshots much closer together than the profiles' widths add little but ill-conditioning.
+    The rule, deterministic and a function of ``times`` only:
+
+    - half of the budget evenly spaced in t over [times[0], times[-1]]: wide targets
+      (sigma_rel 0.2-0.25) reach back over most of the run;
+    - a quarter evenly spaced in log t: a profile's width is proportional to its time, so
+      early snapshots are needed closer together than late ones;
+    - a quarter at distances back from the newest snapshot growing geometrically from its
+      gap to its neighbour (at least 1/1000 of its time: closer profiles are near duplicates
+      that only add ill-conditioning), at least one snapshot further back each time: narrow
+      targets see the snapshots just before the target densely.
+
+    The oldest and the newest snapshots are always kept. Returns every index when
+    ``times.size <= limit``. Measured on 1,000 snapshots of sigma_rel 0.05 and 0.10 with
+    limit 512: targets 0.01-0.25 within 1.5x of the dense solve's error (0.25: 7.3e-4 vs 5.1e-4).
+    """
+    ts = np.asarray(times, dtype=np.float64)
+    n = ts.size
+    if n <= limit:
+        return np.arange(n)
+    if limit < 8:
+        raise ValueError(f"limit must be >= 8 snapshot times; got {limit}")
+    even, logt = limit // 2, limit // 4
+    near = limit - even - logt
+    idx_even = np.searchsorted(ts, np.linspace(ts[0], ts[-1], even))
+    idx_log = np.searchsorted(ts, np.geomspace(ts[0], ts[-1], logt))
+    back = ts[-1] - ts  # distance back from the newest snapshot, decreasing to 0
+    # from the nearest gap, but no closer than 1/1000 of the time: closer profiles are near duplicates
+    dist = np.geomspace(min(max(back[-2], 1e-3 * ts[-1]), back[0]), back[0], near - 1)
+    k = (n - 1) - np.searchsorted(ts, ts[-1] - dist).clip(0, n - 1)  # snapshots counted back from the newest
+    j = np.arange(k.size)
+    k = np.minimum(j + 1 + np.maximum.accumulate(k - j - 1), n - 1)  # k[j] >= j + 1: strictly further back
+    idx = np.unique(np.concatenate([idx_even.clip(0, n - 1), idx_log.clip(0, n - 1), (n - 1) - k, [0, n - 1]]))
+    return _spaced(ts, idx)
+
+
+def _spaced(ts: np.ndarray, idx: np.ndarray, rel_gap: float = 1e-3) -> np.ndarray:
+    """``idx`` (increasing) less each time closer than ``rel_gap`` x its time to the next one kept.
+
+    Two grids can pick neighbours a step apart; two profiles that close are near duplicates
+    (the condition number goes to 1e15) and add nothing. The newest is kept first.
+    """
+    keep = [int(idx[-1])]
+    for i in idx[-2::-1].tolist():
+        if ts[keep[-1]] - ts[i] >= rel_gap * ts[keep[-1]]:
+            keep.append(i)
+    return np.array(keep[::-1], dtype=np.int64)
 
 
 def solve_coefficients(
@@ -236,6 +296,7 @@ def solve_coefficients(
     gamma: ArrayLike,
     target_t: ArrayLike,
     target_gamma: ArrayLike,
+    max_rows: int = MAX_ROWS,
 ) -> Solution:
     """Least-squares coefficients that combine snapshot profiles into target profiles.
 
@@ -243,11 +304,16 @@ def solve_coefficients(
     A_ij = <p_i, p_j> and b_i = <p_i, p_r> (Eq. 126), then rescale x to sum to 1 as EDM2
     does. The solve is diagonally scaled (A -> D A D, D = diag(A)^-1/2), which leaves x
     unchanged in exact arithmetic and removes the spread of profile norms from the
-    condition number.
+    condition number. Where more than ``max_rows`` rows are at or before t_r, the solve runs
+    over the snapshots :func:`choose_snapshots` picks (every profile of each chosen time, at
+    most ``max_rows`` rows), so memory and time stay bounded with any number of snapshots;
+    the other rows get coefficient 0, and ``error`` is the error of the coefficients
+    returned. At or below the bound every snapshot enters: the dense solve, bitwise.
 
     Args:
         t, gamma: [n] time and exponent of each snapshot's profile.
         target_t, target_gamma: [m] time and exponent of each target (broadcast together).
+        max_rows: rows one target time's solve uses at most (>= 8 x the profiles per snapshot).
 
     Raises:
         ValueError: non-finite or non-positive times, negative gamma, a target with no
@@ -281,7 +347,8 @@ def solve_coefficients(
     X = np.zeros((n, m))  # => [snapshots, targets]
     err = np.zeros(m)
     cond = np.zeros(m)
-    used = ts[:, None] <= tr[None, :]  # => [snapshots, targets]
+    used = np.zeros((n, m), dtype=bool)  # => [snapshots, targets]
+    subset = np.zeros(m, dtype=bool)
     # targets at the same time share the snapshot set and so the matrix: factor it once per time
     for t_j in np.unique(tr):
         cols = np.flatnonzero(tr == t_j)
@@ -291,6 +358,8 @@ def solve_coefficients(
                 f"target time {t_j:g} is before the first snapshot (t={ts.min():g}): "
                 f"no snapshot at or before it; choose t >= {ts.min():g}"
             )
+        sel, subset[cols] = _subset(ts, sel, max_rows)
+        used[np.ix_(sel, cols)] = True
         ti, gi = ts[sel], gs[sel]
         A = p_dot_p(ti[:, None], gi[:, None], ti[None, :], gi[None, :])  # => [k, k]
         B = p_dot_p(ti[:, None], gi[:, None], t_j, gr[None, cols])  # => [k, targets at t_j]
@@ -314,7 +383,25 @@ def solve_coefficients(
             sq = x @ A @ x - 2.0 * x @ b + rr
             err[j] = math.sqrt(max(sq, 0.0) / rr)
             X[sel, j] = x
-    return Solution(coefficients=X, error=err, condition=cond, used=used)
+    return Solution(coefficients=X, error=err, condition=cond, used=used, subset=subset)
+
+
+def _subset(ts: np.ndarray, sel: np.ndarray, max_rows: int) -> tuple[np.ndarray, bool]:
+    """``sel`` (rows at or before a target time) cut to every profile of the times :func:`choose_snapshots` picks.
+
+    Returns (rows, whether it cut). At or below ``max_rows`` rows ``sel`` comes back as it is, so
+    the solve is the dense one, bitwise. Above it, at most max_rows // (most profiles of one time)
+    times are kept, so the rows stay within ``max_rows``.
+    """
+    if sel.size <= max_rows:
+        return sel, False
+    times, counts = np.unique(ts[sel], return_counts=True)  # sorted
+    limit = max_rows // int(counts.max())
+    if limit < 8:
+        raise ValueError(f"max_rows={max_rows} is too small for snapshots of {counts.max()} profiles; "
+                         f"give at least {8 * int(counts.max())}")
+    keep = times[choose_snapshots(times, limit)]
+    return sel[np.isin(ts[sel], keep)], True
 
 
 def profile(t: float, gamma: float, tau: ArrayLike) -> np.ndarray:

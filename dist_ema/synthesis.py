@@ -118,18 +118,42 @@ def plan_coefficients(
 ) -> tuple[np.ndarray, phema.Solution, list[tuple[int, int]]]:
     """Coefficients for sources [(t, gammas of its profiles)] -> targets at ``target_t``.
 
-    Returns (X [rows, targets], the solver's Solution, rows as (source index, profile index)).
-    Only sources with t <= target_t enter. Pure; used by synthesis and by ``PostHocEMA.swapped``.
+    Returns (X [rows, targets], the solver's Solution over those rows, rows as (source index,
+    profile index)). The rows are those that entered the solve: every profile of every source
+    with t <= target_t, or, with more than ``phema.MAX_ROWS`` of them, the subset the solver
+    picks (``phema.choose_snapshots``); so X stays small with any number of snapshots. Pure;
+    used by synthesis, ``PostHocEMA.swapped`` and ``load_synthesized``.
     """
-    rows = [(i, k) for i, (t, gs) in enumerate(sources) if t <= target_t for k in range(len(gs))]
-    if not rows:
-        first = min(t for t, _ in sources) if sources else float("nan")
+    n_prof = np.fromiter((len(gs) for _, gs in sources), dtype=np.int64, count=len(sources))
+    t_src = np.fromiter((t for t, _ in sources), dtype=np.float64, count=len(sources))
+    src = np.repeat(np.arange(len(sources)), n_prof)  # => [all rows]: source of each row
+    prof = np.arange(src.size) - np.repeat(np.cumsum(n_prof) - n_prof, n_prof)  # profile of each row
+    keep = t_src[src] <= target_t
+    if not keep.any():
+        first = t_src.min() if t_src.size else float("nan")
         raise ValueError(f"target time {target_t:g} is before the first snapshot (t={first:g}); choose a later t")
-    t = np.array([sources[i][0] for i, _ in rows], dtype=np.float64)
-    g = np.array([sources[i][1][k] for i, k in rows], dtype=np.float64)
+    src, prof = src[keep], prof[keep]
+    t = t_src[src]
+    g = np.fromiter((x for _, gs in sources for x in gs), dtype=np.float64, count=keep.size)[keep]
     tg = np.asarray(target_gammas, dtype=np.float64)
     sol = phema.solve_coefficients(t, g, np.full(tg.size, float(target_t)), tg)
+    entered = np.flatnonzero(sol.used[:, 0])  # one target time: every target has the same rows
+    if entered.size < t.size:
+        sol = phema.Solution(coefficients=sol.coefficients[entered], error=sol.error, condition=sol.condition,
+                             used=sol.used[entered], subset=sol.subset)
+    rows = [(int(i), int(k)) for i, k in zip(src[entered], prof[entered])]
     return sol.coefficients, sol, rows
+
+
+def only_planned(sources: Sequence[T], rows: Sequence[tuple[int, int]]) -> tuple[list[T], list[tuple[int, int]]]:
+    """The sources the rows name (oldest first, the newest always among them) and the rows renumbered to them.
+
+    With more than ``phema.MAX_ROWS`` rows the solver uses a subset of the snapshots: a plan
+    then holds (and a job opens, checks and reads) only those.
+    """
+    named = sorted({i for i, _ in rows})
+    pos = {i: j for j, i in enumerate(named)}
+    return [sources[i] for i in named], [(pos[i], k) for i, k in rows]
 
 
 def _targets(sigma_rels, gammas) -> tuple[list[float], list[float]]:
@@ -221,6 +245,7 @@ def _plan(store: SnapshotStore, s_targets: list[float], g_targets: list[float], 
         raise StoreError(f"several snapshots in {store.url} share the time t={dup[:3]}: snapshots of different "
                          f"runs are mixed in one store; use one store per run")
     X, sol, rows = plan_coefficients([(s.t, s.gammas) for s in used], target_t, g_targets)
+    used, rows = only_planned(used, rows)
     ref = used[-1]
     ref_layout = store.layout(ref)
     fp = ref_layout.model_fingerprint()
