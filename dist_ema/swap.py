@@ -37,12 +37,14 @@ def after_load(ema: PostHocEMA) -> None:
 def synthesized_shards(ema: PostHocEMA, sigma_rel: float | None = None, gamma: float | None = None) -> torch.Tensor:
     """This rank's shards of the EMA for any profile at the current time, as one flat fp32 tensor.
 
-    Combines the committed snapshots in the store with the live EMA state (the newest
-    "snapshot", at the current time) using the paper's least-squares coefficients; sets
-    ``ema.last_synthesis_error``. A tracked profile is returned as it is (a copy).
-    Each rank reads only its own pieces: no gathers. Collective (lists snapshots once).
+    Combines every snapshot taken so far with the live EMA state (the newest "snapshot", at
+    the current time) using the paper's least-squares coefficients; sets
+    ``ema.last_synthesis_error``. Snapshots still in the writer are committed first
+    (``flush``), so the result never depends on the writer's timing. Rank 0 lists the store
+    and solves; every rank gets the same coefficients. A tracked profile is returned as it is
+    (a copy). Each rank reads only its own pieces: no gathers. Collective.
     """
-    from dist_ema.synthesis import _targets, plan_coefficients
+    from dist_ema.synthesis import _targets
 
     _, (g,) = _targets([sigma_rel] if sigma_rel is not None else None, [gamma] if gamma is not None else None)
     if ema.clock.updates == 0:
@@ -53,13 +55,13 @@ def synthesized_shards(ema: PostHocEMA, sigma_rel: float | None = None, gamma: f
     t_now = ema.clock.t_updated
     snaps, reader = [], None
     if ema.snapshots is not None:
+        ema.snapshots.flush()  # every snapshot taken so far committed, whatever the writer's timing (collective)
         reader, snaps = ema.snapshots.committed_snapshots()
-        snaps = [s for s in snaps if s.t < t_now]
+        snaps = [s for s in snaps if s.t < t_now]  # one at t_now holds what the live state holds
     sources = [(s.t, s.gammas) for s in snaps] + [(t_now, ema.gammas)]
-    X, sol, rows = plan_coefficients(sources, t_now, [g])
+    X, error, rows = _plan(ema, sources, t_now, g)
     out = torch.zeros(ema.offsets[-1], dtype=torch.float64, device=ema.device)
-    for row, (i, k) in enumerate(rows):
-        x = float(X[row, 0])
+    for x, (i, k) in zip(X, rows):
         if x == 0.0:
             continue
         if i == len(snaps):  # the live state
@@ -71,10 +73,32 @@ def synthesized_shards(ema: PostHocEMA, sigma_rel: float | None = None, gamma: f
 
             # a read error on one rank (a damaged or missing object) is raised on every rank
             vals = run_and_check(lambda i=i, k=k: read_pieces(reader, snaps[i], k, ema.pieces, ema.offsets),
-                                 f"reading snapshot {snaps[i].id} for swapped()", None, StoreError)
+                                 f"reading snapshot {snaps[i].id} for swapped()", ema.snapshots.group, StoreError)
             out.add_(torch.from_numpy(vals).to(ema.device).double(), alpha=x)
-    ema.last_synthesis_error = float(sol.error[0])
+    ema.last_synthesis_error = error
     return out.float()
+
+
+def _plan(ema: PostHocEMA, sources: list, t_now: float, g: float) -> tuple[list[float], float, list[tuple[int, int]]]:
+    """(coefficients, error, rows) for target gamma ``g`` at ``t_now``: solved on rank 0 and broadcast.
+
+    Without a store the sources are the live tracked profiles only, the same on every rank:
+    each rank solves that small system itself (no collective is needed).
+    """
+    from dist_ema.collective import broadcast_object, rank, run_and_check
+    from dist_ema.synthesis import plan_coefficients
+
+    def solve() -> tuple[list[float], float, list[tuple[int, int]]]:
+        X, sol, rows = plan_coefficients(sources, t_now, [g])
+        return [float(x) for x in X[:, 0]], float(sol.error[0]), rows
+
+    if ema.snapshots is None:
+        return solve()
+    group = ema.snapshots.group
+    box: dict = {}
+    run_and_check((lambda: box.setdefault("plan", solve())) if rank(group) == 0 else (lambda: None),
+                  "planning swapped()", group, ValueError)
+    return broadcast_object(box.get("plan"), 0, group)  # type: ignore[return-value]
 
 
 @contextlib.contextmanager

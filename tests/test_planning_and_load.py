@@ -3,18 +3,27 @@
 Planning: thousands of snapshots plan in bounded memory, the reported error is the error of the
 coefficients returned (checked by numerical quadrature of the profiles, independent of phema's
 inner products), and below the bound the coefficients are bitwise those of the dense solve.
+
+Models: a small BatchNorm CNN trained on 2 gloo ranks under DDP (swapped() right after a
+snapshot, with the default process writer), and on one process with its backbone frozen and
+``include_frozen=False``; both stores are loaded with ``load_synthesized`` into fresh models
+(plain, and FSDP2 on 2 ranks) and compared with ``synthesize``'s safetensors files.
 """
 
 from __future__ import annotations
 
 import math
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from dist_ema import phema
 from dist_ema.synthesis import plan_coefficients
+from tests.dist_harness import run_workers
 
 PLAN_PEAK_MIB = 128  # a dense solve over 5,000 snapshots x 2 profiles needs 763 MiB per matrix
 
@@ -150,3 +159,147 @@ def test_cli_error_on_a_long_schedule(capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["snapshots"] == 100_000 and doc["snapshots_used"] <= phema.MAX_ROWS
     assert doc["targets"][0]["error"] < 0.02
+
+
+# ---------------------------------------------------------------------------------- live models and stores
+
+TRACKED = (0.05, 0.10)
+TARGET = 0.15
+SNAP_STEPS = (4, 8)  # snapshots taken by hand; the swap happens at step 10
+SWAP_STEP = 10
+FROZEN = ("conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias")
+
+
+class BNNet(nn.Module):
+    """Conv -> BatchNorm twice, then a linear head: running statistics are buffers that training changes."""
+
+    def __init__(self, seed: int, frozen_backbone: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 5, 3), nn.BatchNorm2d(5)
+        self.head = nn.Linear(5, 2)
+        if frozen_backbone:
+            for m in (self.conv1, self.bn1):
+                m.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = torch.relu(self.bn2(self.conv2(h)))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, step: int, rank: int) -> None:
+    g = torch.Generator().manual_seed(100 * step + rank)
+    x, y = torch.randn(6, 3, 8, 8, generator=g) * 2 + 0.5, torch.randint(0, 2, (6,), generator=g)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def worker_train_and_swap(rank: int, ws: int, out: str, url: str) -> None:
+    from dist_ema import PostHocEMA
+
+    model = nn.parallel.DistributedDataParallel(BNNet(seed=1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    ema = PostHocEMA(model, sigma_rels=TRACKED, store=url)  # writer="process": commits at a later exchange
+    for step in range(1, SWAP_STEP + 1):
+        _train_step(model, opt, step, rank)
+        ema.update()
+        if step in SNAP_STEPS:
+            ema.snapshot()
+    with ema.swapped(sigma_rel=TARGET):
+        swapped = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    live = {s: ema.full_state_dict(sigma_rel=s) for s in TRACKED}
+    error = ema.last_synthesis_error
+    ema.close()
+    torch.save({"swapped": swapped, "live": live, "error": error}, Path(out) / f"swap{rank}.pt")
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's full state dict (FSDP2 DTensors gathered)."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}
+
+
+def worker_load(rank: int, ws: int, out: str, url: str, frozen_url: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    from dist_ema import load_synthesized
+
+    got = {}
+    for name, where, frozen in (("full", url, False), ("frozen", frozen_url, True)):
+        model = BNNet(seed=99, frozen_backbone=frozen)
+        fully_shard(model.conv2)
+        fully_shard(model)
+        before = _state(model)
+        res = load_synthesized(model, where, sigma_rel=TARGET)
+        got[name] = {"before": before, "after": _state(model), "result": res}
+    if rank == 0:
+        torch.save(got, Path(out) / "loaded.pt")
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """A DDP store (2 ranks, swapped() at step 10) and a frozen-backbone store, each synthesized to a file."""
+    from safetensors.torch import load_file
+
+    from dist_ema import PostHocEMA, synthesize
+
+    tmp = tmp_path_factory.mktemp("stores")
+    url, frozen_url = str(tmp / "ddp"), str(tmp / "frozen")
+    run_workers("tests.test_planning_and_load:worker_train_and_swap", 2, tmp / "train", kwargs={"url": url})
+    model = BNNet(seed=2, frozen_backbone=True)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
+    with PostHocEMA(model, sigma_rels=TRACKED, store=frozen_url, snapshot_every=4, include_frozen=False,
+                    writer="sync") as ema:
+        for step in range(1, 13):
+            _train_step(model, opt, step, 0)
+            ema.update()
+    files = {}
+    for name, where in (("full", url), ("frozen", frozen_url)):
+        synthesize(where, sigma_rels=[TARGET], out=str(tmp / f"synth-{name}"), progress=False)
+        files[name] = load_file(str(tmp / f"synth-{name}" / f"sigma_rel-{TARGET:.4f}" / "model.safetensors"))
+    return {"url": url, "frozen_url": frozen_url, "train": tmp / "train", "files": files, "tmp": tmp}
+
+
+def _profile(t: float, g: float, tau: np.ndarray) -> np.ndarray:
+    return np.where(tau <= t, (g + 1) * (np.minimum(tau, t) / t) ** g / t, 0.0)
+
+
+def _quadrature_coefficients(times, gammas, tr: float, gr: float) -> np.ndarray:
+    """Least-squares coefficients of the profiles (times, gammas) for (tr, gr), normalized to sum 1;
+    inner products by Gauss-Legendre quadrature on every piece between the times."""
+    breaks = np.unique(np.concatenate([[0.0], times, [tr]]))
+    nodes, weights = np.polynomial.legendre.leggauss(64)
+    a, b = breaks[:-1, None], breaks[1:, None]
+    tau = (a + (b - a) * (nodes[None, :] + 1) / 2).ravel()
+    w = ((b - a) / 2 * weights[None, :]).ravel()
+    P = np.stack([_profile(t, g, tau) for t, g in zip(times, gammas)])  # => [rows, nodes]
+    x = np.linalg.solve((P * w) @ P.T, (P * w) @ _profile(tr, gr, tau))
+    return x / x.sum()
+
+
+def _brute_force(rows, tr: float, gr: float) -> dict[str, torch.Tensor]:
+    """sum_i x_i value_i in float64 over rows [(t, sigma_rel, {name: value})]."""
+    x = _quadrature_coefficients([t for t, _, _ in rows], [_gamma(s) for _, s, _ in rows], tr, gr)
+    names = rows[0][2].keys()
+    return {n: sum(float(xi) * r[2][n].double() for xi, r in zip(x, rows)) for n in names}
+
+
+def test_swapped_uses_every_snapshot_taken(stores):
+    from dist_ema import open_store
+
+    store = open_store(stores["url"])
+    assert [s.step for s in store.snapshots()] == list(SNAP_STEPS)
+    got = [torch.load(stores["train"] / f"swap{r}.pt") for r in range(2)]
+    names = list(got[0]["swapped"])
+    rows = [(float(step), s, {n: store.read(step, s, n) for n in names}) for step in SNAP_STEPS for s in TRACKED]
+    rows += [(float(SWAP_STEP), s, got[0]["live"][s]) for s in TRACKED]
+    want = _brute_force(rows, float(SWAP_STEP), _gamma(TARGET))
+    # the same without the newest snapshot: what a plan from committed snapshots only would have used
+    without = _brute_force([r for r in rows if r[0] != SNAP_STEPS[-1]], float(SWAP_STEP), _gamma(TARGET))
+    assert max((want[n] - without[n]).abs().max().item() for n in names) > 1e-3
+    for r in range(2):
+        for n in names:
+            torch.testing.assert_close(got[r]["swapped"][n].double(), want[n], rtol=1e-5, atol=2e-6, msg=n)
