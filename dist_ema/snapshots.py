@@ -59,8 +59,7 @@ from dist_ema.store.io import (
     job_doc,
     read_commits,
     release_store,
-    remove_snapshot,
-    remove_torn_attempts,
+    remove_leftovers,
     retire_snapshots,
     write_layout,
 )
@@ -174,12 +173,13 @@ class SnapshotManager:
             self.took_over = claim_store(self.io, job, self._resume)  # before anything else is written
             self._owner = True
             done, torn = read_commits(self.io)
-            for snap in torn:  # crash leftovers: never visible, now removed
-                log.warning("dist-ema: removing uncommitted (torn) snapshot %s from %s", snap, self.io.url)
-                remove_snapshot(self.io, snap)
-            for c in done:  # attempts no marker names (a job refused at its commit, a crash): removed
-                for key in remove_torn_attempts(self.io, c.snap, c.meta.get("attempt")):
-                    log.warning("dist-ema: removing uncommitted attempt %s from %s", key, self.io.url)
+            # crash leftovers are removed; the uncommitted attempts of a job that may still run are kept
+            removed, kept = remove_leftovers(self.io, done, torn, self.took_over)
+            for key in removed:
+                log.warning("dist-ema: removing uncommitted data %s from %s", key, self.io.url)
+            for key, why in kept.items():
+                log.warning("dist-ema: keeping uncommitted attempt %s in %s: %s; a later start removes it once "
+                            "that job has stopped", key, self.io.url, why)
             self.committed = [(c.snap, float(c.meta["t"])) for c in done]
             if done and not self._resume:
                 raise StoreError(

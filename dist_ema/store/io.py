@@ -8,11 +8,13 @@ writes into another job's attempt folder: committed bytes are never written agai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +52,9 @@ __all__ = [
     "commit_snapshot",
     "ensure_store",
     "list_snapshot_dirs",
+    "remove_leftovers",
     "remove_snapshot",
+    "remove_torn_snapshot",
     "write_buffers",
     "write_layout",
     "write_rank_data",
@@ -295,17 +299,81 @@ def commit_snapshot(io: StoreIO, snap: str, meta: dict) -> None:
         ) from e
 
 
-def remove_torn_attempts(io: StoreIO, snap: str, committed_attempt: str | None) -> list[str]:
-    """Owner only: remove attempt folders of ``snap`` that its marker does not name. Returns their keys."""
-    removed = []
+def remove_torn_attempts(io: StoreIO, snap: str, committed_attempt: str | None,
+                         may_run: Callable[[str], str | None] = lambda job: None) -> tuple[list[str], dict[str, str]]:
+    """Owner only: remove attempt folders of ``snap`` that its marker does not name.
+
+    An attempt of a job that may still be running (``may_run(job)`` says why) is kept: that
+    job may commit it yet. Returns (removed keys, {kept key: why}).
+    """
+    removed, kept = [], {}
     for name in io.list_dir(f"snapshots/{snap}"):
         # attempts are job ids ("j..."): version 1's data next to the marker (r<rank>/, buffers/) never is
         if name in (COMMIT, "zarr.json") or name == committed_attempt or not name.startswith("j"):
             continue
         key = f"snapshots/{snap}/{name}"
+        why = may_run(name)
+        if why is not None:
+            kept[key] = why
+            continue
         io.remove(key)
         removed.append(key)
-    return removed
+    return removed, kept
+
+
+def remove_torn_snapshot(io: StoreIO, snap: str, may_run: Callable[[str], str | None]) -> tuple[list[str],
+                                                                                              dict[str, str]]:
+    """Owner only: remove what a snapshot without a marker holds, but the attempts of jobs that may still run.
+
+    Child by child, never the folder as a whole: a job that may run can be writing into it
+    (or commit it: a marker that appears after the listing is left alone). Returns (removed
+    keys, {kept key: why}).
+    """
+    removed, kept = [], {}
+    for name in io.list_dir(f"snapshots/{snap}"):
+        key = f"snapshots/{snap}/{name}"
+        if name == COMMIT:  # committed since it was listed as torn: no longer a leftover
+            continue
+        why = may_run(name) if name.startswith("j") else None  # version 1's torn data belongs to no job id
+        if why is not None:
+            kept[key] = why
+            continue
+        io.remove(key)
+        removed.append(key)
+    if io.protocol == "file" and not kept:
+        with contextlib.suppress(OSError):  # only when empty: a job may have started a new attempt in it
+            os.rmdir(io.path(f"snapshots/{snap}"))
+    return removed, kept
+
+
+def remove_leftovers(io: StoreIO, done: list[Committed], torn: list[str],
+                     took_over: dict | None) -> tuple[list[str], dict[str, str]]:
+    """Owner only, at start-up: remove uncommitted data, but that of jobs that may still run.
+
+    Crash leftovers (snapshots without a marker, attempts no marker names) of a job that has
+    stopped are never visible and are removed. A job that may still run (an owner taken over
+    by force, or any job whose heartbeat is fresh; see :func:`job_may_run`) may yet commit its
+    attempt: removing it would leave that marker without its data. Its attempts stay until a
+    later start finds the job stopped. ``took_over``: what :func:`claim_store` returned.
+    Returns (removed keys, {kept key: why}).
+    """
+    verdicts: dict[str, str | None] = {}
+
+    def may_run(job: str) -> str | None:
+        if job not in verdicts:
+            verdicts[job] = job_may_run(io, job, took_over)
+        return verdicts[job]
+
+    removed, kept = [], {}
+    for snap in torn:
+        r, k = remove_torn_snapshot(io, snap, may_run)
+        removed += r
+        kept.update(k)
+    for c in done:
+        r, k = remove_torn_attempts(io, c.snap, c.meta.get("attempt"), may_run)
+        removed += r
+        kept.update(k)
+    return removed, kept
 
 
 def list_snapshot_dirs(io: StoreIO) -> list[str]:
@@ -519,7 +587,8 @@ def claim_store(io: StoreIO, job: str, resume: bool | str) -> dict | None:
         return claim_store(io, job, resume)
     if cur.get("job") == job:
         return None
-    why = "resume='takeover'" if resume == "takeover" else (_why_dead(io, cur) if resume else None)
+    dead = _why_dead(io, cur) if resume else None
+    why = dead if dead is not None or resume != "takeover" else "resume='takeover'"
     if why is None:
         seen = time.time() - float(cur.get("started", 0.0))
         raise StoreError(
@@ -538,7 +607,52 @@ def claim_store(io: StoreIO, job: str, resume: bool | str) -> dict | None:
     io.put(job_key(job), job_doc(job))
     log.warning("dist-ema: took over %s from job %s (host %s, pid %s): %s", io.url, cur.get("job"),
                 cur.get("host"), cur.get("pid"), why)
-    return cur
+    # forced: nothing showed that the old owner stopped; its attempts stay (see job_may_run)
+    return dict(cur, forced=dead is None, reason=why)
+
+
+def _process_gone(doc: dict) -> bool:
+    """True when the record's process ran on this host and is gone."""
+    import socket
+
+    if doc.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(doc.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError, TypeError):
+        pass
+    return False
+
+
+def job_may_run(io: StoreIO, job: str, took_over: dict | None) -> str | None:
+    """Why job ``job`` may still be running (so its uncommitted attempts must stay), or None once it cannot.
+
+    A job may run while its heartbeat ``jobs/<job>.json`` is younger than ``STALE_AFTER`` and its
+    process is not seen gone on this host, and the owner this start took over by force
+    (``resume='takeover'`` without proof that it stopped) may run whatever its heartbeat says.
+    A job without a heartbeat record released the store at its close (or its record was
+    removed): it cannot commit any more. An unreadable record keeps the attempts (never remove
+    what a live job may commit).
+    """
+    if took_over is not None and took_over.get("job") == job:
+        if took_over.get("forced"):
+            return "its store was taken over by force (resume='takeover') and it may still be running"
+        return None  # taken over because it was shown to have stopped (see _why_dead)
+    try:
+        doc = json.loads(io.get(job_key(job)))
+        seen = float(doc["last_seen"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as e:
+        return f"its heartbeat record {job_key(job)} is unreadable ({type(e).__name__})"
+    if _process_gone(doc):
+        return None
+    idle = time.time() - seen
+    if idle > STALE_AFTER:
+        return None
+    return f"its heartbeat {job_key(job)} is {idle:.0f} s old (a job counts as stopped after {STALE_AFTER:.0f} s)"
 
 
 def check_owner(io: StoreIO, job: str) -> None:
