@@ -258,6 +258,15 @@ def check_update_impl(value: object, name: str = "update_impl") -> str:
     return _check_choice(value, name, get_args(UpdateImpl), 'update_impl = "auto"')
 
 
+def check_resume(value: object, name: str = "resume") -> bool | str:
+    """True, False or "takeover" exactly: a typo ("takeovr") must not pass as a true value."""
+    if value is True or value is False or (isinstance(value, str) and value == "takeover"):
+        return value
+    raise ConfigError(f"{name} must be True, False or 'takeover'; got {value!r}. Fix: {name}=True continues the run "
+                      f"in the store, {name}='takeover' also takes the store over from another job that owns it "
+                      f"(docs/commit-protocol.md), {name}=False starts a new run (an empty store)")
+
+
 # field -> its check; the three config classes validate through this table only
 FIELD_CHECKS: dict[str, Callable[[object, str], Any]] = {
     "sigma_rels": check_sigma_rels,

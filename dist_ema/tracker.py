@@ -38,8 +38,9 @@ from dist_ema.config import (
     Writer,
 )
 from dist_ema.sharding.base import ShardLayout, ShardPiece
+from dist_ema.sharding.watch import ModelChangedError, ModelWatch, describe_change, param_table
 
-__all__ = ["EMAConfig", "PostHocEMA"]
+__all__ = ["EMAConfig", "ModelChangedError", "PostHocEMA"]
 
 log = logging.getLogger("dist_ema")
 
@@ -136,25 +137,17 @@ class PostHocEMA:
         timeout: float = 300.0,
         layout: ShardLayout | None = None,
     ) -> None:
-        self.config = EMAConfig(
-            sigma_rels=tuple(sigma_rels) if sigma_rels is not None else None,
-            gammas=tuple(gammas) if gammas is not None else None,
-            update_every=update_every,
-            batch_size=batch_size,
-            include_frozen=include_frozen,
-            buffers=buffers,
-            update_impl=update_impl,
-        )
-        self.store_config = None
-        if store is not None:
-            extra = {} if max_object_bytes is None else {"max_object_bytes": max_object_bytes}
-            self.store_config = SnapshotConfig(
-                url=store, snapshot_every=snapshot_every, storage_options=storage_options, dtype=storage_dtype,
-                compression=compression, keep=keep, writer=writer, when_behind=when_behind, on_error=on_error,
-                timeout=timeout, **extra,
-            )
-        elif snapshot_every is not None or resume:
-            raise ValueError("snapshot_every= and resume= need store=URL (a local path or s3://bucket/prefix)")
+        # every rank checks its settings, then ONE collective compares them (and any rank's bad input) before
+        # anything is listed or written: a mismatch would commit wrong snapshots or put collectives out of step
+        def settings() -> tuple[EMAConfig, SnapshotConfig | None, bool | str]:
+            return _configs(sigma_rels=sigma_rels, gammas=gammas, update_every=update_every, batch_size=batch_size,
+                            include_frozen=include_frozen, buffers=buffers, update_impl=update_impl, store=store,
+                            snapshot_every=snapshot_every, storage_options=storage_options,
+                            storage_dtype=storage_dtype, compression=compression, keep=keep, resume=resume,
+                            max_object_bytes=max_object_bytes, writer=writer, when_behind=when_behind,
+                            on_error=on_error, timeout=timeout)
+
+        self.config, self.store_config, resume = _agreed_settings(settings, timeout)
         self.model = model_or_engine
         if layout is None:
             from dist_ema.sharding.checks import verify_layout
@@ -169,8 +162,11 @@ class PostHocEMA:
         self._resync = _replicated_resync(model_or_engine, layout)
         self._step_applied = _step_applied_fn(model_or_engine, layout)
         self._set_pieces(layout.pieces)
-        # a checkpoint load may replace parameter storages (assign=True): re-list the views then
-        self._stale = False
+        # the model may move away from the views (model.double(), param.data = ..., a new head, a load with
+        # assign=True): checked before every update, see _follow_model
+        self._watch = ModelWatch(model_or_engine, layout.engine, set(layout.params))
+        self.relisted = 0  # times the views were re-listed after the model's storages moved
+        self._stale = False  # set by a model checkpoint load: re-list then (engines without a storage watch)
         module = _unwrap_module(model_or_engine)
         if isinstance(module, torch.nn.Module):
             module.register_load_state_dict_post_hook(self._on_model_load)
@@ -190,6 +186,7 @@ class PostHocEMA:
             self.snapshots = SnapshotManager(self, self.store_config, resume=resume)
             if self.snapshots.resumed is not None:
                 self.clock = Clock.of_snapshot(self.snapshots.resumed)
+        self._wrote_at = _versions(self.profiles)  # see _refuse_kept_live_dict
 
     # ------------------------------------------------------------------ layout
 
@@ -225,29 +222,72 @@ class PostHocEMA:
         self._stale = True
 
     def refresh_views(self) -> None:
-        """Re-list the shard views after the model's storages were replaced.
+        """Re-list the shard views after the model's storages were replaced; the EMA values are kept.
 
-        Call after loading a model checkpoint with ``assign=True`` (FSDP2) or anything
-        else that swaps parameter storages. The EMA values are kept.
+        ``update()`` (and the swaps) do it by themselves when the model moved (``model.double()``,
+        ``model.to(dtype or device)``, ``param.data = ...``, a checkpoint load with ``assign=True``);
+        call it after anything else that swaps parameter storages behind the model's back.
+        The re-listed parameters are logged (old -> new dtype and device).
         """
         if self.layout.refresh is None:
             return
         new = self.layout.refresh()
-        old_keys = [(p.fqn, p.flat_start, p.numel, p.owner) for p in self.pieces]
-        order = _piece_order(new.pieces)
-        new_keys = [(new.pieces[i].fqn, new.pieces[i].flat_start, new.pieces[i].numel, new.pieces[i].owner)
-                    for i in order]
-        if old_keys != new_keys:
-            raise ValueError(
-                "the model's sharding changed since the EMA was created (different pieces after refresh); "
-                "create a new PostHocEMA and resume it from the store or a state dict"
+        old_pieces, old_device = self.pieces, self.device
+        keys = {(p.fqn, p.flat_start, p.numel, p.owner) for p in old_pieces}
+        new_keys = {(p.fqn, p.flat_start, p.numel, p.owner) for p in new.pieces}
+        if keys != new_keys or set(new.params) != set(self.layout.params):
+            changed = sorted({k[0] for k in keys ^ new_keys} | (set(new.params) ^ set(self.layout.params)))
+            raise ModelChangedError(
+                f"the model's parameters or their sharding changed since the EMA was created (other shard pieces "
+                f"of {changed[:8]}{' and more' if len(changed) > 8 else ''} after re-listing them); the EMA is "
+                f"unchanged (step {self.step}). {_NEW_EMA_FIX}"
             )
         self.layout = new
         self._set_pieces(new.pieces)
+        if self.device != old_device:  # model.to(device): the EMA follows its shards (one copy per profile)
+            for prof in self.profiles:
+                prof.flat = prof.flat.to(self.device)
+                self._bind_views(prof)
+            self._wrote_at = _versions(self.profiles)
         self._build_update_plan()
         # the resync writes into the parameter tensors it was built with: rebuild it too
         self._resync = _replicated_resync(self.model, new)
+        self._watch = ModelWatch(self.model, new.engine, set(new.params))
         self._stale = False
+        self.relisted += 1
+        _log_relisted(old_pieces, self.pieces)
+
+    def _follow_model(self) -> None:
+        """Before the EMA reads its sources: follow moved storages, refuse a changed set of tracked parameters.
+
+        Cheap when nothing changed (``ModelWatch.changed``: a few C-level passes, no tensor operation).
+        A refusal leaves the EMA and its clock as they were: undoing the change lets it go on.
+        """
+        if not self._stale and not self._watch.changed():
+            return
+        watch = self._watch
+        if watch.module is not None:
+            change = describe_change(watch.table, param_table(watch.module), set(self.layout.params),
+                                     self.config.include_frozen)
+            if change:
+                what = "; ".join(f"{kind}: {', '.join(names[:8])}{' and more' if len(names) > 8 else ''}"
+                                 for kind, names in change.items())
+                hint = (" (include_frozen=False tracks the parameters that were trainable when the EMA was "
+                        "created)") if "newly trainable" in change else ""
+                raise ModelChangedError(
+                    f"the model's tracked parameters changed since the EMA was created: {what}{hint}. The EMA "
+                    f"cannot take them in (its profiles would average old and new weights); it is unchanged "
+                    f"(step {self.step}). {_NEW_EMA_FIX}"
+                )
+        if self._stale or watch.storages_moved():
+            self.refresh_views()
+            return
+        # a buffer replaced, a tracked parameter frozen, or a change outside the tracked parameters
+        if self.layout.refresh is not None:
+            from dist_ema.sharding.replicated import persistent_buffers
+
+            self.layout.buffers = persistent_buffers(_unwrap_module(self.model))
+        self._watch = ModelWatch(self.model, self.layout.engine, set(self.layout.params))
 
     # ------------------------------------------------------------------ properties
 
@@ -302,8 +342,7 @@ class PostHocEMA:
             self._skip("no optimizer step since the previous update() (GradScaler skipped it, or update() "
                        "is called more than once per step)")
             return False
-        if self._stale:  # the model loaded a checkpoint since the last update
-            self.refresh_views()
+        self._follow_model()  # before anything moves: a refusal leaves the EMA and its clock as they were
         self._opt_steps_at_update = seen
         self.step += 1
         # each step advances time by its own samples: a resume may change the (global) batch size
@@ -314,6 +353,7 @@ class PostHocEMA:
         if self.snapshots is not None:  # on a GPU: after the copy of a staged snapshot, on the device
             self.snapshots.before_update()
         self._apply(self.t, t_delta)
+        self._wrote_at = _versions(self.profiles)
         self._t_updated = self.t
         self.updates += 1
         if self.snapshots is not None:  # the snapshot side owns its schedule
@@ -557,15 +597,56 @@ class PostHocEMA:
         from dist_ema.collective import is_distributed, run_and_check
 
         fill = self._fill_per_rank if fmt == _FORMAT_PER_RANK else self._fill
-        if is_distributed():  # a rank whose part does not fit fails every rank, before anything collective
-            run_and_check(lambda: fill(state), "loading the EMA state dict", None, ValueError)
-        else:
+
+        def check_and_fill() -> None:
+            self._refuse_kept_live_dict(state, head, fmt)
             fill(state)
+            self._wrote_at = _versions(self.profiles)
+
+        if is_distributed():  # a rank whose part does not fit fails every rank, before anything collective
+            run_and_check(check_and_fill, "loading the EMA state dict", None, ValueError)
+        else:
+            check_and_fill()
         self.step, self.t = int(head["step"]), float(head["t"])
         self._t_updated, self.updates = float(head["t_updated"]), int(head["updates"])
         self.skipped_steps = int(head.get("skipped_steps", self.skipped_steps))
         if self.snapshots is not None:  # snapshots after a restored (older) checkpoint are retired
             self.snapshots.restored(self.step, self._t_updated)
+
+    def _refuse_kept_live_dict(self, state: dict, head: dict, fmt: str) -> None:
+        """Refuse a state dict whose tensors are this EMA's live buffers but whose clock is older.
+
+        ``state_dict()`` holds views of the EMA, not a copy (DCP loads into them in place), and a copy of
+        the clock. Kept in memory while training goes on, its values move with the EMA and its clock
+        does not: loading it would put the old step onto the new values. DCP's load writes the saved
+        values into the views first (in-place writes the tensors' version counters count) and then
+        calls this: a dict whose views were written by someone other than this EMA since its last update
+        is a loaded one and is accepted.
+        """
+        if int(head["updates"]) == self.updates or not self._holds_live_views(state, fmt):
+            return  # a copy, or values and clock from the same moment
+        now = _versions(self.profiles)
+        if now is None or now != self._wrote_at:
+            return  # written in place since this EMA last wrote them: values loaded into the views (DCP)
+        raise ValueError(
+            f"this state dict holds live views of the EMA (its values are those of now, step {self.step}, after "
+            f"{self.updates} updates) but the clock of step {head['step']} ({head['updates']} updates): loading "
+            f"it would put the old step onto the newer values. ema.state_dict() is not a copy: for an in-memory "
+            f"rollback keep a copy, copy.deepcopy(ema.state_dict()) (or torch.save it), and load that"
+        )
+
+    def _holds_live_views(self, state: dict, fmt: str) -> bool:
+        """Whether a tensor of the state dict's profile entries lies in this EMA's own buffers."""
+        spans = [(prof.flat.data_ptr(), prof.flat.data_ptr() + prof.flat.numel() * prof.flat.element_size())
+                 for prof in self.profiles if prof.flat.numel()]
+        if fmt == _FORMAT_PER_RANK:
+            tensors = [v for k, part in state.items() if k.startswith("dist_ema_rank") and isinstance(part, dict)
+                       for v in part.values() if isinstance(v, torch.Tensor)]
+        else:
+            tensors = [t for prof in self.profiles
+                       for entry in (state.get(_profile_key(prof.sigma_rel)) or {}).values()
+                       for t in _entry_tensors(entry)]
+        return any(a <= t.data_ptr() < b for t in tensors if t.numel() for a, b in spans)
 
     @torch.no_grad()
     def _fill(self, state: dict) -> None:
@@ -651,6 +732,7 @@ class PostHocEMA:
         """
         from dist_ema import swap
 
+        self._follow_model()
         return swap.synthesized_shards(self, sigma_rel=sigma_rel, gamma=gamma)
 
     def swapped(self, sigma_rel: float | None = None, *, gamma: float | None = None) -> AbstractContextManager[None]:
@@ -667,12 +749,14 @@ class PostHocEMA:
         """
         from dist_ema import swap
 
+        self._follow_model()  # the swap writes into the sources: the model's current ones
         return swap.swapped(self, sigma_rel=sigma_rel, gamma=gamma)
 
     def tracked_swapped(self, sigma_rel: float) -> AbstractContextManager[None]:
         """Load a *tracked* profile into the live model, restore the training weights after."""
         from dist_ema import swap
 
+        self._follow_model()
         return swap.tracked_swapped(self, sigma_rel)
 
 
@@ -721,6 +805,152 @@ class _StepCounter:
 
 
 _STEP_COUNTER = _StepCounter()
+
+
+_NEW_EMA_FIX = (
+    "Fix: create a new PostHocEMA for the changed model and resume it (PostHocEMA(model, ..., store=url, "
+    "resume=True) or ema.load_state_dict(state)), or undo the change"
+)
+
+
+def _versions(profiles: Sequence[_Profile]) -> list[int] | None:
+    """The in-place write counters of the EMA buffers (None for inference-mode tensors, which have none)."""
+    try:
+        return [prof.flat._version for prof in profiles]
+    except RuntimeError:
+        return None
+
+
+def _log_relisted(old: Sequence[ShardPiece], new: Sequence[ShardPiece]) -> None:
+    """Log the parameters whose source moved: 'fc1.weight float32 cpu -> float64 cpu' (INFO on rank 0)."""
+    from dist_ema.collective import rank
+
+    before = {p.fqn: p.source for p in old}
+    moved: dict[str, str] = {}
+    for p in new:
+        a, b = before.get(p.fqn), p.source
+        if a is not None and a.data_ptr() != b.data_ptr():
+            moved.setdefault(p.fqn, f"{p.fqn} {str(a.dtype)[6:]} {a.device} -> {str(b.dtype)[6:]} {b.device}")
+    lines = list(moved.values())
+    level = logging.INFO if rank() == 0 and lines else logging.DEBUG
+    log.log(level, "dist-ema: the model's parameter storages moved; re-listed the EMA's views of %d "
+            "parameter(s): %s", len(lines), "; ".join(lines[:12]) + (f"; and {len(lines) - 12} more"
+                                                                      if len(lines) > 12 else ""))
+
+
+def _as_profiles(value: object) -> object:
+    """A number is one profile (``sigma_rels=0.05``, as in a config file); a list, tuple or generator a tuple.
+
+    Anything else is passed on as it is, for EMAConfig's check to name the problem.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (value,)
+    if value is None or isinstance(value, (str, bytes)):
+        return value
+    try:
+        return tuple(value)  # type: ignore[arg-type]
+    except TypeError:
+        return value
+
+
+def _configs(*, sigma_rels, gammas, update_every, batch_size, include_frozen, buffers, update_impl, store,
+             snapshot_every, storage_options, storage_dtype, compression, keep, resume, max_object_bytes, writer,
+             when_behind, on_error, timeout) -> tuple[EMAConfig, SnapshotConfig | None, bool | str]:
+    """This rank's validated settings (local: no collective): the tracking and snapshot configs, and resume."""
+    from dist_ema.config import ConfigError, check_resume
+
+    config = EMAConfig(sigma_rels=_as_profiles(sigma_rels), gammas=_as_profiles(gammas), update_every=update_every,
+                       batch_size=batch_size, include_frozen=include_frozen, buffers=buffers, update_impl=update_impl)
+    resume = check_resume(resume)
+    if store is None:
+        if snapshot_every is not None or resume:
+            raise ConfigError("snapshot_every= and resume= need store=URL (a local path or s3://bucket/prefix)")
+        return config, None, resume
+    extra = {} if max_object_bytes is None else {"max_object_bytes": max_object_bytes}
+    snap = SnapshotConfig(url=store, snapshot_every=snapshot_every, storage_options=storage_options,
+                          dtype=storage_dtype, compression=compression, keep=keep, writer=writer,
+                          when_behind=when_behind, on_error=on_error, timeout=timeout, **extra)
+    return config, snap, resume
+
+
+# the settings every rank must share, by the keyword users spell them with. storage_options are left out:
+# credentials and endpoints may differ per host, and they must not travel to other ranks' error messages.
+_EMA_FIELDS = ("sigma_rels", "gammas", "update_every", "batch_size", "include_frozen", "buffers", "update_impl")
+_SNAPSHOT_FIELDS = {"store": "url", "snapshot_every": "snapshot_every", "storage_dtype": "dtype",
+                    "compression": "compression", "keep": "keep", "max_object_bytes": "max_object_bytes",
+                    "writer": "writer", "slots": "slots", "when_behind": "when_behind", "on_error": "on_error",
+                    "timeout": "timeout"}
+
+
+def _settings_record(config: EMAConfig, snap: SnapshotConfig | None, resume: bool | str) -> dict:
+    """The small record one rank sends to compare its settings: {keyword: value}."""
+    record = {name: getattr(config, name) for name in _EMA_FIELDS}
+    record.update({name: None if snap is None else getattr(snap, attr) for name, attr in _SNAPSHOT_FIELDS.items()})
+    record["resume"] = resume
+    return record
+
+
+def _ranks_by_value(values: list) -> str:
+    """'rank 0: (0.05, 0.1), rank 1: (0.05, 0.2)'; ranks with the same value grouped ('ranks 1, 2, 3: ...')."""
+    groups: list[tuple[object, list[int]]] = []
+    for r, v in enumerate(values):
+        for g in groups:
+            if g[0] == v:
+                g[1].append(r)
+                break
+        else:
+            groups.append((v, [r]))
+    parts = []
+    for v, ranks in groups[:6]:
+        who = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks[:8])) + (
+            f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
+        parts.append(f"{who}: {v!r}")
+    return ", ".join(parts) + (f", and {len(groups) - 6} other values" if len(groups) > 6 else "")
+
+
+def _agreed_settings(settings, timeout: object) -> tuple[EMAConfig, SnapshotConfig | None, bool | str]:
+    """``settings()`` on this rank, checked to be the same on every rank in one collective, before anything else.
+
+    The collective (one all_gather_object of a small record) runs on dist-ema's side group, so a rank
+    that never constructs its PostHocEMA makes the others fail within ``timeout``. A rank whose own
+    settings are invalid, or settings that differ, raise ConfigError on every rank naming each rank's
+    value and the fix.
+    """
+    from dist_ema.collective import all_gather_object, is_distributed, side_group
+    from dist_ema.config import ConfigError, check_timeout
+
+    result, error = None, None
+    try:
+        result = settings()
+    except Exception as e:  # noqa: BLE001 - exchanged below, raised on every rank
+        error = e
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return result
+    try:
+        seconds = check_timeout(timeout)
+    except ConfigError:
+        seconds = SnapshotConfig.timeout  # the error itself travels in the record
+    mine = (None if error is None else f"{type(error).__name__}: {error}",
+            None if result is None else _settings_record(*result))
+    everyone = all_gather_object(mine, side_group(seconds))
+    bad = [(r, err) for r, (err, _) in enumerate(everyone) if err is not None]
+    if bad:
+        detail = "; ".join(f"rank {r}: {err}" for r, err in bad[:4]) + (
+            f"; and {len(bad) - 4} more" if len(bad) > 4 else "")
+        exc = ConfigError(f"PostHocEMA settings are invalid on {len(bad)} of {len(everyone)} rank(s): {detail}",
+                          failures=dict(bad))
+        raise exc from error
+    records = [rec for _, rec in everyone]
+    differ = [name for name in records[0] if any(rec[name] != records[0][name] for rec in records)]
+    if differ:
+        lines = "; ".join(f"{name}: {_ranks_by_value([rec[name] for rec in records])}" for name in differ)
+        raise ConfigError(
+            f"PostHocEMA settings differ across ranks: {lines}. Fix: every rank must construct PostHocEMA with the "
+            f"same settings (the same config file and flags on every rank); nothing was written"
+        )
+    return result
 
 
 def _unwrap_module(obj: object) -> torch.nn.Module:
@@ -927,6 +1157,17 @@ class _FlatShards(torch.Tensor):
             if offs == index.offset:
                 return view
         raise ValueError(f"no EMA chunk at offset {tuple(index.offset)} of {index.fqn!r} on this rank")
+
+
+def _entry_tensors(entry: object) -> list[torch.Tensor]:
+    """The plain tensors of one state dict entry (a _FlatShards, its torch.save'd form, a DTensor)."""
+    if isinstance(entry, _FlatShards):
+        return [v for _, v in entry._pieces]
+    if isinstance(entry, dict) and "dist_ema_flat_ranges" in entry:
+        return [v for v in entry.get("values", []) if isinstance(v, torch.Tensor)]
+    if hasattr(entry, "to_local"):
+        return [entry.to_local()]
+    return [entry] if isinstance(entry, torch.Tensor) else []
 
 
 def _local_values(entry: object, mine: list[tuple[int, torch.Tensor]], fqn: str) -> list[torch.Tensor]:
