@@ -18,7 +18,7 @@ import torch
 import dist_ema.store.io as store_io
 from dist_ema.store import StoreError, open_store
 from dist_ema.tracker import PostHocEMA
-from tests.dist_harness import ROOT, run_workers
+from tests.dist_harness import ROOT, free_port, run_workers
 
 psutil = pytest.importorskip("psutil")
 
@@ -107,6 +107,65 @@ def test_ctrl_c_commits_the_newest_snapshot_and_leaves_nothing_behind(tmp_path):
         assert not _running(writer)
         assert _leaked(shms) == []
         assert not (Path(url) / "owner.json").exists()
+
+
+# Two ranks: step 3 committed, step 6 taken and pending; then idle (no collective to be interrupted inside).
+_TRAIN_RANKS = r"""
+import sys, time, torch.distributed as dist
+from dist_ema import PostHocEMA
+from tests.engines import build
+dist.init_process_group("gloo")
+setup = build("replicated", seed=0)
+ema = PostHocEMA(setup.target, sigma_rels=(0.05, 0.10), store=sys.argv[1], writer="process")
+for i in range(6):
+    setup.step()
+    ema.update()
+    if i == 2:
+        ema.snapshot()
+        ema.flush()
+ema.snapshot()
+w = ema.snapshots.writer
+line = " ".join(map(str, ["SNAP", dist.get_rank(), ema.step, w._proc.pid, *[s.name for s in w._shms]]))
+sys.stdout.write(line + "\n")  # one write: the two ranks share the pipe
+sys.stdout.flush()
+while True:
+    time.sleep(0.01)
+"""
+
+
+# A launcher in a terminal's foreground: its ranks share its process group (Ctrl-C reaches them all).
+_LAUNCH = r"""
+import os, signal, subprocess, sys
+ps = [subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]],
+                       env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r))) for r in range(2)]
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # after the start: the ranks keep Python's KeyboardInterrupt
+sys.exit(max(p.wait() != 0 for p in ps))
+"""
+
+
+def test_ctrl_c_on_two_ranks_names_the_pending_snapshot_on_each(tmp_path):
+    url = str(tmp_path / "s")
+    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               PYTHONPATH=str(ROOT))
+    p = subprocess.Popen([sys.executable, "-c", _LAUNCH, _TRAIN_RANKS, url], cwd=str(ROOT), env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = {}
+    for _ in range(2):
+        line = p.stdout.readline()
+        assert line.startswith("SNAP"), line + p.stderr.read()
+        _, r, step, writer, *shms = line.split()
+        seen[int(r)] = (int(step), int(writer), shms)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert err.count("KeyboardInterrupt") >= 2, err
+    for r, (step, writer, shms) in seen.items():
+        assert step == 6
+        assert f"rank {r}: the program ended without ema.close()" in err, err
+        assert not _running(writer)
+        assert _leaked(shms) == []
+    assert "['step-000000000006']" in err, err
+    assert [s.step for s in open_store(url).snapshots()] == [3]  # step 6 not committed: named, not torn open
+    assert not (Path(url) / "owner.json").exists()
 
 
 def test_the_writer_does_not_outlive_a_sigkilled_trainer(tmp_path):
