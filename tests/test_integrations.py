@@ -111,6 +111,26 @@ def test_lightning_resumes_from_a_linked_last_checkpoint(tmp_path):
     assert last.is_symlink() and not (tmp_path / "ckpt" / "last.ckpt.dist_ema").exists()
 
 
+@pytest.mark.timeout(300)
+def test_lightning_second_fit_without_a_store_carries_the_ema_over():
+    # one process, no store: the second fit() continues the in-memory EMA of the first
+    L = pytest.importorskip("lightning")  # noqa: N806
+    from dist_ema.integrations.lightning import PostHocEMACallback
+    from tests.apps.lightning_app import Net, Recorder
+
+    cb, rec, model = PostHocEMACallback(sigma_rels=SIGMAS), Recorder(), Net()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[cb, rec])
+    trainer.fit(model)
+    trainer.fit_loop.epoch_loop.max_steps = 7
+    trainer.fit(model)
+    assert len(rec.trajectory) == 7
+    assert (cb.ema.step, cb.ema.t, cb.ema.updates) == (7, 7.0, 7)
+    for s in SIGMAS:
+        _check(cb.ema.full_state_dict(sigma_rel=s), rec.trajectory, s, "second fit")
+
+
 # accelerate launch flags per plugin; on CPU the app helps Accelerate with FSDP and DeepSpeed (see the app)
 ACCELERATE_MODES = {
     # "--multi_gpu" starts the processes with torchrun, Accelerator(cpu=True) joins them with gloo ("--cpu" on CPU
