@@ -103,6 +103,12 @@ def test_two_rollbacks_in_one_job_keep_both_abandoned_trajectories_local(tmp_pat
     url = str(tmp_path / "store")
     abandoned = _two_rollbacks(url)
     _check_rollbacks(url, abandoned, capsys)
+    # a store of the earlier layout (one folder per job, retired/<job>/, no intent record) is still listed
+    first = min((Path(url) / "retired").iterdir(), key=lambda p: json.loads((p / "retired.json").read_text())["time"])
+    (first / "retiring.json").unlink()
+    first.rename(first.with_name(first.name.rsplit("-r", 1)[0]))
+    assert [s.step for s in open_store(url).retired()] == [8, 10, 8, 10]
+    assert _plain_tree(url, f"retired/{first.name.rsplit('-r', 1)[0]}/step-{8:012d}") == abandoned[0][8]
 
 
 def test_two_rollbacks_in_one_job_keep_both_abandoned_trajectories_s3(s3_env, capsys):
@@ -182,20 +188,22 @@ def test_overwrite_refuses_a_marker_key_outside_out_on_s3(small_store, s3_env):
 # ----------------------------------------------------------------------------- verify a truncated shard
 
 
-def test_a_truncated_shard_is_named_by_verify_resume_and_synthesis(tmp_path, capsys):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_truncated_shard_is_named_by_verify_resume_and_synthesis(tmp_path, capsys, request, where):
     url = str(tmp_path / "store")
+    if where == "s3":
+        url = f"s3://{request.getfixturevalue('s3_env')[1]}/run"
     m, opt = _linear()
     ema = PostHocEMA(m, sigma_rels=(0.05, 0.10), store=url, snapshot_every=2, writer="sync")
     _train(m, opt, ema, 4)
     ema.close()
     snap = open_store(url).snapshots()[-1]
-    shard = Path(url) / snap.prefix / "r00000" / "c" / "1" / "0"
-    size = shard.stat().st_size
-    cut = 7  # shorter than the shard's index: the index cannot even be read
-    with open(shard, "r+b") as f:
-        f.truncate(cut)
     key = f"{snap.prefix}/r00000/c/1/0"
-    want = f"truncated: {cut} bytes, expected {size}"
+    fs, root = _plain_fs(url)
+    whole = fs.cat_file(f"{root}/{key}")
+    cut = 7  # shorter than the shard's index: the index cannot even be read
+    fs.pipe_file(f"{root}/{key}", whole[:cut])
+    want = f"truncated: {cut} bytes, expected {len(whole)}"
     problems = open_store(url).verify(snap)
     assert len(problems) == 1, problems
     assert all(w in problems[0] for w in (snap.id, "rank 0", "profile p1", key, want)), problems
@@ -291,3 +299,26 @@ def test_takeover_keeps_a_live_owners_attempts_and_cleans_a_dead_jobs(tmp_path, 
     ema.close()
     assert not step4.exists()  # its leftovers are removed now
     assert [s.step for s in open_store(url).snapshots()] == [2]
+
+
+def test_a_stale_owners_leftovers_are_removed_at_takeover(tmp_path, caplog):
+    from dist_ema.store.io import STALE_AFTER
+
+    url = str(tmp_path / "store")
+    m, opt = _linear()
+    old = PostHocEMA(m, sigma_rels=(0.05, 0.10), store=url, snapshot_every=2, writer="sync")
+    _train(m, opt, old, 4)  # step 2 committed, the data of step 4 written and not committed
+    job = old.snapshots.job
+    step4 = Path(url) / "snapshots" / "step-000000000004"
+    assert (step4 / job).is_dir()
+    long_ago = time.time() - 2 * STALE_AFTER  # the records of a job started, and last seen, 20 minutes ago
+    for record, field in ((Path(url) / "jobs" / f"{job}.json", "last_seen"), (Path(url) / "owner.json", "started")):
+        record.write_text(json.dumps(dict(json.loads(record.read_text()), **{field: long_ago})))
+    caplog.set_level("WARNING", logger="dist_ema")
+    new = PostHocEMA(m, sigma_rels=(0.05, 0.10), store=url, writer="sync", resume="takeover")
+    try:
+        assert not step4.exists(), sorted(p.name for p in step4.iterdir())
+        assert "has not been seen for" in caplog.text and "keeping" not in caplog.text
+    finally:
+        new.close()
+        old.snapshots.abandon()
