@@ -303,3 +303,68 @@ def test_swapped_uses_every_snapshot_taken(stores):
     for r in range(2):
         for n in names:
             torch.testing.assert_close(got[r]["swapped"][n].double(), want[n], rtol=1e-5, atol=2e-6, msg=n)
+
+
+def _assert_state_is_file(state: dict, file: dict, skip=()) -> None:
+    """Every tensor of the synthesized file equals the model's, bitwise (the dtypes match here)."""
+    assert set(file) == set(state) - set(skip)
+    for k, v in file.items():
+        assert state[k].dtype == v.dtype and torch.equal(state[k], v), k
+
+
+def test_load_synthesized_writes_buffers_too(stores):
+    from dist_ema import load_synthesized
+
+    file = stores["files"]["full"]
+    model = BNNet(seed=99)
+    before = _state(model)
+    assert not torch.equal(before["bn2.running_var"], file["bn2.running_var"])
+    res = load_synthesized(model, stores["url"], sigma_rel=TARGET)
+    _assert_state_is_file(_state(model), file)
+    assert set(res.buffers) == {k for k in file if ".running_" in k or "num_batches" in k}
+    assert res.kept_params == () and res.kept_buffers == ()
+    # buffers=False: the parameters only, the model's buffers as they were (named in the result)
+    model = BNNet(seed=99)
+    res = load_synthesized(model, stores["url"], sigma_rel=TARGET, buffers=False)
+    after = _state(model)
+    for k in file:
+        assert torch.equal(after[k], before[k] if k in res.kept_buffers else file[k]), k
+    assert res.buffers == () and "bn1.running_mean" in res.kept_buffers
+
+
+def test_load_synthesized_from_a_store_without_frozen_parameters(stores):
+    from dist_ema import load_synthesized
+    from dist_ema.store.fs import StoreError
+
+    file = stores["files"]["frozen"]
+    assert not set(FROZEN) & set(file)  # include_frozen=False: the store holds no EMA of them
+    model = BNNet(seed=99, frozen_backbone=True)
+    before = _state(model)
+    res = load_synthesized(model, stores["frozen_url"], sigma_rel=TARGET)
+    after = _state(model)
+    _assert_state_is_file(after, file, skip=FROZEN)
+    assert res.kept_params == tuple(sorted(FROZEN))
+    for k in FROZEN:
+        assert torch.equal(after[k], before[k]), k
+    # the same parameters trainable here: the store lacks what this model trains; refused, nothing written
+    model = BNNet(seed=99)
+    before = _state(model)
+    with pytest.raises(StoreError, match=r"trainable .*conv1\.weight.*requires_grad_\(False\)"):
+        load_synthesized(model, stores["frozen_url"], sigma_rel=TARGET)
+    assert all(torch.equal(v, before[k]) for k, v in _state(model).items())
+    model = BNNet(seed=99, frozen_backbone=True)
+    model.head = nn.Linear(5, 3)
+    with pytest.raises(StoreError, match=r"different shapes \['head\.bias', 'head\.weight'\]"):
+        load_synthesized(model, stores["frozen_url"], sigma_rel=TARGET)
+
+
+def test_load_synthesized_on_two_fsdp2_ranks(stores, tmp_path):
+    run_workers("tests.test_planning_and_load:worker_load", 2, tmp_path,
+                kwargs={"url": stores["url"], "frozen_url": stores["frozen_url"]}, timeout=300)
+    got = torch.load(tmp_path / "loaded.pt", weights_only=False)
+    _assert_state_is_file(got["full"]["after"], stores["files"]["full"])
+    frozen = got["frozen"]
+    _assert_state_is_file(frozen["after"], stores["files"]["frozen"], skip=FROZEN)
+    assert frozen["result"].kept_params == tuple(sorted(FROZEN))
+    for k in FROZEN:
+        assert torch.equal(frozen["after"][k], frozen["before"][k]), k
