@@ -35,6 +35,15 @@ def _leaked(names: list[str]) -> list[str]:
     return [n for n in names if Path("/dev/shm", n).exists()]
 
 
+def _kill_group(p) -> None:
+    """A failed test leaves no training process behind (its group, whatever it still holds)."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
 def _until(cond, seconds: float = 60.0) -> bool:
     """Wait for ``cond()`` (an event, not a duration: the bound only keeps a broken run from hanging)."""
     deadline = time.monotonic() + seconds
@@ -91,13 +100,18 @@ def _snap_line(p) -> tuple[int, int, list[str]]:
 
 def test_ctrl_c_commits_the_newest_snapshot_and_leaves_nothing_behind(tmp_path):
     runs = [_start_training(tmp_path, i) for i in range(6)]
-    seen = []
-    for p, _, _ in runs:
-        step, writer, shms = _snap_line(p)
-        os.killpg(p.pid, signal.SIGINT)  # the terminal's Ctrl-C: the whole foreground group
-        seen.append((step, writer, shms))
-    for (p, url, want), (step, writer, shms) in zip(runs, seen):
-        _, err = p.communicate(timeout=120)
+    try:
+        seen, errs = [], []
+        for p, _, _ in runs:
+            step, writer, shms = _snap_line(p)
+            os.killpg(p.pid, signal.SIGINT)  # the terminal's Ctrl-C: the whole foreground group
+            seen.append((step, writer, shms))
+        for p, _, _ in runs:
+            errs.append(p.communicate(timeout=120)[1])
+    finally:
+        for p, _, _ in runs:
+            _kill_group(p)
+    for (_, url, want), (step, writer, shms), err in zip(runs, seen, errs):
         assert "KeyboardInterrupt" in err, err  # the trainer was interrupted
         assert "failed" not in err, err
         store = open_store(url)
@@ -149,14 +163,17 @@ def test_ctrl_c_on_two_ranks_names_the_pending_snapshot_on_each(tmp_path):
                PYTHONPATH=str(ROOT))
     p = subprocess.Popen([sys.executable, "-c", _LAUNCH, _TRAIN_RANKS, url], cwd=str(ROOT), env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    seen = {}
-    for _ in range(2):
-        line = p.stdout.readline()
-        assert line.startswith("SNAP"), line + p.stderr.read()
-        _, r, step, writer, *shms = line.split()
-        seen[int(r)] = (int(step), int(writer), shms)
-    os.killpg(p.pid, signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    try:
+        seen = {}
+        for _ in range(2):
+            line = p.stdout.readline()
+            assert line.startswith("SNAP"), line + p.stderr.read()
+            _, r, step, writer, *shms = line.split()
+            seen[int(r)] = (int(step), int(writer), shms)
+        os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        _kill_group(p)
     assert err.count("KeyboardInterrupt") >= 2, err
     for r, (step, writer, shms) in seen.items():
         assert step == 6
@@ -170,8 +187,12 @@ def test_ctrl_c_on_two_ranks_names_the_pending_snapshot_on_each(tmp_path):
 
 def test_the_writer_does_not_outlive_a_sigkilled_trainer(tmp_path):
     p, url, _ = _start_training(tmp_path, 0)
-    _, writer, shms = _snap_line(p)
-    os.kill(p.pid, signal.SIGKILL)  # the trainer alone: its writer is in a session of its own
+    try:
+        _, writer, shms = _snap_line(p)
+    finally:
+        _kill_group(p)
+    # (above) the trainer's whole group, its resource tracker too, which would unlink leaked shared memory;
+    # the writer, in a session of its own, is not signalled: it must notice and clean up by itself
     p.communicate(timeout=60)
     assert _until(lambda: not _running(writer)), "the writer outlived its trainer"
     assert _until(lambda: not _leaked(shms)), _leaked(shms)

@@ -458,13 +458,13 @@ class SnapshotWriter:
 
 def _child_entry(fd: int, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a SIGINT meant for the trainer's group never ends a write
-    if os.getppid() != parent:  # the trainer died while this interpreter started
-        return
     conn = Connection(fd)
     try:
-        io, spec, names, heartbeat = conn.recv()
+        io, spec, names, heartbeat = conn.recv()  # sent at the start: readable even if the trainer died since
     except (EOFError, OSError):  # the trainer exited before sending the set-up
         return
+    if os.getppid() != parent:  # the trainer died while this interpreter started
+        _orphaned(names)
     _process_main(conn, io, spec, names, heartbeat, parent)
 
 
