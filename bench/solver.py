@@ -1,9 +1,16 @@
-"""Benchmark 6: the coefficient solver, 1,000 snapshots x 16 targets.
+"""Benchmark 6: the coefficient solver, 1,000 snapshots x 16 targets, and planning at scale.
 
 ``phema.solve_coefficients`` with 1,000 snapshots of 2 tracked profiles (2,000 rows) and 16
 targets at the newest snapshot's time, vs the bare linear algebra any solver needs
 (``numpy.linalg.solve`` of the 2,000 x 2,000 system with 16 right-hand sides) and
-ema-pytorch's ``solve_weights`` on the same inputs.
+ema-pytorch's ``solve_weights`` on the same inputs. The library solves above
+``phema.MAX_ROWS`` rows over a subset of the snapshots (``phema.choose_snapshots``); the
+dense solve over all of them is timed too (``max_rows`` unbounded).
+
+Planning at scale (:func:`plan_scale`, also ``python -m bench.solver --scale 1000 2000 10000``):
+seconds and peak traced memory (tracemalloc) of one plan (``synthesis.plan_coefficients``, what
+synthesize, swapped() and load_synthesized call) for n snapshots, with the subset and, where it
+fits, dense, and both reconstruction errors.
 
 The library solves each target separately and computes each target's condition number
 with an SVD (``np.linalg.cond``), which costs ~50x the solve at this size. When one target
@@ -17,11 +24,13 @@ conditions.
 
 from __future__ import annotations
 
+import argparse
 import cProfile
 import math
 import os
 import pstats
 import time
+import tracemalloc
 
 import numpy as np
 
@@ -95,16 +104,18 @@ def run(quick: bool = False, threads: int = 1) -> Result:
     res.config = {"rows": int(t.size), "targets": targets, "rounds": rounds,
                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset")}
 
+    dense = 10**9  # max_rows: every snapshot enters
     t0 = time.perf_counter()
-    one = phema.solve_coefficients(t, g, tt[:1], tg[:1])
+    one = phema.solve_coefficients(t, g, tt[:1], tg[:1], max_rows=dense)
     t_one = time.perf_counter() - t0
     extrapolated = t_one * targets > 20.0
     fns = {
         "numpy.linalg.solve (floor)": lambda: np.linalg.solve(A, B),
         "grouped solve (bench reference)": lambda: solve_grouped(t, g, tt, tg),
+        "dist-ema solve_coefficients (subset above MAX_ROWS)": lambda: phema.solve_coefficients(t, g, tt, tg),
     }
     if not extrapolated:
-        fns["dist-ema solve_coefficients"] = lambda: phema.solve_coefficients(t, g, tt, tg)
+        fns["dist-ema solve_coefficients"] = lambda: phema.solve_coefficients(t, g, tt, tg, max_rows=dense)
     try:
         import torch
         from ema_pytorch.post_hoc_ema import solve_weights
@@ -119,14 +130,16 @@ def run(quick: bool = False, threads: int = 1) -> Result:
     if extrapolated:
         times["dist-ema solve_coefficients"] = [t_one * targets]
     tab = Table("Time to solve (median)", ["solver", "ms", "vs numpy.linalg.solve"])
-    for name in ("dist-ema solve_coefficients", "grouped solve (bench reference)", "ema-pytorch solve_weights",
-                 "numpy.linalg.solve (floor)"):
+    for name in ("dist-ema solve_coefficients", "dist-ema solve_coefficients (subset above MAX_ROWS)",
+                 "grouped solve (bench reference)", "ema-pytorch solve_weights", "numpy.linalg.solve (floor)"):
         if name not in times:
             continue
         ts = times[name]
-        ratio = med(ts) / med(base) if extrapolated and name.startswith("dist-ema") else paired_ratio(ts, base)
-        label = name + (f" (extrapolated: 1 target took {t_one:.1f}s, x{targets})"
-                        if extrapolated and name.startswith("dist-ema") else "")
+        dense_lib = name == "dist-ema solve_coefficients"
+        ratio = med(ts) / med(base) if extrapolated and dense_lib else paired_ratio(ts, base)
+        label = name + (" (dense)" if dense_lib else "")
+        if extrapolated and dense_lib:
+            label += f" (extrapolated: 1 target took {t_one:.1f}s, x{targets})"
         tab.rows.append([label, f"{med(ts) * 1e3:.0f}", fmt_x(ratio)])
     res.tables.append(tab)
 
@@ -140,10 +153,59 @@ def run(quick: bool = False, threads: int = 1) -> Result:
            f"coefficients/errors/conditions as the library: {same}")
     if d >= 1.0:
         why += "; cProfile of one target (own time): " + ", ".join(_cprofile_top(lambda: phema.solve_coefficients(
-            t, g, tt[:1], tg[:1]))) + " (np.linalg.cond: a full SVD per target)"
+            t, g, tt[:1], tg[:1], max_rows=dense)))
     res.goals.append(Goal(f"solve {snaps:,} snapshots x {targets} targets in under a second", f"{d:.2f} s",
                           d < 1.0, why))
     res.notes.append("dist-ema also computes each target's reconstruction error and condition number and drops "
                      "snapshots after the target time; ema-pytorch's solve_weights is the bare solve.")
-    res.data = {"times_s": times, "one_target_s": t_one, "extrapolated": extrapolated, "proposed_matches": same}
+    scale = plan_scale((100, 600, 1000) if quick else (1000, 2000, 10000), dense_max=1000 if quick else 2000)
+    res.tables.append(scale)
+    res.data = {"times_s": times, "one_target_s": t_one, "extrapolated": extrapolated, "proposed_matches": same,
+                "plan_scale": scale.rows}
     return res
+
+
+def _plan_once(n: int, max_rows: int) -> tuple[float, float, np.ndarray]:
+    """(seconds, peak traced MiB, errors) of one plan for targets sigma_rel 0.15 and 0.25 over n snapshots."""
+    from dist_ema import phema
+    from dist_ema.synthesis import plan_coefficients
+
+    gs = phema.sigma_rel_to_gamma(np.array([0.05, 0.10])).tolist()
+    sources = [(1000.0 * (i + 1), gs) for i in range(n)]
+    tg = phema.sigma_rel_to_gamma(np.array([0.15, 0.25])).tolist()
+    tracemalloc.start()
+    try:
+        t0 = time.perf_counter()
+        _, sol, _ = plan_coefficients(sources, sources[-1][0], tg, max_rows=max_rows)
+        seconds = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+    return seconds, peak, sol.error
+
+
+def plan_scale(counts=(1000, 2000, 10000), dense_max: int = 2000) -> Table:
+    """Planning time and peak memory for n snapshots (2 profiles each), subset vs dense (n <= dense_max)."""
+    from dist_ema import phema
+
+    tab = Table("Planning at scale (synthesis.plan_coefficients, 2 profiles per snapshot, targets 0.15 and 0.25)",
+                ["snapshots", "solve", "s", "peak MiB", "error 0.15", "error 0.25"])
+    for n in counts:
+        above = 2 * n > phema.MAX_ROWS  # at or below the bound the library's solve is the dense one
+        runs = [("subset", phema.MAX_ROWS)] + ([("dense", 10**9)] if above and n <= dense_max else [])
+        for label, bound in runs:
+            sec, peak, err = _plan_once(n, bound)
+            tab.rows.append([f"{n:,}", label if above else "dense (below the bound)",
+                             f"{sec:.2f}", f"{peak:.0f}", f"{err[0]:.2e}", f"{err[1]:.2e}"])
+    return tab
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="planning time and peak memory at scale")
+    ap.add_argument("--scale", type=int, nargs="+", default=[1000, 2000, 10000], metavar="N")
+    ap.add_argument("--dense-max", type=int, default=2000, help="also time the dense solve up to this many snapshots")
+    a = ap.parse_args()
+    t = plan_scale(a.scale, a.dense_max)
+    print(t.title)
+    for r in [t.columns, *t.rows]:
+        print("  ".join(f"{c:>12}" for c in r))

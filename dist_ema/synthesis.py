@@ -114,14 +114,16 @@ class SynthesisResult:
 
 
 def plan_coefficients(
-    sources: Sequence[tuple[float, Sequence[float]]], target_t: float, target_gammas: Sequence[float]
+    sources: Sequence[tuple[float, Sequence[float]]], target_t: float, target_gammas: Sequence[float],
+    max_rows: int = phema.MAX_ROWS,
 ) -> tuple[np.ndarray, phema.Solution, list[tuple[int, int]]]:
     """Coefficients for sources [(t, gammas of its profiles)] -> targets at ``target_t``.
 
     Returns (X [rows, targets], the solver's Solution over those rows, rows as (source index,
     profile index)). The rows are those that entered the solve: every profile of every source
     with t <= target_t, or, with more than ``phema.MAX_ROWS`` of them, the subset the solver
-    picks (``phema.choose_snapshots``); so X stays small with any number of snapshots. Pure;
+    picks (``phema.choose_snapshots``; ``max_rows`` is that bound); so X stays small with any
+    number of snapshots. Pure;
     used by synthesis, ``PostHocEMA.swapped`` and ``load_synthesized``.
     """
     n_prof = np.fromiter((len(gs) for _, gs in sources), dtype=np.int64, count=len(sources))
@@ -136,7 +138,7 @@ def plan_coefficients(
     t = t_src[src]
     g = np.fromiter((x for _, gs in sources for x in gs), dtype=np.float64, count=keep.size)[keep]
     tg = np.asarray(target_gammas, dtype=np.float64)
-    sol = phema.solve_coefficients(t, g, np.full(tg.size, float(target_t)), tg)
+    sol = phema.solve_coefficients(t, g, np.full(tg.size, float(target_t)), tg, max_rows=max_rows)
     entered = np.flatnonzero(sol.used[:, 0])  # one target time: every target has the same rows
     if entered.size < t.size:
         sol = phema.Solution(coefficients=sol.coefficients[entered], error=sol.error, condition=sol.condition,
