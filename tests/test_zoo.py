@@ -40,6 +40,7 @@ pytestmark = pytest.mark.zoo
 SIGMAS = (0.05, 0.10)
 TARGET = 0.07  # an untracked profile: synthesized
 STEPS, RESUME_AFTER, EVERY = 6, 4, 2
+LIB_TIMEOUT_S, AGREE_S = 30.0, 120.0  # the library's collectives give up first, then the ranks agree
 
 
 # ----------------------------------------------------------------------------- independent references
@@ -142,22 +143,41 @@ def equal(got: dict, want: dict, what: str) -> None:
 
 
 class Checks:
-    """Runs named checks; a failure is recorded with its traceback and the run goes on."""
+    """Runs named checks; a failure is recorded with its traceback and the run goes on.
+
+    A collective step (``rank0=False``) ends with every rank agreeing whether it passed on all ranks,
+    over a gloo group of its own with a timeout: an error raised on one rank only (itself a defect:
+    the library must raise it on every rank) then skips the rest of the model on every rank, instead
+    of leaving the ranks in different collectives.
+    """
 
     def __init__(self, rank: int, engine: str) -> None:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
         self.rank, self.engine, self.model, self.failures = rank, engine, "", []
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=AGREE_S))
 
     def __call__(self, name: str, fn, *, rank0: bool = True) -> bool:
         if rank0 and self.rank != 0:
             return True
         try:
             fn()
-            return True
+            ok = True
         except Exception:
             tail = "\n".join(traceback.format_exc().strip().splitlines()[-12:])
             self.failures.append({"engine": self.engine, "model": self.model, "check": name, "rank": self.rank,
                                   "error": tail})
-            return False
+            ok = False
+        return ok if rank0 else self.agree(ok)
+
+    def agree(self, ok: bool) -> bool:
+        import torch.distributed as dist
+
+        flags = [None] * dist.get_world_size()
+        dist.all_gather_object(flags, ok, group=self.group)
+        return all(flags)
 
 
 def zoo_worker(rank: int, world_size: int, out_dir: str, engine: str, models: list[str]) -> None:
@@ -166,40 +186,47 @@ def zoo_worker(rank: int, world_size: int, out_dir: str, engine: str, models: li
     checks, timings = Checks(rank, engine), {}
     for name in models:
         checks.model = name
-        start = time.perf_counter()
-        _one_model(rank, Path(out_dir) / name, engine, MODELS[name], checks)
+        print(f"zoo {engine}/{name}", flush=True)
+        start, ema = time.perf_counter(), {}
+        try:
+            _one_model(rank, Path(out_dir) / name, engine, MODELS[name], checks, ema)
+        finally:
+            for e in ema.values():  # left open by a failed check: stop its writer, free the store
+                if e.snapshots is not None:
+                    e.snapshots.abandon()
         timings[name] = round(time.perf_counter() - start, 2)
     (Path(out_dir) / f"failures-{rank}.json").write_text(json.dumps(checks.failures))
     (Path(out_dir) / f"timings-{rank}.json").write_text(json.dumps(timings))
 
 
-def _one_model(rank: int, out: Path, engine: str, spec, checks: Checks) -> None:
+def _one_model(rank: int, out: Path, engine: str, spec, checks: Checks, ema: dict) -> None:
     from safetensors.torch import load_file
 
     from dist_ema import PostHocEMA, load_synthesized, synthesize
     from tests.zoo import wrap
 
     run = wrap(engine, spec, seed=0)
-    kw = dict(sigma_rels=SIGMAS, snapshot_every=EVERY, writer="sync", **spec.ema_kwargs)
+    # the library's own collectives give up after LIB_TIMEOUT_S: a rank left alone in one fails in bounded time
+    kw = dict(sigma_rels=SIGMAS, snapshot_every=EVERY, writer="sync", timeout=LIB_TIMEOUT_S, **spec.ema_kwargs)
     control, resumed = str(out / "control"), str(out / "resumed")
-    ema = {}
     if not checks("create", lambda: ema.update(c=PostHocEMA(run.target, store=control, **kw),
                                                r=PostHocEMA(run.target, store=resumed, **kw)), rank0=False):
         return
     trajectory, buffers = [], {}
     for step in range(1, STEPS + 1):
         run.step(step)
-        ok = checks("update", lambda: (ema["c"].update(), ema["r"].update()), rank0=False)
+        if not checks("update", lambda: (ema["c"].update(), ema["r"].update()), rank0=False):
+            return
         trajectory.append(run.full_params())
         buffers[step] = run.buffers()
-        if step == RESUME_AFTER:
-            ok = ok and checks("resume", lambda: (ema["r"].close(), ema.update(
-                r=PostHocEMA(run.target, store=resumed, resume=True, **kw))), rank0=False)
-        if not ok:
+        if step == RESUME_AFTER and not checks("resume", lambda: (ema["r"].close(), ema.update(
+                r=PostHocEMA(run.target, store=resumed, resume=True, **kw))), rank0=False):
             return
-    checks("flush", lambda: (ema["c"].flush(), ema["r"].flush()), rank0=False)
-    tracked = {s: ema["c"].full_state_dict(sigma_rel=s) for s in SIGMAS}
-    again = {s: ema["r"].full_state_dict(sigma_rel=s) for s in SIGMAS}
+    tracked, again = {}, {}
+    if not checks("flush and gather", lambda: (ema["c"].flush(), ema["r"].flush(), [
+            (tracked.update({s: ema["c"].full_state_dict(sigma_rel=s)}),
+             again.update({s: ema["r"].full_state_dict(sigma_rel=s)})) for s in SIGMAS]), rank0=False):
+        return
     names = {n for n, p in run.net.named_parameters()}
     if spec.ema_kwargs.get("include_frozen") is False:
         names = {n for n, p in run.net.named_parameters() if p.requires_grad}
@@ -220,12 +247,12 @@ def _one_model(rank: int, out: Path, engine: str, spec, checks: Checks) -> None:
     swapped_ok = checks("swapped", lambda: _swap(ema["c"], run, inside), rank0=False)
     after = run.full_params()
     checks("swap restores the training weights", lambda: equal(after, before, "after swap"))
-    for e in ema.values():
-        checks("close", e.close, rank0=False)
+    if not checks("close", lambda: [e.close() for e in ema.values()], rank0=False):
+        return
 
     syn = out / "synthesized"
-    if not checks("synthesize", lambda: synthesize(control, sigma_rels=[TARGET], out=str(syn), progress=False),
-                  rank0=False):
+    if not checks("synthesize", lambda: synthesize(control, sigma_rels=[TARGET], out=str(syn), progress=False,
+                                                   timeout=LIB_TIMEOUT_S), rank0=False):
         return
     snaps = {}
     checks("plain read of the snapshots", lambda: snaps.update(plain_snapshots(Path(control))))
@@ -267,8 +294,10 @@ def _one_model(rank: int, out: Path, engine: str, spec, checks: Checks) -> None:
             checks("load_synthesized parameters = independent sum at t=4", lambda: close(
                 {k: v for k, v in loaded.items() if k in names}, expected_synthesis(snaps, 4.0, TARGET),
                 "loaded", rtol=1e-5, atol=1e-6))
+        want = [buffers[4]]  # the snapshot holds rank 0's buffers (ranks may differ: BatchNorm under FSDP)
+        torch.distributed.broadcast_object_list(want, src=0, group=checks.group)
         checks("load_synthesized buffers = the buffers of step 4", lambda: equal(
-            loaded_buffers, buffers[4], f"buffers on rank {rank}"), rank0=False)
+            loaded_buffers, want[0], f"buffers on rank {rank}"), rank0=False)
 
 
 def _swap(ema, run, inside: dict) -> None:
