@@ -2,8 +2,9 @@
 
 A job in named phases, the way torch.distributed.checkpoint names its steps:
 
-1. **plan** (rank 0, then broadcast): pick the committed snapshots with t <= target t, solve
-   for all targets at once (one column per target), and cut the newest snapshot's rank
+1. **plan** (rank 0, then broadcast): pick the committed snapshots with t <= target t (above
+   ``phema.MAX_ROWS`` rows, the subset ``phema.choose_snapshots`` picks), solve for all
+   targets at once (one column per target), and cut the newest snapshot's rank
    arrays into units of work at stored chunk boundaries: a frozen :class:`SynthesisPlan`.
    The units depend on the store only, never on the synthesis world size.
 2. **prepare** (rank 0): claim the output with its marker, write the output store's skeleton.
@@ -155,6 +156,10 @@ def only_planned(sources: Sequence[T], rows: Sequence[tuple[int, int]]) -> tuple
     """
     named = sorted({i for i, _ in rows})
     pos = {i: j for j, i in enumerate(named)}
+    if len(named) < len(sources):
+        log.info("dist-ema: %d snapshots at or before the target time: solved over %d of them (at most %d rows, "
+                 "spread over the run and dense before the target); the errors reported are that subset's",
+                 len(sources), len(named), phema.MAX_ROWS)
     return [sources[i] for i in named], [(pos[i], k) for i, k in rows]
 
 

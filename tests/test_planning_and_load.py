@@ -147,6 +147,18 @@ def test_below_the_bound_the_coefficients_are_the_dense_solve_bitwise():
     assert phema.solve_coefficients(t2, g2, t2[-1], gr[0]).subset.all()
 
 
+def test_a_plan_holds_only_the_snapshots_it_uses(caplog):
+    from dist_ema.synthesis import only_planned
+
+    sources = _sources(3_000)
+    X, sol, rows = plan_coefficients(sources, sources[-1][0], [_gamma(0.15)])
+    with caplog.at_level("INFO", logger="dist_ema"):
+        used, renumbered = only_planned(sources, rows)
+    assert used[-1] == sources[-1] and len(used) == len({i for i, _ in rows}) < 3_000
+    assert [(used[i][0], k) for i, k in renumbered] == [(sources[i][0], k) for i, k in rows]
+    assert f"3000 snapshots at or before the target time: solved over {len(used)} of them" in caplog.text
+
+
 def test_cli_error_on_a_long_schedule(capsys):
     from dist_ema.cli import main
 
