@@ -380,3 +380,16 @@ def test_load_synthesized_on_two_fsdp2_ranks(stores, tmp_path):
     assert frozen["result"].kept_params == tuple(sorted(FROZEN))
     for k in FROZEN:
         assert torch.equal(frozen["after"][k], frozen["before"][k]), k
+
+
+def test_planning_bad_input(capsys):
+    from dist_ema.cli import main
+
+    assert main(["error", "--snapshot-every", "1", "--steps", "1e9"]) == 2
+    err = capsys.readouterr().err
+    assert "1,000,000,000 snapshots" in err and "raise --snapshot-every" in err
+    t = np.repeat(np.arange(1.0, 101.0), 2)
+    with pytest.raises(ValueError, match="max_rows=10 is too small for snapshots of 2 profiles; give at least 16"):
+        phema.solve_coefficients(t, np.tile([1.0, 2.0], 100), [100.0], [1.5], max_rows=10)
+    with pytest.raises(ValueError, match="limit must be >= 8"):
+        phema.choose_snapshots(np.arange(1.0, 101.0), 4)
