@@ -164,7 +164,7 @@ class PostHocEMA:
         self._set_pieces(layout.pieces)
         # the model may move away from the views (model.double(), param.data = ..., a new head, a load with
         # assign=True): checked before every update, see _follow_model
-        self._watch = ModelWatch(model_or_engine, layout.engine, set(layout.params))
+        self._watch = ModelWatch(model_or_engine, layout.engine, set(layout.params), include_frozen)
         self.relisted = 0  # times the views were re-listed after the model's storages moved
         self._stale = False  # set by a model checkpoint load: re-list then (engines without a storage watch)
         module = _unwrap_module(model_or_engine)
@@ -242,6 +242,13 @@ class PostHocEMA:
                 f"of {changed[:8]}{' and more' if len(changed) > 8 else ''} after re-listing them); the EMA is "
                 f"unchanged (step {self.step}). {_NEW_EMA_FIX}"
             )
+        devices = {p.source.device for p in new.pieces}
+        if len(devices) > 1 or any(d.type == "meta" for d in devices):
+            raise ModelChangedError(
+                f"the model's shards moved to {sorted(map(str, devices))}; the EMA keeps one buffer per profile on "
+                f"the shards' device (a real one, not meta) and stays where it is, unchanged (step {self.step}). "
+                f"Fix: move the whole model to one device before the next update"
+            )
         self.layout = new
         self._set_pieces(new.pieces)
         if self.device != old_device:  # model.to(device): the EMA follows its shards (one copy per profile)
@@ -252,7 +259,7 @@ class PostHocEMA:
         self._build_update_plan()
         # the resync writes into the parameter tensors it was built with: rebuild it too
         self._resync = _replicated_resync(self.model, new)
-        self._watch = ModelWatch(self.model, new.engine, set(new.params))
+        self._watch = ModelWatch(self.model, new.engine, set(new.params), self.config.include_frozen)
         self._stale = False
         self.relisted += 1
         _log_relisted(old_pieces, self.pieces)
@@ -287,7 +294,7 @@ class PostHocEMA:
             from dist_ema.sharding.replicated import persistent_buffers
 
             self.layout.buffers = persistent_buffers(_unwrap_module(self.model))
-        self._watch = ModelWatch(self.model, self.layout.engine, set(self.layout.params))
+        self._watch = ModelWatch(self.model, self.layout.engine, set(self.layout.params), self.config.include_frozen)
 
     # ------------------------------------------------------------------ properties
 

@@ -26,6 +26,7 @@ When :meth:`ModelWatch.changed` is true, :func:`param_table` (a full walk) tells
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from operator import attrgetter
@@ -36,7 +37,7 @@ from torch import nn
 from dist_ema.errors import DistEMAError
 from dist_ema.sharding.replicated import clean_fqn, unwrap_ddp
 
-__all__ = ["ModelChangedError", "ModelWatch", "ParamInfo", "engine_module", "param_table"]
+__all__ = ["ModelChangedError", "ModelWatch", "ParamInfo", "describe_change", "engine_module", "param_table"]
 
 _requires_grad = attrgetter("requires_grad")
 _local_tensor = attrgetter("_local_tensor")
@@ -85,14 +86,49 @@ def _dicts(module: nn.Module) -> Iterator[dict]:
         yield mod._buffers
 
 
-class ModelWatch:
-    """A fingerprint of the model the EMA's views were cut from; :meth:`changed` costs a few ``map`` passes.
+class _Registrations:
+    """Counts the module, parameter and buffer registrations of this process (``model.head = nn.Linear(...)``).
 
-    Build it right after the layout (and again after every re-list). ``engine`` is the layout's
-    engine name; ``tracked`` the names the EMA tracks (``layout.params``).
+    Installed once per process, on the first :class:`ModelWatch`, as torch's *global* registration hooks
+    (``torch.nn.modules.module.register_module_*_registration_hook``); each costs one integer increment
+    per registration anywhere in the process and changes nothing. A watch walks its model's module
+    tree only when the count moved, not at every update.
     """
 
-    def __init__(self, model_or_engine: object, engine: str, tracked: set[str]) -> None:
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+        self._installed = False
+
+    def _bump(self, module: nn.Module, name: str, value: object) -> None:
+        self.count += 1
+
+    def install(self) -> None:
+        with self._lock:
+            if self._installed:
+                return
+            from torch.nn.modules import module as torch_module
+
+            torch_module.register_module_module_registration_hook(self._bump)
+            torch_module.register_module_parameter_registration_hook(self._bump)
+            torch_module.register_module_buffer_registration_hook(self._bump)
+            self._installed = True
+
+
+_REGISTRATIONS = _Registrations()
+
+
+class ModelWatch:
+    """A fingerprint of the model the EMA's views were cut from; :meth:`changed` costs one or two ``map`` passes.
+
+    Build it right after the layout (and again after every re-list). ``engine`` is the layout's
+    engine name; ``tracked`` the names the EMA tracks (``layout.params``); with ``include_frozen=False``
+    the ``requires_grad`` flags are watched too (a layer unfrozen later).
+    """
+
+    def __init__(self, model_or_engine: object, engine: str, tracked: set[str], include_frozen: bool = True) -> None:
+        _REGISTRATIONS.install()
+        self._count = _REGISTRATIONS.count
         module = engine_module(model_or_engine)
         self.module = module
         self.table = param_table(module) if module is not None else {}
@@ -103,43 +139,63 @@ class ModelWatch:
         self._children = _slots(m._modules for m in mods)
         self._param_slots = _slots(m._parameters for m in mods) if engine not in ("fsdp1", "fsdp2") else ([], [])
         self._buffers = _slots(m._buffers for m in mods)
-        self._params = [p for m in mods for p in m._parameters.values() if p is not None]
+        self._params = [p for m in mods for p in m._parameters.values() if p is not None] if not include_frozen \
+            else []
+        # the storages the sources were cut from, as (objects, how to get the tensor from each)
         self._getter = None
-        if engine == "replicated":
-            self._storages = [p for name, p in _named(module) if name in tracked]
-        elif engine == "fsdp2":
-            self._storages = [p for name, p in _named(module) if name in tracked and hasattr(p, "_local_tensor")]
-            self._getter = _local_tensor
-        elif engine == "fsdp1":
-            self._storages = [p for p in self._params if getattr(p, "_is_flat_param", False)]
-            self._getter = _fsdp1_local_shard
-        else:  # DeepSpeed: the fp32 partitions live in the optimizer; ZeRO-3 re-gathers the working weights
-            self._storages = []
-        self._expect = self._now()
+        if engine == "replicated":  # the parameter now registered under each tracked name: its storage
+            owned = {id(p) for name, p in _named(module) if name in tracked}
+            slots = [(d, k) for d, k in zip(*self._param_slots) if id(d[k]) in owned]
+            self._storages = [d for d, _ in slots]
+            self._keys = [k for _, k in slots]
+        else:
+            self._keys = None
+            if engine == "fsdp2":  # FSDP2 keeps its sharded DTensor objects; .double() replaces their local shard
+                self._storages = [p for name, p in _named(module) if name in tracked and hasattr(p, "_local_tensor")]
+                self._getter = _local_tensor
+            elif engine == "fsdp1":
+                self._storages = [p for m in mods for p in m._parameters.values() if getattr(p, "_is_flat_param", 0)]
+                self._getter = _fsdp1_local_shard
+            else:  # DeepSpeed: the fp32 partitions live in the optimizer; ZeRO-3 re-gathers the working weights
+                self._storages = []
+        self._expect = self._cheap()
+        self._expect_deep = self._deep()
 
-    def _ptrs(self) -> list[int]:
-        tensors = self._storages if self._getter is None else map(self._getter, self._storages)
-        return list(map(torch.Tensor.data_ptr, tensors))
+    def _cheap(self) -> tuple[list, list, list] | None:
+        try:
+            if self._keys is not None:
+                tensors = map(dict.get, self._storages, self._keys)
+            else:
+                tensors = self._storages if self._getter is None else map(self._getter, self._storages)
+            ptrs = list(map(torch.Tensor.data_ptr, tensors))
+        except TypeError:  # a watched parameter is gone (None in its slot)
+            return None
+        ids = _ids(self._param_slots) if self._keys is None else []
+        return ptrs, ids, list(map(_requires_grad, self._params))
 
-    def _now(self) -> tuple[list, ...]:
-        return (list(map(len, self._dicts)), _ids(self._children), _ids(self._param_slots), self._ptrs(),
-                list(map(_requires_grad, self._params)), _ids(self._buffers))
+    def _deep(self) -> tuple[list, ...]:
+        return (list(map(len, self._dicts)), _ids(self._children), _ids(self._param_slots), _ids(self._buffers))
 
     def changed(self) -> bool:
-        """Whether the module tree, a parameter object, a source storage, a requires_grad flag or a buffer changed.
+        """Whether a source storage, a watched requires_grad flag, or (after a registration) the module tree changed.
 
-        Cheap on purpose (it runs at every update): each part is one C-level pass compared with the
-        fingerprint taken at construction; the first difference returns.
+        Cheap on purpose (it runs at every update): the storages' ``data_ptr`` in one C-level pass (plus
+        the parameters' identity under DeepSpeed, and ``requires_grad`` with ``include_frozen=False``);
+        the module tree (sizes of every module's dicts, identity of every child, parameter and buffer)
+        only when some module, parameter or buffer was registered in the process since the last look.
         """
-        lens, children, params, ptrs, grads, buffers = self._expect
-        return (list(map(len, self._dicts)) != lens or _ids(self._children) != children
-                or _ids(self._param_slots) != params or self._ptrs() != ptrs
-                or list(map(_requires_grad, self._params)) != grads or _ids(self._buffers) != buffers)
+        if self._cheap() != self._expect:
+            return True
+        if _REGISTRATIONS.count != self._count:
+            if self._deep() != self._expect_deep:
+                return True
+            self._count = _REGISTRATIONS.count  # registrations elsewhere (another model): nothing here changed
+        return False
 
     def storages_moved(self) -> bool:
         """Whether a source storage or a parameter object is not the one seen when the watch was made."""
-        _, _, params, ptrs, _, _ = self._expect
-        return self._ptrs() != ptrs or _ids(self._param_slots) != params
+        now = self._cheap()
+        return now is None or now[:2] != self._expect[:2] or _ids(self._param_slots) != self._expect_deep[2]
 
 
 def _slots(dicts: Iterator[dict]) -> tuple[list[dict], list[str]]:
