@@ -87,8 +87,17 @@ class PostHocEMA:
 
     ``model_or_engine`` is a module wrapped with FSDP2 ``fully_shard``, FSDP1, DDP, a
     plain module, or a DeepSpeed engine (ZeRO 1/2/3); the engine is detected.
-    All ranks of the process group must construct it together (it runs one
-    collective check that the shards cover every parameter exactly once).
+    All ranks of the process group must construct it together, with the same settings: one
+    collective compares every rank's settings (a mismatch raises ConfigError on every rank,
+    naming the setting and each rank's value, before anything is written), another checks
+    that the shards cover every parameter exactly once.
+
+    The model may change under the EMA: before every update (and swap) a cheap check sees
+    storages that moved (``model.double()``, ``model.to(dtype or device)``, ``param.data = ...``,
+    a checkpoint load with ``assign=True``) and re-lists the views (logged; ``ema.relisted``
+    counts it); a changed set of tracked parameters (a new or replaced submodule, a layer
+    unfrozen with ``include_frozen=False``) raises :class:`ModelChangedError` and leaves the EMA
+    as it was.
 
     Process-wide state: to tell an ``update()`` after a skipped optimizer step, the first
     PostHocEMA of a process registers a *global* optimizer step post hook
@@ -100,7 +109,8 @@ class PostHocEMA:
     Args:
         sigma_rels / gammas / update_every / batch_size / include_frozen / buffers / update_impl: what to
             track, see :class:`EMAConfig` (defaults: sigma_rels (0.05, 0.10), every step, time
-            in steps, frozen parameters tracked, buffers copied into snapshots).
+            in steps, frozen parameters tracked, buffers copied into snapshots). A single number
+            (``sigma_rels=0.05``) is one profile.
         store: snapshot store URL (local path, ``file://``, ``s3://bucket/prefix``, any fsspec
             URL); None keeps the EMA in memory only.
         snapshot_every, storage_options, storage_dtype, compression, keep, max_object_bytes,
@@ -109,7 +119,9 @@ class PostHocEMA:
         resume: restore the EMA from the newest committed snapshot in ``store`` (any world
             size); a store with snapshots is refused without it, so nothing is overwritten.
             ``resume="takeover"`` also takes the store over from another job that owns it
-            (see docs/commit-protocol.md).
+            (see docs/commit-protocol.md). Only True, False and "takeover" are accepted.
+        layout: a hand-made :class:`~dist_ema.sharding.base.ShardLayout` (tests, benchmarks); without a
+            store, construction then runs no collective.
     """
 
     def __init__(
@@ -147,7 +159,9 @@ class PostHocEMA:
                             max_object_bytes=max_object_bytes, writer=writer, when_behind=when_behind,
                             on_error=on_error, timeout=timeout)
 
-        self.config, self.store_config, resume = _agreed_settings(settings, timeout)
+        # a hand-made layout without a store may be rank-local (one rank's reference EMA): no collective then
+        self.config, self.store_config, resume = _agreed_settings(settings, timeout,
+                                                                  collective=layout is None or store is not None)
         self.model = model_or_engine
         if layout is None:
             from dist_ema.sharding.checks import verify_layout
@@ -478,6 +492,9 @@ class PostHocEMA:
         under the other engines a tensor that lists this rank's flat ranges of the parameter
         as rectangular chunks for DCP. Both reshard through DCP (another world size, another
         engine). The tensors are views of the live EMA buffers: nothing is copied or gathered.
+        So a dict kept in memory moves on with the EMA while its clock does not: for an in-memory
+        rollback keep ``copy.deepcopy(ema.state_dict())``; :meth:`load_state_dict` refuses a kept
+        live dict whose clock is older than the EMA's.
 
         ``torch.save(ema.state_dict())`` per rank works too (reloaded at the same sharding).
         """
@@ -915,7 +932,8 @@ def _ranks_by_value(values: list) -> str:
     return ", ".join(parts) + (f", and {len(groups) - 6} other values" if len(groups) > 6 else "")
 
 
-def _agreed_settings(settings, timeout: object) -> tuple[EMAConfig, SnapshotConfig | None, bool | str]:
+def _agreed_settings(settings, timeout: object,
+                     collective: bool = True) -> tuple[EMAConfig, SnapshotConfig | None, bool | str]:
     """``settings()`` on this rank, checked to be the same on every rank in one collective, before anything else.
 
     The collective (one all_gather_object of a small record) runs on dist-ema's side group, so a rank
@@ -931,7 +949,7 @@ def _agreed_settings(settings, timeout: object) -> tuple[EMAConfig, SnapshotConf
         result = settings()
     except Exception as e:  # noqa: BLE001 - exchanged below, raised on every rank
         error = e
-    if not is_distributed():
+    if not (collective and is_distributed()):
         if error is not None:
             raise error
         return result
