@@ -254,7 +254,7 @@ def worker_gc(rank, ws, out, url):
 
     from tests.engines import build
 
-    def train() -> list[str]:
+    def train() -> list:
         setup = build("replicated", seed=0)
         ema = PostHocEMA(setup.target, sigma_rels=(0.05, 0.10), store=url, writer="process")
         for _ in range(3):
