@@ -300,9 +300,16 @@ class PostHocEMA:
                     f"cannot take them in (its profiles would average old and new weights); it is unchanged "
                     f"(step {self.step}). {_NEW_EMA_FIX}"
                 )
-        if self._stale or watch.storages_moved():
+        moved = watch.storages_moved()
+        if moved and self.layout.refresh is None:
+            raise ModelChangedError(
+                f"the model's parameter storages moved, and this EMA's layout (made by hand, without refresh) "
+                f"cannot re-list its views; the EMA is unchanged (step {self.step}). {_NEW_EMA_FIX}"
+            )
+        if moved or (self._stale and self.layout.refresh is not None):
             self.refresh_views()
             return
+        self._stale = False
         # a buffer replaced, a tracked parameter frozen, or a change outside the tracked parameters
         if self.layout.refresh is not None:
             from dist_ema.sharding.replicated import persistent_buffers

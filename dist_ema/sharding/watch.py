@@ -143,6 +143,8 @@ class ModelWatch:
             else []
         # the storages the sources were cut from, as (objects, how to get the tensor from each)
         self._getter = None
+        if module is None:
+            engine = "none"  # nothing to watch (a hand-made layout over no module)
         if engine == "replicated":  # the parameter now registered under each tracked name: its storage
             owned = {id(p) for name, p in _named(module) if name in tracked}
             slots = [(d, k) for d, k in zip(*self._param_slots) if id(d[k]) in owned]
@@ -156,8 +158,8 @@ class ModelWatch:
             elif engine == "fsdp1":
                 self._storages = [p for m in mods for p in m._parameters.values() if getattr(p, "_is_flat_param", 0)]
                 self._getter = _fsdp1_local_shard
-            else:  # DeepSpeed: the fp32 partitions live in the optimizer; ZeRO-3 re-gathers the working weights
-                self._storages = []
+            else:  # DeepSpeed (the fp32 partitions live in the optimizer; ZeRO-3 re-gathers the working weights),
+                self._storages = []  # a hand-made layout: the parameters' identity only
         self._expect = self._cheap()
         self._expect_deep = self._deep()
 
