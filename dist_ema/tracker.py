@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from dist_ema import phema
+from dist_ema.collective import is_distributed
 from dist_ema.config import (
     Buffers,
     Compression,
@@ -149,8 +150,8 @@ class PostHocEMA:
         timeout: float = 300.0,
         layout: ShardLayout | None = None,
     ) -> None:
-        # every rank checks its settings, then ONE collective compares them (and any rank's bad input) before
-        # anything is listed or written: a mismatch would commit wrong snapshots or put collectives out of step
+        # every rank checks its settings, then ONE collective compares them (and carries any rank's bad input)
+        # before anything is written: a mismatch would commit wrong snapshots or put collectives out of step
         def settings() -> tuple[EMAConfig, SnapshotConfig | None, bool | str]:
             return _configs(sigma_rels=sigma_rels, gammas=gammas, update_every=update_every, batch_size=batch_size,
                             include_frozen=include_frozen, buffers=buffers, update_impl=update_impl, store=store,
@@ -159,16 +160,22 @@ class PostHocEMA:
                             max_object_bytes=max_object_bytes, writer=writer, when_behind=when_behind,
                             on_error=on_error, timeout=timeout)
 
-        # a hand-made layout without a store may be rank-local (one rank's reference EMA): no collective then
-        self.config, self.store_config, resume = _agreed_settings(settings, timeout,
-                                                                  collective=layout is None or store is not None)
+        mine = _local_settings(settings)
+        if mine[1] is not None and not is_distributed():
+            raise mine[1]  # one process: bad input fails before anything else
         self.model = model_or_engine
         if layout is None:
             from dist_ema.sharding.checks import verify_layout
             from dist_ema.sharding.detect import make_layout
 
             layout = make_layout(model_or_engine, include_frozen=include_frozen)
+            # on the default group: a rank that died before start-up fails the others at once there, where
+            # creating the side group would wait ``timeout`` seconds for it
             verify_layout(layout)
+            collective = True
+        else:  # a hand-made layout without a store may be rank-local (one rank's reference EMA)
+            collective = store is not None
+        self.config, self.store_config, resume = _agreed_settings(mine, timeout, collective)
         self.layout = layout
         # tied parameters (head.weight = emb.weight): the engines list each once; the other names
         # are recorded so full state dicts and exported files load with a strict load_state_dict
@@ -939,23 +946,27 @@ def _ranks_by_value(values: list) -> str:
     return ", ".join(parts) + (f", and {len(groups) - 6} other values" if len(groups) > 6 else "")
 
 
-def _agreed_settings(settings, timeout: object,
-                     collective: bool = True) -> tuple[EMAConfig, SnapshotConfig | None, bool | str]:
-    """``settings()`` on this rank, checked to be the same on every rank in one collective, before anything else.
+def _local_settings(settings) -> tuple[object, BaseException | None]:
+    """``settings()`` on this rank: (result, None) or (None, the error), to be exchanged before raising."""
+    try:
+        return settings(), None
+    except Exception as e:  # noqa: BLE001 - raised on every rank by _agreed_settings
+        return None, e
 
-    The collective (one all_gather_object of a small record) runs on dist-ema's side group, so a rank
-    that never constructs its PostHocEMA makes the others fail within ``timeout``. A rank whose own
-    settings are invalid, or settings that differ, raise ConfigError on every rank naming each rank's
-    value and the fix.
+
+def _agreed_settings(mine: tuple[object, BaseException | None], timeout: object,
+                     collective: bool = True) -> tuple[EMAConfig, SnapshotConfig | None, bool | str]:
+    """This rank's settings (``mine``, from :func:`_local_settings`), checked to be the same on every rank.
+
+    One collective (an all_gather_object of a small record) on dist-ema's side group, so a rank that
+    stops responding makes the others fail within ``timeout``. A rank whose own settings are invalid,
+    or settings that differ, raise ConfigError on every rank naming each rank's value and the fix.
+    Without a process group (or ``collective=False``) this rank's own error is raised as it is.
     """
     from dist_ema.collective import all_gather_object, is_distributed, side_group
     from dist_ema.config import ConfigError, check_timeout
 
-    result, error = None, None
-    try:
-        result = settings()
-    except Exception as e:  # noqa: BLE001 - exchanged below, raised on every rank
-        error = e
+    result, error = mine
     if not (collective and is_distributed()):
         if error is not None:
             raise error
@@ -964,9 +975,9 @@ def _agreed_settings(settings, timeout: object,
         seconds = check_timeout(timeout)
     except ConfigError:
         seconds = SnapshotConfig.timeout  # the error itself travels in the record
-    mine = (None if error is None else f"{type(error).__name__}: {error}",
-            None if result is None else _settings_record(*result))
-    everyone = all_gather_object(mine, side_group(seconds))
+    record = (None if error is None else f"{type(error).__name__}: {error}",
+              None if result is None else _settings_record(*result))
+    everyone = all_gather_object(record, side_group(seconds))
     bad = [(r, err) for r, (err, _) in enumerate(everyone) if err is not None]
     if bad:
         detail = "; ".join(f"rank {r}: {err}" for r, err in bad[:4]) + (
