@@ -6,17 +6,20 @@ model that is later converted (``model.double()``, ``model.to(dtype or device)``
 unfrozen while only trainable parameters are tracked goes on training other tensors, and the
 EMA would silently keep averaging the old ones.
 
-:class:`ModelWatch` records a fingerprint of the model once and compares it with a few
-C-level ``map`` passes over cached lists (no module-tree walk, no tensor operation, no sync):
+:class:`ModelWatch` records a fingerprint of the model once and compares it with C-level ``map``
+passes over cached lists (no tensor operation, no sync). At every update:
 
-* module tree: the size of every module's ``_modules`` / ``_parameters`` / ``_buffers`` dict and
-  the identity of every child module and buffer (a replaced or added submodule, a new buffer);
-* parameter objects: the identity of every registered parameter (not under FSDP2, which swaps
-  sharded and unsharded parameters in and out of its modules around forward);
-* storages: the ``data_ptr`` of what each piece was cut from (the parameter itself for
-  plain/DDP models, the DTensor's local shard under FSDP2, the flat parameter's local shard
-  under FSDP1; none under DeepSpeed, whose fp32 partitions live in the optimizer);
-* ``requires_grad`` of every parameter (a layer unfrozen with ``include_frozen=False``).
+* storages: the ``data_ptr`` of what each piece was cut from (the parameter now registered under
+  each tracked name for plain/DDP models, the DTensor's local shard under FSDP2, the flat
+  parameter's local shard under FSDP1; under DeepSpeed, whose fp32 partitions live in the
+  optimizer, the identity of the registered parameters instead);
+* ``requires_grad`` of every parameter, with ``include_frozen=False`` (a layer unfrozen later).
+
+Only after a module, parameter or buffer was registered somewhere in the process (torch's global
+registration hooks count them, see :class:`_Registrations`), the module tree too: the size of every
+module's ``_modules`` / ``_parameters`` / ``_buffers`` dict and the identity of every child module,
+parameter (not under FSDP1/FSDP2, which swap sharded and unsharded parameters in and out of their
+modules around forward) and buffer.
 
 Why ``data_ptr`` alone catches dtype and device changes: the EMA's views keep the old storages
 alive, so a new storage can never be allocated at the old address.
