@@ -105,7 +105,10 @@ class PostHocEMA:
     (``torch.optim.optimizer.register_optimizer_step_post_hook``) that counts the steps of
     every torch optimizer in the process (one integer increment per step). It is removed
     when the last PostHocEMA is closed (``close()``, leaving a ``with`` block, or garbage
-    collection); an ``update()`` after ``close()`` takes it up again.
+    collection); an ``update()`` after ``close()`` takes it up again. The model check also
+    installs, once per process and for good, torch's global module / parameter / buffer
+    registration hooks (one integer increment per registration), so that it compares the module
+    tree only after something was registered.
 
     Args:
         sigma_rels / gammas / update_every / batch_size / include_frozen / buffers / update_impl: what to
