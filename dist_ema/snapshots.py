@@ -534,6 +534,15 @@ class SnapshotManager:
         """The interpreter exits without close(): commit when that is safe (one process), else say what is lost."""
         self._end_without_close("the program ended without ema.close()", "at exit", always=False)
 
+    def after_error(self, what: str) -> None:
+        """An exception (``what``: its type's name) leaves a ``with PostHocEMA(...)`` block: end without close().
+
+        One process commits its pending snapshots (no other rank can be anywhere else), as at exit;
+        with several ranks the exception may be on this rank only, so no collective is taken: the
+        uncommitted snapshots are named and the writer, shared memory and ownership released.
+        """
+        self._end_without_close(f"{what} left the `with PostHocEMA(...)` block", "on the way out", always=False)
+
     def _collected(self) -> None:
         """Finalizer: the PostHocEMA was garbage-collected without close() (a local of a function that returned).
 

@@ -456,8 +456,9 @@ class PostHocEMA:
         if exc_type is None:
             self.close()
         elif self.snapshots is not None:
-            # an exception is propagating (maybe on this rank only): no collectives, just stop the writer
-            self.snapshots.abandon()
+            # an exception is propagating (Ctrl-C, an error maybe on this rank only): one process commits what
+            # it took, as at exit; several ranks take no collective, name what is lost and stop the writer
+            self.snapshots.after_error(exc_type.__name__)
         if exc_type is not None:
             self._hook_release()
 
