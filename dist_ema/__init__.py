@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DistEMAError",
+    "ModelChangedError",
     "PostHocEMA",
     "StoreError",
     "__version__",
@@ -31,6 +32,7 @@ _LAZY = {
     "open_store": ("dist_ema.store.reader", "open_store"),
     "StoreError": ("dist_ema.store.fs", "StoreError"),
     "DistEMAError": ("dist_ema.errors", "DistEMAError"),
+    "ModelChangedError": ("dist_ema.sharding.watch", "ModelChangedError"),
     "synthesize": ("dist_ema.synthesis", "synthesize"),
     "load_synthesized": ("dist_ema.load", "load_synthesized"),
 }

@@ -5,6 +5,7 @@
     │   └── ChecksumError, StoreUnreachableError, TruncatedObjectError
     ├── ConfigError (also a ValueError)          a bad option or config file
     ├── UnsupportedEngineError (a RuntimeError)  a model/engine no adapter understands
+    ├── ModelChangedError (a RuntimeError)       the tracked parameters changed after the EMA was made
     └── CollectiveError                          a step that failed on some ranks, raised on all
 
 An error raised by a collective step (start-up, a snapshot exchange, synthesis) is the same

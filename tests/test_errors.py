@@ -15,14 +15,16 @@ def test_every_public_error_is_a_dist_ema_error():
     from dist_ema.config import ConfigError
     from dist_ema.errors import CollectiveError
     from dist_ema.sharding.base import UnsupportedEngineError
+    from dist_ema.sharding.watch import ModelChangedError
     from dist_ema.store.format import ChecksumError
     from dist_ema.store.fs import StoreError, StoreUnreachableError
     from dist_ema.store.io import TruncatedObjectError
 
     for cls in (StoreError, StoreUnreachableError, ChecksumError, TruncatedObjectError, ConfigError,
-                UnsupportedEngineError, CollectiveError):
+                UnsupportedEngineError, CollectiveError, ModelChangedError):
         assert issubclass(cls, dist_ema.DistEMAError), cls
     assert issubclass(ConfigError, ValueError) and issubclass(StoreError, RuntimeError)
+    assert dist_ema.ModelChangedError is ModelChangedError
     with pytest.raises(dist_ema.DistEMAError):
         dist_ema.PostHocEMA(object())
 

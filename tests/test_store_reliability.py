@@ -16,27 +16,13 @@ from pathlib import Path
 
 import fsspec
 import pytest
-import torch
 
 from dist_ema.cli import main
 from dist_ema.store import StoreError, open_store
 from dist_ema.synthesis import MARKER, synthesize
 from dist_ema.tracker import PostHocEMA
 from tests.dist_harness import ROOT
-
-
-def _linear(seed=0):
-    torch.manual_seed(seed)
-    m = torch.nn.Linear(3, 2)
-    return m, torch.optim.SGD(m.parameters(), lr=0.1)
-
-
-def _train(m, opt, ema, n):
-    for _ in range(n):
-        m(torch.randn(4, 3)).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-        ema.update()
+from tests.test_lifecycle import _linear, _train
 
 
 def _plain_fs(url: str):
