@@ -767,9 +767,9 @@ class PostHocEMA:
     def synthesized_shards(self, sigma_rel: float | None = None, gamma: float | None = None) -> torch.Tensor:
         """This rank's shards of the EMA for any profile at the current time, as one flat fp32 tensor.
 
-        Combines the committed snapshots in the store with the live EMA state (the newest
-        "snapshot", at the current time) using the paper's least-squares coefficients.
-        Each rank reads only its own pieces: no gathers. Collective (lists snapshots once).
+        Combines every snapshot taken so far (pending ones are committed first: a flush) with the
+        live EMA state (the newest "snapshot", at the current time) using the paper's least-squares
+        coefficients, solved on rank 0. Each rank reads only its own pieces: no gathers. Collective.
         See :func:`dist_ema.swap.synthesized_shards`.
         """
         from dist_ema import swap
@@ -780,8 +780,8 @@ class PostHocEMA:
     def swapped(self, sigma_rel: float | None = None, *, gamma: float | None = None) -> AbstractContextManager[None]:
         """Load the EMA for any sigma_rel at the current time into the live (sharded) model.
 
-        Tracked profiles are used as they are; others are synthesized from the committed
-        snapshots plus the live EMA state (``ema.last_synthesis_error`` holds the profile's
+        Tracked profiles are used as they are; others are synthesized from every snapshot taken
+        so far (committed first) plus the live EMA state (``ema.last_synthesis_error`` holds the profile's
         reconstruction error). The training weights (and fp32 masters) are restored exactly
         on exit. Collective: call on every rank. See :mod:`dist_ema.swap`.
 
