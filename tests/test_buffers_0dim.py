@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
+from dist_ema.load import load_synthesized
 from dist_ema.synthesis import synthesize
 from dist_ema.tracker import PostHocEMA
 
@@ -19,6 +20,8 @@ class _Odd(torch.nn.Module):
         self.register_buffer("empty", torch.zeros(0, 3))
         self.register_buffer("mask", torch.tensor([True, False, True]))
         self.register_buffer("strided", torch.arange(12.0).reshape(3, 4).t())  # not contiguous
+        self.register_buffer("bf16", torch.linspace(-3, 3, 5).to(torch.bfloat16))  # numpy has no bfloat16
+        self.register_buffer("f16", torch.linspace(-1, 1, 4).to(torch.float16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x)).mean() * self.scalar_f
@@ -46,3 +49,11 @@ def test_zero_dim_and_odd_buffers_snapshot_and_synthesize(tmp_path):
         assert got[name].shape == b.shape, name
         assert got[name].dtype == b.dtype, name
         assert torch.equal(got[name], b), name
+    # the same buffers straight into a fresh model (its own buffers differ before)
+    fresh = _Odd()
+    for b in fresh.buffers():
+        if b.numel():
+            b.fill_(7)
+    load_synthesized(fresh, url, sigma_rel=0.07)
+    for (name, b), (_, want) in zip(fresh.named_buffers(), m.named_buffers()):
+        assert b.dtype == want.dtype and torch.equal(b, want), name
