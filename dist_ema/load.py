@@ -187,7 +187,7 @@ def load_synthesized(model_or_engine, url: str, sigma_rel: float | None = None, 
                 continue
             nbytes += store.read_pieces(plan.used[i], k, pieces, offsets, vals, scratch)[1]
             acc += x * vals
-        bufs = store.read_buffers(plan.used[-1]) if plan.buffers else {}
+        bufs = store.buffer_tensors(plan.used[-1]) if plan.buffers else {}
         return acc, bufs, nbytes
 
     acc, bufs, nbytes = run_and_check(read_all, f"reading the snapshots of {url} for load_synthesized", None,
@@ -200,8 +200,7 @@ def load_synthesized(model_or_engine, url: str, sigma_rel: float | None = None, 
             target.copy_(v.to(device=target.device, dtype=target.dtype).view_as(target))
     for name in plan.buffers:  # full and identical on every rank under every engine
         live = layout.buffers[name]
-        live.copy_(torch.from_numpy(np.asarray(bufs[name])).to(device=live.device, dtype=live.dtype)
-                   .reshape(live.shape))
+        live.copy_(bufs[name].to(device=live.device, dtype=live.dtype).reshape(live.shape))
     if layout.after_load is not None:
         layout.after_load()
     _log_kept(plan, buffers)

@@ -572,7 +572,8 @@ def _commit(job: _Job, store: SnapshotStore, plan: SynthesisPlan) -> None:
         bufs = _guarded(store, plan.ref, lambda: store.read_buffers(plan.ref))
         from dist_ema.store.format import pack_buffers
 
-        raw, records = pack_buffers(list(bufs.items()))
+        dtypes = {r[0]: r[2] for r in plan.ref.meta.get("buffers") or []}  # bfloat16 is read as uint16 bits
+        raw, records = pack_buffers(list(bufs.items()), dtypes)
         meta = SnapshotMeta(**{**meta.__dict__, "buffers": tuple(tuple(r) for r in records)})
         write_buffers(job.out_io, data_prefix(snap, job.id), raw)
     commit_snapshot(job.out_io, snap, meta.to_doc())
@@ -997,7 +998,7 @@ def _export_safetensors(out_io: StoreIO, top: StoreIO, out: str, plan: Synthesis
     jobs = [(j, fi) for j in range(len(plan.targets)) for fi in range(nfiles)]
 
     def mine() -> None:
-        bufvals = reader.read_buffers(snap) if buffers else {}
+        bufvals = reader.buffer_tensors(snap) if buffers else {}
         for n, (j, fi) in enumerate(jobs):
             if n % world != rank:
                 continue
@@ -1011,7 +1012,7 @@ def _export_safetensors(out_io: StoreIO, top: StoreIO, out: str, plan: Synthesis
                     tensors[alias] = tensors[name].clone()
             if fi == nfiles - 1:
                 for bname, bval in bufvals.items():
-                    tensors[bname] = torch.from_numpy(np.require(bval, requirements="C"))  # keeps 0-dim shapes
+                    tensors[bname] = bval
             md = {"format": "pt", "dist_ema": json.dumps({
                 "sigma_rel": tg["sigma_rel"], "gamma": tg["gamma"], "t": tg["t"], "error": tg["error"],
                 "unit": plan.unit, "snapshots": plan.snapshot_ids, "source_store": plan.source,

@@ -361,13 +361,23 @@ def check_chunk(data, crc: bytes | memoryview, where: str, i: int) -> None:
                             f"run dist-ema ls --verify")
 
 
-def pack_buffers(buffers: list[tuple[str, np.ndarray]]) -> tuple[bytes, list[list]]:
-    """Buffers packed back to back, and their (name, shape, dtype, offset, nbytes) records."""
+def buffer_np_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype a stored buffer is read as: its torch dtype's name, bfloat16 (which numpy
+    lacks) as its uint16 bit patterns; the record keeps the real name."""
+    return np.dtype("<u2") if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def pack_buffers(buffers: list[tuple[str, np.ndarray]],
+                 dtypes: dict[str, str] | None = None) -> tuple[bytes, list[list]]:
+    """Buffers packed back to back, and their (name, shape, dtype, offset, nbytes) records.
+
+    ``dtypes``: the recorded dtype names where the array's own would be wrong (bfloat16 read as uint16).
+    """
     parts, records, off = [], [], 0
     for name, arr in buffers:
         a = np.require(arr, requirements="C")  # np.ascontiguousarray would turn a 0-dim buffer into 1-dim
         b = a.tobytes()
-        records.append([name, list(a.shape), str(a.dtype), off, len(b)])
+        records.append([name, list(a.shape), (dtypes or {}).get(name, str(a.dtype)), off, len(b)])
         parts.append(b)
         off += len(b)
     return b"".join(parts), records
@@ -376,5 +386,5 @@ def pack_buffers(buffers: list[tuple[str, np.ndarray]]) -> tuple[bytes, list[lis
 def unpack_buffers(raw: bytes, records) -> dict[str, np.ndarray]:
     out = {}
     for name, shape, dtype, off, n in records:
-        out[name] = np.frombuffer(raw[off:off + n], dtype=np.dtype(dtype)).reshape(shape).copy()
+        out[name] = np.frombuffer(raw[off:off + n], dtype=buffer_np_dtype(dtype)).reshape(shape).copy()
     return out

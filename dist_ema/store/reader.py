@@ -380,6 +380,17 @@ class SnapshotStore:
             out[name] = np.asarray(arr[...]).reshape(shape)
         return out
 
+    def buffer_tensors(self, snap: Snapshot) -> dict:
+        """Buffers stored with a snapshot as torch tensors (name -> tensor) of their recorded dtype, bfloat16 too."""
+        import torch
+
+        dtypes = {r[0]: r[2] for r in snap.meta.get("buffers") or []}
+        out = {}
+        for name, a in self.read_buffers(snap).items():
+            t = torch.from_numpy(np.require(a, requirements="C"))  # keeps 0-dim shapes
+            out[name] = t.view(torch.bfloat16) if dtypes.get(name) == "bfloat16" else t
+        return out
+
     def verify(self, snap: Snapshot) -> list[str]:
         """Read every object of a snapshot and check its checksums (and a shard's index); empty = healthy."""
         problems = []
