@@ -35,6 +35,7 @@ Lifecycle of the writer process:
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -220,8 +221,7 @@ def _process_main(conn, io: StoreIO, spec: WriterSpec, shm_names: Sequence[str],
                 res = _fail(job, e)
             finally:
                 if buf is not None:
-                    with contextlib.suppress(BufferError):  # no view of a slot outlives its job
-                        buf.release()
+                    _release(buf)  # no view of a slot outlives its job
                 buf = None
             try:
                 conn.send(res)
@@ -231,7 +231,18 @@ def _process_main(conn, io: StoreIO, spec: WriterSpec, shm_names: Sequence[str],
         if watch is not None:
             watch.stop()  # the last beat is written before the trainer removes the job's record
         for s in shms:
-            s.close()
+            with contextlib.suppress(BufferError):  # a view still held: the process ends anyway
+                s.close()
+
+
+def _release(view: memoryview) -> None:
+    """Release a slot's view; a failed write's traceback (a reference cycle) may still hold arrays on it."""
+    try:
+        view.release()
+    except BufferError:
+        gc.collect()  # frees the cycle and the arrays it held
+        with contextlib.suppress(BufferError):
+            view.release()
 
 
 class SnapshotWriter:
@@ -254,6 +265,7 @@ class SnapshotWriter:
         self.free = list(range(slots))
         self._job_slot: dict[int, int | None] = {}
         self._results: dict[int, dict] = {}
+        self._dropped: set[int] = set()  # jobs whose result nobody will read: their slot comes back at the end
         self._next = 0
         self._closed = False
         self.behind_waits = 0  # times a snapshot waited for a free staging slot
@@ -328,6 +340,8 @@ class SnapshotWriter:
                 self.wait(oldest, timeout=timeout)
                 self.behind_waits += 1
                 self.behind_seconds += time.perf_counter() - t0
+        if not self.free and timeout is None:  # every slot held, yet nothing in flight: never a None to index
+            raise StoreError(f"rank {self.spec.rank}: every staging slot is held but no write is in flight")
         return self.free.pop(0) if self.free else None
 
     # ------------------------------------------------------------------ jobs
@@ -353,11 +367,16 @@ class SnapshotWriter:
         return jid
 
     def _finish(self, res: dict) -> None:
-        self._results[res["id"]] = res
-        slot = self._job_slot.get(res["id"])
+        jid = res["id"]
+        slot = self._job_slot.get(jid)
         if slot is not None and slot not in self.free:
             self.free.append(slot)
             self.free.sort()
+        if jid in self._dropped:  # its snapshot was given up while it ran: the slot is back, the result unread
+            self._dropped.discard(jid)
+            self._job_slot.pop(jid, None)
+        else:
+            self._results[jid] = res
 
     def dead(self) -> str | None:
         """Why the writer can no longer write (its process died), or None while it works."""
@@ -389,7 +408,7 @@ class SnapshotWriter:
     def wait(self, jid: int, timeout: float | None = None) -> dict | None:
         """Block until job ``jid`` has a result (None on timeout)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while jid not in self._results:
+        while jid not in self._results and jid in self._job_slot:  # a dropped job leaves _job_slot when done
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None
@@ -417,6 +436,10 @@ class SnapshotWriter:
         return self._results.get(jid)
 
     def pop_result(self, jid: int) -> dict | None:
+        """Take (and forget) job ``jid``'s result; a job still running keeps its slot until it finishes."""
+        if jid not in self._results and jid in self._job_slot:
+            self._dropped.add(jid)  # its snapshot failed on another rank: the write still holds the slot
+            return None
         self._job_slot.pop(jid, None)
         return self._results.pop(jid, None)
 
