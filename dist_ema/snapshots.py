@@ -202,7 +202,6 @@ class SnapshotManager:
         # committed step the same way
         self.job, committed = all_gather_object((job, self.committed) if self.rank == 0 else None, self.group)[0]
         self.committed_ids = {snap for snap, _ in committed}
-        self._beat = time.monotonic()
         # every rank writes its own layout file: permanent storage problems show up here, at start-up
         try:
             run_and_check(lambda: write_layout(self.io, self.layout, self.rank), f"writing the layout to {where}",
