@@ -51,7 +51,7 @@ from dist_ema.collective import (
 from dist_ema.config import SnapshotConfig
 from dist_ema.staging import Stager, Ticket
 from dist_ema.store import io as store_io
-from dist_ema.store.format import SnapshotMeta, data_prefix, job_key, step_of
+from dist_ema.store.format import BOX_VERSION, FORMAT_VERSION, SnapshotMeta, data_prefix, job_key, step_of
 from dist_ema.store.fs import StoreError, StoreIO, redact
 from dist_ema.store.io import (
     claim_store,
@@ -239,6 +239,7 @@ class SnapshotManager:
             compression=self.config.compression, inner_bytes=self.config.max_object_bytes, world_size=self.world,
             engine=self.layout.engine, layout=self.layout_id, model=self.layout.model_fingerprint(),
             ties=dict(ema.ties), buffers=tuple(records), attempt=self.job, created=time.time(),
+            version=BOX_VERSION if self.layout.has_boxes else FORMAT_VERSION,
         ).to_doc()
 
     @torch.no_grad()

@@ -52,6 +52,8 @@ import torch.distributed as dist
 from dist_ema import phema
 from dist_ema.collective import all_gather_object, broadcast_object, is_distributed, raise_if_any, run_and_check
 from dist_ema.store.format import (
+    BOX_VERSION,
+    FORMAT_VERSION,
     STORAGE_DTYPES,
     STORE_MARKER,
     SnapshotMeta,
@@ -272,7 +274,7 @@ def _plan(store: SnapshotStore, s_targets: list[float], g_targets: list[float], 
     out_pieces = []
     for u in work:
         segs = unit_segments(ref_layout, u)
-        out_pieces.append([(ref_layout.params[p][0], start, numel) for p, start, numel, _ in segs])
+        out_pieces.append([(ref_layout.params[p][0], start, numel, box) for p, start, numel, _, box in segs])
     out_layout = Layout.build(ref_layout.params, out_pieces, "synthesized")
     return SynthesisPlan(
         targets=tuple({"sigma_rel": s, "gamma": g, "t": target_t, "error": float(e), "condition": float(c)}
@@ -554,6 +556,7 @@ def _out_meta(job: _Job, store: SnapshotStore, plan: SynthesisPlan) -> SnapshotM
         model=plan.out_layout.model_fingerprint(), engine="synthesized", inner_bytes=_out_inner_bytes(plan),
         attempt=job.id, ties=dict(plan.ties), buffers=tuple(tuple(b) for b in ref.meta.get("buffers") or []),
         kind="synthesized", created=time.time(),
+        version=BOX_VERSION if plan.out_layout.has_boxes else FORMAT_VERSION,
         extra={"errors": [tg["error"] for tg in plan.targets], "conditions": [tg["condition"] for tg in plan.targets],
                "source": store.url, "snapshots": plan.snapshot_ids, "coefficients": [list(r) for r in plan.X],
                "rows": [list(r) for r in plan.rows]},

@@ -331,7 +331,7 @@ def test_layouts_with_parameters_in_another_order_are_one_model() -> None:
     # every element of the fsdp1 layout's units, read from the plain layout: the same parameter's elements
     src = plain.piece_index(fsdp1)
     for unit in plan_units(fsdp1, [1, 1], 1 << 20):  # chunks of 1 element: every unit boundary allowed
-        for p, start, numel, _ in unit_segments(fsdp1, unit):
+        for p, start, numel, _, _box in unit_segments(fsdp1, unit):
             fqn = fsdp1.params[p][0]
             want = [(rd.src, rd.numel) for rd in plan_region(plain.piece_index()[plain.fqn_index()[fqn]], start,
                                                              start + numel)]

@@ -8,7 +8,7 @@ Format version 2 (new stores)::
     dist_ema.json                                   store marker (format, version)
     owner.json                                      ownership record, create-only (see docs/commit-protocol.md)
     jobs/<job>.json                                 a job's own record: host, pid, run, last seen
-    layouts/<layout>/params.json, rank-<r>.json     the layout (unchanged from version 1)
+    layouts/<layout>/params.json, rank-<r>.json     the layout (unchanged from version 1; boxes: version 3)
     snapshots/step-<N>/commit.json                  commit marker, create-only, written last: the metadata,
                                                     and "attempt": the job whose data it commits
     snapshots/step-<N>/<job>/zarr.json              zarr group; attributes.dist_ema = the metadata
@@ -28,6 +28,13 @@ index): zarr-python and tensorstore read them. Uncompressed inner chunks lie bac
 in chunk order, so a reader finds chunk ``i`` at ``i * (inner * itemsize + 4)`` without the
 index (checked against the index by ``verify``).
 
+Format version 3: version 2, with layouts whose pieces may be ranges of N-d boxes of a parameter
+(tensor parallel, ``Shard(d > 0)``): a rank file's piece is ``[param, start, numel, offset]`` (a flat
+range, as in version 2) or ``[param, start, numel, offset, starts, sizes]`` (elements [start, start +
+numel) of the row-major order of the box ``starts``/``sizes``). Only a snapshot whose layout has a box
+says version 3 in its commit marker; everything else, the store marker included, stays version 2, so
+stores of 1-d layouts stay readable by earlier releases.
+
 Format version 1 (still read): data next to the marker, ``snapshots/step-<N>/r<r>/p<k>``
 one zarr array per rank and profile, chunked into objects of ``max_object_bytes``.
 """
@@ -45,6 +52,7 @@ from dist_ema.store.fs import StoreError
 
 __all__ = [
     "COMMIT",
+    "BOX_VERSION",
     "FORMAT_VERSION",
     "READABLE_VERSIONS",
     "STORAGE_DTYPES",
@@ -55,8 +63,9 @@ __all__ = [
     "step_of",
 ]
 
-FORMAT_VERSION = 2  # written by this dist-ema
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 2  # written by this dist-ema (the store marker, and snapshots of flat-range layouts)
+BOX_VERSION = 3  # a snapshot whose layout has N-d box pieces (format 2 otherwise unchanged)
+READABLE_VERSIONS = (1, 2, 3)
 STORE_MARKER = "dist_ema.json"
 COMMIT = "commit.json"
 OWNER = "owner.json"

@@ -6,7 +6,7 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -300,24 +300,36 @@ class SnapshotStore:
 
     def read_reads(self, snap: Snapshot, profile: int, reads: Sequence[Read], out: np.ndarray,
                    scratch: bytearray | None = None) -> int:
-        """Execute reads (rank array -> out) for one profile. Returns bytes fetched."""
+        """Execute reads (rank array -> out) for one profile. Returns bytes fetched.
+
+        A strided read (``rows`` > 1, an N-d block) fetches its source span once and copies its rows.
+        """
         by_rank: dict[int, list[Read]] = defaultdict(list)
         for rd in reads:
             by_rank[rd.rank].append(rd)
         nbytes = 0
         for r, rds in by_rank.items():
             rds.sort(key=lambda x: x.src)
-            # contiguous source runs whose destinations are contiguous too read straight into out
             for rd in rds:
-                nbytes += self.read_stored(snap, r, profile, rd.src, rd.src + rd.numel,
-                                           out[rd.dst:rd.dst + rd.numel], scratch)
+                if rd.rows == 1:
+                    nbytes += self.read_stored(snap, r, profile, rd.src, rd.src + rd.numel,
+                                               out[rd.dst:rd.dst + rd.numel], scratch)
+                    continue
+                tmp = np.empty(rd.span, dtype=out.dtype)
+                nbytes += self.read_stored(snap, r, profile, rd.src, rd.src + rd.span, tmp, scratch)
+                isz = out.itemsize
+                dst = np.lib.stride_tricks.as_strided(out[rd.dst:], shape=(rd.rows, rd.numel),
+                                                      strides=(rd.dst_stride * out.strides[0], out.strides[0]))
+                dst[...] = np.lib.stride_tricks.as_strided(tmp, shape=(rd.rows, rd.numel),
+                                                           strides=(rd.src_stride * isz, isz))
         return nbytes
 
     def read_pieces(self, snap: Snapshot, profile: int, pieces: Sequence, offsets: Sequence[int],
                     out: np.ndarray | None = None, scratch: bytearray | None = None) -> tuple[np.ndarray, int]:
-        """Flat ranges of parameters (any layout) of one profile, back to back: (values, bytes fetched).
+        """Regions of parameters (any layout) of one profile, back to back: (values, bytes fetched).
 
-        ``pieces``: records with ``fqn``, ``flat_start``, ``flat_end`` (e.g. a rank's shard pieces);
+        ``pieces``: records with ``fqn``, ``flat_start``, ``flat_end`` and optionally ``box`` (e.g. a
+        rank's shard pieces: a range of the parameter, or of the row-major order of a box of it);
         piece i lands at ``out[offsets[i]:offsets[i + 1]]`` (``out``: float32 by default, any float
         dtype, converted on the copy).
         """
@@ -325,8 +337,8 @@ class SnapshotStore:
         index, fidx = self._index_of(snap), src.fqn_index()
         reads = []
         for i, p in enumerate(pieces):
-            for rd in plan_region(index[fidx[p.fqn]], p.flat_start, p.flat_end):
-                reads.append(Read(rd.rank, rd.src, int(offsets[i]) + rd.dst, rd.numel))
+            for rd in plan_region(index[fidx[p.fqn]], p.flat_start, p.flat_end, getattr(p, "box", None)):
+                reads.append(replace(rd, dst=int(offsets[i]) + rd.dst))
         if out is None:
             out = np.empty(int(offsets[-1]), dtype=np.float32)
         return out, self.read_reads(snap, profile, merge_reads(reads), out, scratch)
