@@ -119,7 +119,7 @@ def _plan(store: SnapshotStore, sigma_rel, gamma, t, step, layout, trainable, lo
         raise StoreError(f"no committed snapshot in {store.url}: nothing to synthesize from")
     target_t = _choose_time(snaps, t, step)
     used = [x for x in snaps if x.t <= target_t]
-    kept = _match_params(store.url, {f: shape for f, (shape, _) in layout.params.items()},
+    kept = _match_params(store.url, {f: shape for f, (shape, _) in layout.global_params.items()},
                          {f: shape for f, (shape, _) in store.params(used[-1]).items()}, trainable)
     X, sol, rows = plan_coefficients([(x.t, x.gammas) for x in used], target_t, [g])
     used, rows = only_planned(used, rows)
@@ -152,9 +152,10 @@ def load_synthesized(model_or_engine, url: str, sigma_rel: float | None = None, 
     """
     from dist_ema.sharding.checks import verify_layout
     from dist_ema.sharding.detect import make_layout
+    from dist_ema.sharding.parts import as_model
 
-    layout = make_layout(model_or_engine)
-    verify_layout(layout)
+    model_or_engine = as_model(model_or_engine)
+    layout = verify_layout(make_layout(model_or_engine))
     rank = torch.distributed.get_rank() if is_distributed() else 0
 
     # ---- plan: rank 0 lists, matches and solves once; everyone gets the plan or the same error

@@ -105,9 +105,9 @@ class SnapshotManager:
         self.rank = rank(self.group)
         self.world = world_size(self.group)
         self.io = StoreIO(config.url, config.storage_options)
-        owned = [(p.fqn, p.flat_start, p.numel) for p in ema.pieces if p.owner]
+        owned = [p.key for p in ema.pieces if p.owner]
         everyone = all_gather_object(owned, self.group)
-        params = [(f, shape, str(dt).replace("torch.", "")) for f, (shape, dt) in ema.layout.params.items()]
+        params = [(f, shape, str(dt).replace("torch.", "")) for f, (shape, dt) in ema.layout.global_params.items()]
         self.layout = Layout.build(params, everyone, ema.layout.engine)
         self.layout_id = self.layout.layout_id()
         self.pending: list[_Pending] = []

@@ -39,7 +39,9 @@ from dist_ema.config import (
     Writer,
 )
 from dist_ema.sharding.base import ShardLayout, ShardPiece
+from dist_ema.sharding.parts import as_model
 from dist_ema.sharding.watch import ModelChangedError, ModelWatch, describe_change, param_table
+from dist_ema.store.layout import flat_blocks, piece_blocks
 
 __all__ = ["EMAConfig", "ModelChangedError", "PostHocEMA"]
 
@@ -166,6 +168,7 @@ class PostHocEMA:
         mine = _local_settings(settings)
         if mine[1] is not None and not is_distributed():
             raise mine[1]  # one process: bad input fails before anything else
+        model_or_engine = as_model(model_or_engine)  # pipeline stages: a list of modules
         self.model = model_or_engine
         if layout is None:
             from dist_ema.sharding.checks import verify_layout
@@ -174,7 +177,7 @@ class PostHocEMA:
             layout = make_layout(model_or_engine, include_frozen=include_frozen)
             # on the default group: a rank that died before start-up fails the others at once there, where
             # creating the side group would wait ``timeout`` seconds for it
-            verify_layout(layout)
+            layout = verify_layout(layout)
             collective = True
         else:  # a hand-made layout without a store may be rank-local (one rank's reference EMA)
             collective = store is not None
@@ -257,8 +260,8 @@ class PostHocEMA:
             return
         new = self.layout.refresh()
         old_pieces, old_device = self.pieces, self.device
-        keys = {(p.fqn, p.flat_start, p.numel, p.owner) for p in old_pieces}
-        new_keys = {(p.fqn, p.flat_start, p.numel, p.owner) for p in new.pieces}
+        keys = {(*p.key, p.owner) for p in old_pieces}
+        new_keys = {(*p.key, p.owner) for p in new.pieces}
         if keys != new_keys or set(new.params) != set(self.layout.params):
             changed = sorted({k[0] for k in keys ^ new_keys} | (set(new.params) ^ set(self.layout.params)))
             raise ModelChangedError(
@@ -529,15 +532,16 @@ class PostHocEMA:
             "engine": self.layout.engine,
         }
         out: dict = {"dist_ema": header}
-        if self.layout.engine == "fsdp2":
+        by = self._pieces_by_fqn()
+        if self.layout.engine == "fsdp2" and all(p.box is None for p in self.pieces) \
+                and all(len(idx) <= 1 for idx in by.values()):  # FSDP2 Shard(0): the parameters' own DTensors
             make = self._dtensor_entries()
         else:
             make = self._flat_entries
-        by = self._pieces_by_fqn()
         for prof in self.profiles:
             # torch.save writes each entry as plain flat ranges (DTensors of views do not pickle)
-            plain = {fqn: ([[self.pieces[i].flat_start, self.pieces[i].numel] for i in idx],
-                           [prof.views[i] for i in idx]) for fqn, idx in by.items()}
+            plain = {fqn: ([_range_doc(self.pieces[i]) for i in idx], [prof.views[i] for i in idx])
+                     for fqn, idx in by.items()}
             out[_profile_key(prof.sigma_rel)] = _ProfileState(make(prof), plain)
         return out
 
@@ -551,7 +555,8 @@ class PostHocEMA:
         out = {}
         for fqn, idx in self._pieces_by_fqn().items():
             shape = self.layout.params[fqn][0]
-            out[fqn] = _FlatShards(shape, [(self.pieces[i].flat_start, prof.views[i]) for i in idx])
+            out[fqn] = _FlatShards(shape, [(self.pieces[i].flat_start, prof.views[i], self.pieces[i].box)
+                                           for i in idx])
         return out
 
     def _dtensor_entries(self):
@@ -606,7 +611,7 @@ class PostHocEMA:
                 "gammas": list(self.gammas),
             },
             f"dist_ema_rank{rank():05d}": {
-                "pieces": json.dumps([[p.fqn, p.flat_start, p.numel] for p in self.pieces]),
+                "pieces": json.dumps([[p.fqn, *_range_doc(p)] for p in self.pieces]),
                 **{f"p{k}": prof.flat for k, prof in enumerate(self.profiles)},
             },
         }
@@ -702,8 +707,8 @@ class PostHocEMA:
                 if fqn not in entries:
                     raise ValueError(f"state dict has no EMA of this rank's shard of {fqn!r} (profile {key}): it was "
                                      f"saved with another sharding (world size, engine or wrapping); {_RESHARD_HINT}")
-                mine = [(self.pieces[i].flat_start, prof.views[i]) for i in idx]
-                for (_, dst), src in zip(mine, _local_values(entries[fqn], mine, fqn)):
+                mine = [(self.pieces[i].flat_start, prof.views[i], self.pieces[i].box) for i in idx]
+                for (_, dst, _), src in zip(mine, _local_values(entries[fqn], mine, fqn)):
                     if src.data_ptr() != dst.data_ptr():  # DCP loaded in place
                         dst.copy_(src.reshape(-1))
 
@@ -712,7 +717,7 @@ class PostHocEMA:
         from dist_ema.collective import rank
 
         key = f"dist_ema_rank{rank():05d}"
-        mine = [[p.fqn, p.flat_start, p.numel] for p in self.pieces]
+        mine = [[p.fqn, *_range_doc(p)] for p in self.pieces]
         if key not in state or json.loads(state[key]["pieces"]) != mine:
             raise ValueError(
                 f"state dict ({_FORMAT_PER_RANK}, per-rank buffers) was saved with a different sharding (world size "
@@ -736,7 +741,7 @@ class PostHocEMA:
         """
         prof = self.profile(sigma_rel=sigma_rel, gamma=gamma)
         mine = [
-            (p.fqn, p.flat_start, prof.views[i].detach().cpu().clone())
+            (p.fqn, p.flat_start, prof.views[i].detach().cpu().clone(), p.box)
             for i, p in enumerate(self.pieces)
             if p.owner
         ]
@@ -746,12 +751,12 @@ class PostHocEMA:
         if gathered is None:
             return {}
         out: dict[str, torch.Tensor] = {}
-        for fqn, (shape, _dtype) in self.layout.params.items():
+        for fqn, (shape, _dtype) in self.layout.global_params.items():
             out[fqn] = torch.empty(math.prod(shape), dtype=torch.float32)
         for part in gathered:
-            for fqn, start, values in part:
-                out[fqn][start : start + values.numel()] = values
-        out = {k: v.view(self.layout.params[k][0]) for k, v in out.items()}
+            for fqn, start, values, box in part:
+                _place(out[fqn], self.layout.global_params[fqn][0], start, values, box)
+        out = {k: v.view(self.layout.global_params[k][0]) for k, v in out.items()}
         out.update({alias: out[name] for alias, name in self.ties.items()})
         if self.config.buffers == "copy":
             out.update({k: b.detach().cpu().clone() for k, b in self.layout.buffers.items()})
@@ -1083,37 +1088,23 @@ def _profile_key(sigma_rel: float) -> str:
     return f"sigma_rel_{sigma_rel:.6g}"
 
 
-def _flat_blocks(start: int, stop: int, shape: tuple[int, ...]) -> list[tuple[tuple, tuple, int, int]]:
-    """Rectangular blocks ``(offsets, sizes, a, b)`` that cover the flat range [start, stop) of a row-major
-    tensor of ``shape``, in order; block i holds the flat elements [a, b), contiguously.
+def _range_doc_of(start: int, numel: int, box: tuple | None) -> list:
+    """A piece's range as plain data: ``[start, numel]``, or ``[start, numel, starts, sizes]`` of a box."""
+    return [int(start), int(numel)] if box is None else [int(start), int(numel), list(box[0]), list(box[1])]
 
-    A flat range of an N-d tensor is at most 2N - 1 such blocks (a partial row, full rows, a partial row,
-    recursively), which is what DCP needs to reshard chunks of any engine's flat shards.
-    """
-    if start >= stop:
-        return []
-    if not shape:
-        return [((), (), start, stop)]
-    inner = math.prod(shape[1:])
-    r0, o0 = divmod(start, inner)
-    r1, o1 = divmod(stop, inner)
-    out: list[tuple[tuple, tuple, int, int]] = []
 
-    def within(row: int, a: int, b: int) -> None:
-        for offs, sizes, x, y in _flat_blocks(a, b, shape[1:]):
-            out.append(((row, *offs), (1, *sizes), row * inner + x, row * inner + y))
+def _range_doc(p) -> list:
+    return _range_doc_of(p.flat_start, p.numel, p.box)
 
-    if r0 == r1:
-        within(r0, o0, o1)
-        return out
-    if o0:
-        within(r0, o0, inner)
-        r0 += 1
-    if r1 > r0:
-        out.append(((r0,) + (0,) * (len(shape) - 1), (r1 - r0, *shape[1:]), r0 * inner, r1 * inner))
-    if o1:
-        within(r1, 0, o1)
-    return out
+
+def _place(full: torch.Tensor, shape: tuple[int, ...], start: int, values: torch.Tensor, box: tuple | None) -> None:
+    """Write a piece's values into the flat full tensor of ``shape``."""
+    if box is None:
+        full[start : start + values.numel()] = values
+        return
+    sub = full.view(shape)[tuple(slice(a, a + n) for a, n in zip(*box))]
+    for offs, sizes, a, b in flat_blocks(start, start + values.numel(), box[1]):
+        sub[tuple(slice(o, o + z) for o, z in zip(offs, sizes))] = values[a - start : b - start].view(sizes)
 
 
 class _ProfileState(dict):
@@ -1148,18 +1139,18 @@ class _FlatShards(torch.Tensor):
     "values": [tensor, ...]}`` (plain types, loadable with ``weights_only=True``).
     """
 
-    _pieces: list[tuple[int, torch.Tensor]]
+    _pieces: list[tuple[int, torch.Tensor, tuple | None]]
     _chunks: list[tuple[torch.Size, torch.Size, torch.Tensor]]
 
     @staticmethod
-    def __new__(cls, shape: tuple[int, ...], pieces: list[tuple[int, torch.Tensor]]) -> _FlatShards:
+    def __new__(cls, shape: tuple[int, ...], pieces: list[tuple[int, torch.Tensor, tuple | None]]) -> _FlatShards:
         t = torch.Tensor._make_wrapper_subclass(cls, torch.Size(shape), dtype=torch.float32,
                                                 device=pieces[0][1].device)
         t._pieces = pieces
         t._chunks = []
-        for start, view in pieces:
-            for offs, sizes, a, b in _flat_blocks(start, start + view.numel(), tuple(shape)):
-                t._chunks.append((torch.Size(offs), torch.Size(sizes), view[a - start : b - start].view(sizes)))
+        for start, view, box in pieces:
+            for offs, sizes, a in piece_blocks(tuple(shape), start, view.numel(), box):
+                t._chunks.append((torch.Size(offs), torch.Size(sizes), view[a : a + math.prod(sizes)].view(sizes)))
         return t
 
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -1169,14 +1160,14 @@ class _FlatShards(torch.Tensor):
         raise TypeError(f"a dist-ema checkpoint shard supports no tensor operations (called {func})")
 
     def __repr__(self) -> str:
-        ranges = [(s, s + v.numel()) for s, v in self._pieces]
+        ranges = [(s, s + v.numel(), b) for s, v, b in self._pieces]
         return f"_FlatShards(shape={tuple(self.shape)}, flat_ranges={ranges})"
 
     def __reduce_ex__(self, protocol):
         from collections import OrderedDict
 
-        items = [("dist_ema_flat_ranges", [[s, v.numel()] for s, v in self._pieces]),
-                 ("values", [v for _, v in self._pieces])]
+        items = [("dist_ema_flat_ranges", [_range_doc_of(s, v.numel(), b) for s, v, b in self._pieces]),
+                 ("values", [v for _, v, _ in self._pieces])]
         return (OrderedDict, (items,))
 
     def __create_write_items__(self, fqn: str, object: object) -> list:
@@ -1209,7 +1200,7 @@ class _FlatShards(torch.Tensor):
 def _entry_tensors(entry: object) -> list[torch.Tensor]:
     """The plain tensors of one state dict entry (a _FlatShards, its torch.save'd form, a DTensor)."""
     if isinstance(entry, _FlatShards):
-        return [v for _, v in entry._pieces]
+        return [v for _, v, _ in entry._pieces]
     if isinstance(entry, dict) and "dist_ema_flat_ranges" in entry:
         return [v for v in entry.get("values", []) if isinstance(v, torch.Tensor)]
     if hasattr(entry, "to_local"):
@@ -1219,11 +1210,13 @@ def _entry_tensors(entry: object) -> list[torch.Tensor]:
 
 def _local_values(entry: object, mine: list[tuple[int, torch.Tensor]], fqn: str) -> list[torch.Tensor]:
     """This rank's values of one parameter's EMA in a state dict entry, aligned with ``mine`` [(start, view)]."""
-    want = [[s, v.numel()] for s, v in mine]
+    want = [_range_doc_of(s, v.numel(), b) for s, v, b in mine]
     if isinstance(entry, _FlatShards):
-        got, values = [[s, v.numel()] for s, v in entry._pieces], [v for _, v in entry._pieces]
+        got = [_range_doc_of(s, v.numel(), b) for s, v, b in entry._pieces]
+        values = [v for _, v, _ in entry._pieces]
     elif isinstance(entry, dict) and "dist_ema_flat_ranges" in entry:  # torch.save'd _FlatShards
-        got, values = [list(map(int, r)) for r in entry["dist_ema_flat_ranges"]], list(entry["values"])
+        got = [[int(r[0]), int(r[1]), *([[int(x) for x in y] for y in r[2:]])] for r in entry["dist_ema_flat_ranges"]]
+        values = list(entry["values"])
     elif hasattr(entry, "__create_chunk_list__") and hasattr(entry, "to_local"):  # DTensor (FSDP2)
         local = entry.to_local()
         chunks = entry.__create_chunk_list__()
@@ -1232,7 +1225,7 @@ def _local_values(entry: object, mine: list[tuple[int, torch.Tensor]], fqn: str)
         values = [local.reshape(-1)] if local.numel() else []
     else:
         raise ValueError(f"state dict entry of {fqn!r} is a {type(entry).__name__}, not a dist-ema EMA shard")
-    if got != want or any(v.numel() != n for v, (_, n) in zip(values, got)):
+    if got != want or any(v.numel() != r[1] for v, r in zip(values, got)):
         raise ValueError(
             f"the EMA of {fqn!r} in this state dict covers the flat ranges {got} on this rank, this EMA holds "
             f"{want}: it was saved with another sharding (world size, engine or wrapping); {_RESHARD_HINT}"

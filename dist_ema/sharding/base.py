@@ -1,14 +1,16 @@
 """Shard records: what every engine adapter reports about a rank's own parameter shards.
 
-Every engine dist-ema supports stores a rank's shard of a parameter as one or more
-*flat ranges* of the row-major flattened global tensor (FSDP2 ``Shard(0)`` rows are a
-contiguous flat range too). So one record type serves all engines:
+A rank's shard of a parameter is one or more *pieces*: a contiguous range of the row-major
+flattened global tensor (FSDP1, DeepSpeed ZeRO, DDP, FSDP2 ``Shard(0)`` rows), or a range of the
+row-major order of an N-d *box* of it (``box = (starts, sizes)``, as torch.distributed.checkpoint's
+chunks: tensor parallel, ``Shard(d > 0)``, expert parallel, ``_StridedShard``). One record type
+serves all engines:
 
-    fqn, global_shape, dtype, [flat_start, flat_start + numel), live 1-d view
+    fqn, global_shape, dtype, box (None: the whole parameter), [flat_start, flat_start + numel), live 1-d view
 
-The tracker averages ``source``; the store writes ``[flat_start, flat_start+numel)``
-of ``fqn`` from the EMA; synthesis and resume use the same ranges. Nothing here
-depends on torch.distributed or on the store.
+The tracker averages ``source``; the store writes the piece's elements from the EMA;
+synthesis and resume read any region through box intersection. Nothing here depends on
+torch.distributed or on the store.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from dist_ema.errors import DistEMAError
 
 __all__ = ["ShardPiece", "ShardLayout", "UnsupportedEngineError", "check_pieces_local", "even_chunk", "even_split",
-           "share_among_replicas", "split_among_replicas"]
+           "replica_cuts", "share_among_replicas", "split_among_replicas"]
 
 
 class UnsupportedEngineError(DistEMAError, RuntimeError):
@@ -38,7 +40,7 @@ class ShardPiece:
             model reports it (no ``_fsdp_wrapped_module.`` / ``module.`` prefixes).
         global_shape: shape of the full (unsharded) parameter.
         dtype: dtype of the model's parameter (the EMA itself is kept in fp32).
-        flat_start: first element of the range in the row-major flattened parameter.
+        flat_start: first element of the range in the row-major flattened parameter (or box).
         numel: number of elements in the range (> 0; empty pieces are not listed).
         source: live 1-d tensor of ``numel`` elements that the EMA averages: the fp32
             master where the engine has one, otherwise the sharded parameter. It is a
@@ -52,6 +54,9 @@ class ShardPiece:
             forward pass uses, where it differs from ``source`` (ZeRO working
             weights, DeepSpeed bf16 params); ``None`` when ``source`` is what forward
             reads. ``PostHocEMA.swapped`` copies into both.
+        box: ``(starts, sizes)`` per dimension of the global tensor when the piece is a range of
+            that box's row-major order (a shard that is not contiguous in the parameter, e.g. a
+            tensor-parallel column block); None when the range is of the whole parameter.
     """
 
     fqn: str
@@ -62,10 +67,21 @@ class ShardPiece:
     source: torch.Tensor = field(repr=False, compare=False)
     owner: bool = True
     load_target: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    box: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     @property
     def global_numel(self) -> int:
         return math.prod(self.global_shape)
+
+    @property
+    def region_numel(self) -> int:
+        """Elements of what ``flat_start`` counts in: the box, or the whole parameter."""
+        return self.global_numel if self.box is None else math.prod(self.box[1])
+
+    @property
+    def key(self) -> tuple:
+        """Where the piece lies: ``(fqn, flat_start, numel, box)`` (what the store's layout records)."""
+        return (self.fqn, self.flat_start, self.numel, self.box)
 
     @property
     def flat_end(self) -> int:
@@ -80,8 +96,9 @@ class ShardLayout:
         engine: short engine name recorded in snapshots ("fsdp2", "fsdp1",
             "zero1", "zero2", "zero3", "replicated").
         pieces: this rank's pieces, in a deterministic order (same model => same order).
-        params: every parameter of the model as ``{fqn: (global_shape, dtype)}``,
-            identical on all ranks (used by the coverage check and the store index).
+        params: every parameter this rank's model holds as ``{fqn: (global_shape, dtype)}``:
+            identical on all ranks, except under pipeline parallelism, where each rank lists its
+            stages' parameters and ``all_params`` (set by the layout check) is their union.
         buffers: the model's buffers (e.g. norm running stats) as ``{fqn: tensor}``,
             full and identical on every rank under every supported engine. The
             tracker copies them into snapshots (or averages them, by option).
@@ -105,6 +122,13 @@ class ShardLayout:
     process_group: object | None = None
     refresh: Callable[[], ShardLayout] | None = None
     after_load: Callable[[], None] | None = None
+    all_params: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
+
+    @property
+    def global_params(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Every parameter of the model over all ranks: ``params``, or under pipeline parallelism
+        (each rank holding some stages) their union, set by ``checks.verify_layout``."""
+        return self.params if self.all_params is None else self.all_params
 
 
 def even_chunk(numel: int, world: int) -> int:
@@ -147,21 +171,35 @@ def share_among_replicas(pieces: Sequence[ShardPiece], replica: int, replicas: i
 
 def split_among_replicas(pieces: Sequence[ShardPiece], replica: int, replicas: int) -> list[list[ShardPiece]]:
     """``share_among_replicas``, as the list of sub-pieces of each piece (in order)."""
-    if replicas < 1 or not 0 <= replica < replicas:
-        raise ValueError(f"invalid replica {replica} of {replicas}")
-    total = sum(p.numel for p in pieces)
-    lo, hi = total * replica // replicas, total * (replica + 1) // replicas
     out: list[list[ShardPiece]] = []
-    a = 0  # first element of the piece in the replicas' common order
-    for p in pieces:
-        cuts = sorted({0, p.numel, min(max(lo - a, 0), p.numel), min(max(hi - a, 0), p.numel)})
+    for p, cuts in zip(pieces, replica_cuts([p.numel for p in pieces], replica, replicas)):
         subs = []
-        for x, y in zip(cuts[:-1], cuts[1:]):
+        for x, y, owner in cuts:
             target = None if p.load_target is None else p.load_target[x:y]
             subs.append(replace(p, flat_start=p.flat_start + x, numel=y - x, source=p.source[x:y],
-                                owner=lo <= a + x and a + y <= hi, load_target=target))
+                                owner=owner, load_target=target))
         out.append(subs)
-        a += p.numel
+    return out
+
+
+def replica_cuts(numels: Sequence[int], replica: int, replicas: int) -> list[list[tuple[int, int, bool]]]:
+    """How ``replicas`` ranks holding the same pieces (of ``numels`` elements, in one order) split the writing.
+
+    The elements, back to back, are cut into ``replicas`` contiguous parts at ``floor(total * i /
+    replicas)``; replica ``replica`` owns part ``replica``. Per piece: its sub-ranges ``(x, y, owned)``
+    (relative to the piece, in order), at most three. A function of its arguments only, so every
+    replica (and a rank checking all of them) computes the same split.
+    """
+    if replicas < 1 or not 0 <= replica < replicas:
+        raise ValueError(f"invalid replica {replica} of {replicas}")
+    total = sum(numels)
+    lo, hi = total * replica // replicas, total * (replica + 1) // replicas
+    out = []
+    a = 0  # first element of the piece in the replicas' common order
+    for n in numels:
+        cuts = sorted({0, n, min(max(lo - a, 0), n), min(max(hi - a, 0), n)})
+        out.append([(x, y, lo <= a + x and a + y <= hi) for x, y in zip(cuts[:-1], cuts[1:])])
+        a += n
     return out
 
 
@@ -170,11 +208,15 @@ def check_pieces_local(pieces: Sequence[ShardPiece]) -> None:
     for p in pieces:
         if p.numel <= 0:
             raise ValueError(f"empty shard piece listed for {p.fqn!r}; adapters must skip empty pieces")
-        if p.flat_start < 0 or p.flat_end > p.global_numel:
+        if p.flat_start < 0 or p.flat_end > p.region_numel:
             raise ValueError(
                 f"shard piece of {p.fqn!r} covers [{p.flat_start}, {p.flat_end}) outside the "
-                f"parameter's {p.global_numel} elements (global shape {p.global_shape})"
+                f"{p.region_numel} elements of its {'parameter' if p.box is None else f'box {p.box}'} "
+                f"(global shape {p.global_shape})"
             )
+        if p.box is not None and (len(p.box[0]) != len(p.global_shape) or any(
+                a < 0 or n < 0 or a + n > s for a, n, s in zip(p.box[0], p.box[1], p.global_shape))):
+            raise ValueError(f"shard piece of {p.fqn!r}: box {p.box} is not inside the global shape {p.global_shape}")
         if p.source.dim() != 1 or p.source.numel() != p.numel:
             raise ValueError(
                 f"shard piece of {p.fqn!r}: source must be a 1-d view of {p.numel} elements, "

@@ -6,9 +6,11 @@ catches that at start-up with metadata only (no tensor data is moved):
 
 1. every rank runs the local checks (``check_pieces_local``; every piece's fqn is in
    ``params`` with the piece's shape and dtype);
-2. every rank has the same ``params`` (compared by digest, full dicts only on mismatch);
-3. the owner pieces of all ranks cover each element of each tracked parameter exactly
-   once (gathered on the group's first rank, which broadcasts the verdict).
+2. every rank has the same ``params`` (compared by digest), or, under pipeline parallelism,
+   parameters of the same name have the same shape and dtype on every rank holding them;
+3. pieces that several ranks own (replicas) are split among them (``replica_cuts``);
+4. the owner pieces of all ranks cover each element of each tracked parameter exactly
+   once (N-d boxes included; checked on the group's first rank, which broadcasts the verdict).
 
 Whatever fails, every rank raises the same ``ShardCoverageError``: the decision is
 taken from gathered data that all ranks see, so no rank is left waiting in a
@@ -20,12 +22,20 @@ of ``group`` (default: the whole world), not over ``layout.process_group``.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dist_ema.sharding.base import ShardLayout, UnsupportedEngineError, check_pieces_local
+from dist_ema.sharding.base import (
+    ShardLayout,
+    ShardPiece,
+    UnsupportedEngineError,
+    check_pieces_local,
+    replica_cuts,
+    split_among_replicas,
+)
 
 __all__ = ["ShardCoverageError", "verify_layout"]
 
@@ -66,37 +76,30 @@ def _local_problem(layout: ShardLayout) -> str | None:
     return None
 
 
-def _params_diff(all_keys: list[_Key]) -> str:
-    """Describe the first difference between rank 0's params and another rank's."""
-    ref = dict((k[0], k[1:]) for k in all_keys[0])
-    for rank, key in enumerate(all_keys[1:], start=1):
-        other = dict((k[0], k[1:]) for k in key)
-        for fqn in sorted(set(ref) | set(other)):
-            if fqn not in other:
-                return f"rank {rank} has no parameter {fqn!r} (rank 0 has {ref[fqn]})"
-            if fqn not in ref:
-                return f"rank {rank} has parameter {fqn!r} {other[fqn]} that rank 0 does not have"
-            if ref[fqn] != other[fqn]:
-                return f"parameter {fqn!r} is {ref[fqn]} on rank 0 but {other[fqn]} on rank {rank}"
-    return "the parameter lists differ between ranks"
+def _coverage_problems(key: _Key, owned: list[list[tuple]]) -> list[str]:
+    """Gaps and overlaps of the owner pieces; ``owned[rank]`` holds (param index, start, numel, box)."""
+    from dist_ema.store.layout import cover_problem, piece_blocks
 
-
-def _coverage_problems(
-    key: _Key, owned: list[list[tuple[int, int, int]]]
-) -> list[str]:
-    """Gaps and overlaps of the owner pieces; ``owned[rank]`` holds (param index, start, numel)."""
-    per_param: list[list[tuple[int, int, int]]] = [[] for _ in key]
-    for rank, triples in enumerate(owned):
-        for idx, start, numel in triples:
-            per_param[idx].append((start, start + numel, rank))
+    per_param: list[list[tuple]] = [[] for _ in key]
+    for rank, entries in enumerate(owned):
+        for idx, start, numel, box in entries:
+            per_param[idx].append((start, start + numel, rank, box))
     problems: list[str] = []
     for idx, (fqn, shape, _dtype) in enumerate(key):
         total = 1
         for d in shape:
             total *= d
         where = f"parameter {fqn!r} (shape {shape}, {total} elements)"
+        if any(box is not None for *_, box in per_param[idx]):
+            blocks = [(s0, z, rank) for start, end, rank, box in per_param[idx]
+                      for s0, z, _ in piece_blocks(shape, start, end - start, box)]
+            problem = cover_problem(shape, blocks)
+            if problem:
+                problems.append(f"{where}: owner boxes leave a {problem}" if problem.startswith("gap")
+                                else f"{where}: owner boxes {problem}")
+            continue
         cursor, last_rank = 0, None
-        for start, end, rank in sorted(per_param[idx]):
+        for start, end, rank, _ in sorted(per_param[idx], key=lambda x: x[:3]):
             if start > cursor:
                 problems.append(f"{where}: elements [{cursor}, {start}) are owned by no rank")
             elif start < cursor:
@@ -111,9 +114,7 @@ def _coverage_problems(
     return problems
 
 
-def _checked_coverage(
-    key: _Key, owned: list[list[tuple[int, int, int]]]
-) -> tuple[list[str], int]:
+def _checked_coverage(key: _Key, owned: list[list[tuple]]) -> tuple[list[str], int]:
     """First few coverage problems and their total count; never raises (its result is broadcast)."""
     try:
         problems = _coverage_problems(key, owned)
@@ -133,21 +134,26 @@ def _fail(summary: str, problems: list[str], total: int | None = None) -> ShardC
     )
 
 
-def verify_layout(layout: ShardLayout, group: Any | None = None) -> None:
+def verify_layout(layout: ShardLayout, group: Any | None = None) -> ShardLayout:
     """Check ``layout`` on this rank and across all ranks of ``group``; raise on every rank on failure.
 
     Must be called by every rank of ``group`` (default: the whole world). Works without
     an initialized process group (a single process checks its own coverage).
 
+    Returns the layout to use: where several ranks hold the same piece as owners (replicas:
+    ``Replicate`` placements, HSDP, a mesh that leaves out a dimension such as norms under
+    tensor parallel), the ranks holding it split the writing (``replica_cuts``), every one of
+    them still tracking all of it; under pipeline parallelism (ranks holding different
+    parameters), ``all_params`` is the union. ``refresh`` of the result applies the same split.
+
     Raises:
         ShardCoverageError: (a subclass of ``UnsupportedEngineError``) on every rank, naming
-            the first problem: a bad local piece, differing ``params``, or the first gap
-            or overlap (parameter name and element range).
+            the first problem: a bad local piece, a parameter with different shapes or dtypes
+            on two ranks, or the first gap or overlap (parameter name and element range).
     """
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size(group) if distributed else 1
     key = _params_key(layout.params)
-    index = {fqn: i for i, (fqn, _s, _d) in enumerate(key)}
     local_problem = _local_problem(layout)
 
     # 1. local problems and params digests: small, all ranks see all of them.
@@ -160,23 +166,112 @@ def verify_layout(layout: ShardLayout, group: Any | None = None) -> None:
     bad = [f"rank {r}: {prob}" for r, (prob, _) in enumerate(gathered) if prob is not None]
     if bad:
         raise _fail("shard layout check failed on some ranks", bad)
-    if len({digest for _, digest in gathered}) > 1:
+    all_params = None
+    if len({digest for _, digest in gathered}) > 1:  # pipeline stages: each rank holds some parameters
         keys: list[Any] = [None] * world
         dist.all_gather_object(keys, key, group=group)
-        raise _fail("ranks disagree on the tracked parameters", [_params_diff(keys)])
+        union: dict[str, tuple] = {}
+        for r, k in enumerate(keys):
+            for fqn, shape, dtype in k:
+                if fqn in union and union[fqn][:2] != (shape, dtype):
+                    raise _fail("ranks disagree on the tracked parameters",
+                                [f"parameter {fqn!r} is {union[fqn][:2]} on rank {union[fqn][2]} but "
+                                 f"{(shape, dtype)} on rank {r}"])
+                union.setdefault(fqn, (shape, dtype, r))
+        key = sorted((f, s, d) for f, (s, d, _) in union.items())
+        dtypes = {str(dt): dt for _, dt in layout.params.values()}
+        all_params = {f: (s, dtypes.get(d) or _dtype(d)) for f, s, d in key}
+    index = {fqn: i for i, (fqn, _s, _d) in enumerate(key)}
 
-    # 2. coverage of owner pieces: gathered on the group's first rank, verdict broadcast.
-    owned = [(index[p.fqn], p.flat_start, p.numel) for p in layout.pieces if p.owner]
+    # 2. replicas: every rank's owner pieces, so each rank knows who else holds its pieces
+    owned = [p.key for p in layout.pieces if p.owner]
+    everyone: list[Any] = [None] * world
+    if distributed:
+        dist.all_gather_object(everyone, owned, group=group)
+    else:
+        everyone = [owned]
+    me = dist.get_rank(group) if distributed else 0
+    holders = _holders(everyone)
+    pieces = _resolve(layout.pieces, holders, me)
+
+    # 3. coverage of the owner pieces of all ranks after the split: computed on the group's first rank
+    # from the gathered pieces, the verdict broadcast.
+    def resolved_owned(r: int) -> list[tuple]:
+        return [(index[f], s, n, b) for (f, s, n, b), owner in _resolve_keys(everyone[r], holders, r) if owner]
+
     if not distributed:
-        problems, total = _checked_coverage(key, [owned])
+        problems, total = _checked_coverage(key, [resolved_owned(0)])
     else:
         first = 0 if group is None else dist.get_global_rank(group, 0)
-        is_first = dist.get_rank(group) == 0
-        all_owned: list[Any] | None = [None] * world if is_first else None
-        dist.gather_object(owned, all_owned, dst=first, group=group)
-        verdict: list[Any] = [_checked_coverage(key, all_owned) if is_first else None]
+        verdict: list[Any] = [None]
+        if me == 0:
+            try:
+                verdict = [_checked_coverage(key, [resolved_owned(r) for r in range(world)])]
+            except Exception as exc:  # noqa: BLE001 - the other ranks wait for this verdict
+                verdict = [([f"the coverage check itself failed: {type(exc).__name__}: {exc}"], 1)]
         dist.broadcast_object_list(verdict, src=first, group=group)
         problems, total = verdict[0]
     if problems:
         summary = "the owner shards of all ranks do not cover every parameter exactly once"
         raise _fail(summary, problems, total)
+    return _with_split(layout, pieces, holders, me, all_params)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.replace("torch.", ""))
+
+
+def _holders(everyone: list[list[tuple]]) -> dict[tuple, tuple[int, ...]]:
+    """Owner piece key -> the ranks listing it (only keys listed by several ranks)."""
+    seen: dict[tuple, list[int]] = {}
+    for r, keys in enumerate(everyone):
+        for k in keys:
+            seen.setdefault(k, []).append(r)
+    return {k: tuple(rs) for k, rs in seen.items() if len(rs) > 1}
+
+
+def _resolve_keys(keys: list[tuple], holders: dict, me: int) -> list[tuple[tuple, bool]]:
+    """Rank ``me``'s owner piece keys after replicas split them: [(sub-key, owned)]."""
+    groups: dict[tuple, list[int]] = {}
+    for i, k in enumerate(keys):
+        if k in holders:
+            groups.setdefault(holders[k], []).append(i)
+    cut: dict[int, list] = {}
+    for hs, idx in groups.items():
+        for i, cuts in zip(idx, replica_cuts([keys[i][2] for i in idx], hs.index(me), len(hs))):
+            cut[i] = cuts
+    out = []
+    for i, (f, s, n, b) in enumerate(keys):
+        if i in cut:
+            out.extend(((f, s + x, y - x, b), owner) for x, y, owner in cut[i])
+        else:
+            out.append(((f, s, n, b), True))
+    return out
+
+
+def _resolve(pieces: list[ShardPiece], holders: dict, me: int) -> list[ShardPiece]:
+    """This rank's pieces after replicas split the writing of the pieces several ranks own."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(pieces):
+        if p.owner and p.key in holders:
+            groups.setdefault(holders[p.key], []).append(i)
+    if not groups:
+        return list(pieces)
+    subs: dict[int, list[ShardPiece]] = {}
+    for hs, idx in groups.items():
+        for i, split in zip(idx, split_among_replicas([pieces[i] for i in idx], hs.index(me), len(hs))):
+            subs[i] = split
+    return [q for i, p in enumerate(pieces) for q in subs.get(i, [p])]
+
+
+def _with_split(layout: ShardLayout, pieces: list[ShardPiece], holders: dict, me: int,
+                all_params: dict | None) -> ShardLayout:
+    if not holders and all_params is None:
+        return layout
+    refresh = layout.refresh
+
+    def refreshed() -> ShardLayout:  # the same split, without collectives (the pieces must not change)
+        new = refresh()
+        return _with_split(new, _resolve(new.pieces, holders, me), holders, me, all_params)
+
+    return replace(layout, pieces=pieces, all_params=all_params, refresh=None if refresh is None else refreshed)

@@ -109,6 +109,9 @@ def make_layout(model_or_engine: Any, include_frozen: bool = True) -> ShardLayou
     This function runs no collective; call ``checks.verify_layout`` once to check the
     layout across ranks.
     """
+    from dist_ema.sharding.parts import as_model
+
+    model_or_engine = as_model(model_or_engine)
     engine = detect_engine(model_or_engine)
     if engine == "deepspeed":
         from dist_ema.sharding.deepspeed import deepspeed_layout

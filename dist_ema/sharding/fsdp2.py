@@ -1,51 +1,42 @@
-"""Adapter for FSDP2 (``torch.distributed.fsdp.fully_shard``): DTensor parameters.
+"""Adapter for FSDP2 (``torch.distributed.fsdp.fully_shard``) and DTensor parameters of any placements.
 
-FSDP2 replaces every managed parameter with a ``DTensor`` whose local tensor is this
-rank's shard. With the default ``Shard(0)`` placement the shard is a block of rows
-split with ``torch.chunk`` semantics (``ceil(dim0 / world)`` rows per rank, trailing
-ranks may hold none), i.e. one contiguous flat range of the row-major parameter:
-``[row0 * row_size, (row0 + rows) * row_size)``. The local tensor is the fp32 master
-even under ``MixedPrecisionPolicy(param_dtype=bf16)``, and the optimizer updates it in
-place, so a 1-d view of it taken once stays live across steps (until a checkpoint load
-with ``assign=True`` swaps storages: use ``ShardLayout.refresh``). ``after_load``
-reshards every unit, so a forward after a write to the shards all-gathers them.
+FSDP2 replaces every managed parameter with a ``DTensor`` whose local tensor is this rank's
+shard; tensor parallel (``parallelize_module``), expert parallel and FSDP2 over several mesh
+axes make the same kind of parameter. The local tensor is the fp32 master even under
+``MixedPrecisionPolicy(param_dtype=bf16)`` and the optimizer updates it in place, so a 1-d view
+of it taken once stays live across steps (until a checkpoint load with ``assign=True`` swaps
+storages: use ``ShardLayout.refresh``). ``after_load`` reshards every FSDP unit, so a forward
+after a write to the shards all-gathers them.
 
-Supported placements: ``(Shard(0),)`` on a 1-d mesh, and HSDP ``(Replicate(), Shard(0))``
-on a 2-d mesh. In HSDP every replica tracks its whole shard (a swapped-in EMA exists on
-every rank), and the R replicas of a shard split the writing: replicate coordinate i owns
-the i-th 1/R of the shard's elements (``share_among_replicas``), so a snapshot's bytes per
-rank fall R-fold instead of resting on replicate coordinate 0. Everything else (``Shard(1)``,
-``_StridedShard`` from TP+FSDP, ``Partial``, ...) is refused with
-``UnsupportedEngineError``: such shards are not contiguous flat ranges.
+Where a shard lies in the global tensor is what DTensor itself computes for checkpoints
+(``torch.distributed.tensor._utils``: the global indices each placement leaves this rank, per
+tensor dimension, shard after shard). Consecutive indices make a box; several runs on one
+dimension (``_StridedShard`` alone) make several boxes. Any placements on a mesh of any
+dimension are described this way: ``Shard(d)``, ``_StridedShard`` (FSDP2 over a
+tensor-parallel dimension), ``Replicate`` (HSDP, norms replicated over ``tp``, context
+parallel), and parameters on different meshes (FSDP on ``dp`` for norms, ``dp x tp`` for
+the tensor-parallel weights). ``Partial`` (a pending reduction) is refused. A box contiguous
+in the parameter is a flat range, as before (FSDP2 ``Shard(0)`` layouts are unchanged).
+
+Replicas (ranks holding the same box) all track it; the layout check
+(``checks.verify_layout``) splits the writing among them.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from dist_ema.sharding.base import ShardLayout, ShardPiece, UnsupportedEngineError, even_split, share_among_replicas
+from dist_ema.sharding.base import ShardLayout, ShardPiece, UnsupportedEngineError
 from dist_ema.sharding.replicated import clean_fqn, persistent_buffers
+from dist_ema.store.layout import canonical_piece
 
-__all__ = ["fsdp2_layout", "reshard_all"]
-
-_SUPPORTED = "(Shard(0),) on a 1-d device mesh (FSDP) or (Replicate(), Shard(0)) on a 2-d mesh (HSDP)"
-
-
-@dataclass(frozen=True)
-class _Placement:
-    """Where this rank's shard of one parameter sits, derived from its placements."""
-
-    shard_mesh_dim: int
-    shard_rank: int
-    shard_world: int
-    replica: int  # coordinate on the replicate axis (0 without one)
-    replicas: int  # size of the replicate axis (1 without one)
+__all__ = ["dtensor_boxes", "fsdp2_layout", "reshard_all"]
 
 
 def _local_tensor(p: DTensor, fqn: str) -> torch.Tensor:
@@ -66,52 +57,135 @@ def _local_tensor(p: DTensor, fqn: str) -> torch.Tensor:
     return local.detach()
 
 
-def _placement(p: DTensor, fqn: str) -> _Placement:
-    """Check ``p``'s placements are supported and return this rank's shard coordinates."""
-    mesh = p.device_mesh
-    placements = tuple(p.placements)
-    is_shard0 = [type(pl) is Shard and pl.dim == 0 for pl in placements]
-    if mesh.ndim == 1 and is_shard0 == [True]:
-        return _Placement(0, mesh.get_local_rank(0), mesh.size(0), replica=0, replicas=1)
-    if mesh.ndim == 2 and type(placements[0]) is Replicate and is_shard0 == [False, True]:
-        return _Placement(1, mesh.get_local_rank(1), mesh.size(1), replica=mesh.get_local_rank(0),
-                          replicas=mesh.size(0))
-    raise UnsupportedEngineError(
-        f"parameter {fqn!r} has placements {placements} on a {mesh.ndim}-d device mesh "
-        f"{tuple(mesh.shape)}{'' if mesh.mesh_dim_names is None else ' ' + str(mesh.mesh_dim_names)}; "
-        f"dist-ema supports {_SUPPORTED}. Tensor parallel (_StridedShard), Shard(dim>0) "
-        "(fully_shard's shard_placement_fn) and Partial placements are not contiguous flat ranges."
-    )
+def _runs(index: list[int]) -> list[tuple[int, int, int]]:
+    """Consecutive runs of global indices: [(global start, length, local start)]."""
+    out: list[tuple[int, int, int]] = []
+    for i, g in enumerate(index):
+        if out and out[-1][0] + out[-1][1] == g:
+            out[-1] = (out[-1][0], out[-1][1] + 1, out[-1][2])
+        else:
+            out.append((g, 1, i))
+    return out
 
 
-def _chunk_rows(dim0: int, world: int, rank: int) -> tuple[int, int]:
-    """First row and row count of ``rank`` under ``torch.chunk(dim0 rows, world)``."""
-    start, end = even_split(dim0, world, rank)
-    return start, end - start
+def _dim_indices(p: DTensor, fqn: str) -> tuple[tuple[int, ...], list[list[int] | None]]:
+    """(local shape, per dimension the global indices this rank holds; None: all of them), as DTensor computes it."""
+    shape = tuple(p.shape)
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    coord = mesh.get_coordinate()
+    if coord is None:
+        raise UnsupportedEngineError(f"parameter {fqn!r} lives on a device mesh this rank is not part of")
+    try:
+        from torch.distributed.tensor._utils import _get_shard_size_and_offsets
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:  # an older or newer torch: its public one-box computation
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
+        return tuple(local_shape), [None if n == s else list(range(o, o + n))
+                                    for n, s, o in zip(local_shape, shape, offset)]
+    local = list(shape)
+    index: dict[int, torch.Tensor] = {}
+    for mesh_dim, pl in enumerate(placements):
+        if isinstance(pl, Replicate):
+            continue
+        if not isinstance(pl, (Shard, _StridedShard)):
+            raise UnsupportedEngineError(
+                f"parameter {fqn!r} has placement {pl} on mesh dimension {mesh_dim} of {tuple(placements)}: "
+                "a pending reduction (Partial) is not a shard of the parameter; dist-ema tracks parameters "
+                "whose placements are Shard, _StridedShard or Replicate"
+            )
+        d = pl.dim
+        size, idx = _get_shard_size_and_offsets(local[d], mesh.size(mesh_dim), coord[mesh_dim], pl,
+                                                index.get(d), shape[d], False)
+        local[d] = int(size)
+        index[d] = idx
+    return tuple(local), [None if d not in index else (index[d][: local[d]].tolist() if local[d] else [])
+                          for d in range(len(shape))]
+
+
+def dtensor_boxes(p: DTensor, fqn: str = "") -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[slice, ...]]]:
+    """This rank's part of a DTensor as boxes: [(global starts, sizes, slices of the local tensor)].
+
+    One box, unless a dimension holds several runs of global indices (``_StridedShard``). Empty
+    when this rank holds nothing of it.
+    """
+    shape = tuple(p.shape)
+    local_shape, index = _dim_indices(p, fqn)
+    if 0 in local_shape:
+        return []
+    per_dim = [[(0, n, 0)] if idx is None else _runs(idx) for n, idx in zip(local_shape, index)]
+    out = []
+    for combo in itertools.product(*per_dim):
+        starts = tuple(g for g, _, _ in combo)
+        sizes = tuple(n for _, n, _ in combo)
+        slices = tuple(slice(li, li + n) for _, n, li in combo)
+        out.append((starts, sizes, slices))
+    if len(shape) == 0:
+        out = [((), (), ())]
+    return out
+
+
+def _pieces_of(p: DTensor, fqn: str) -> list[ShardPiece]:
+    shape = tuple(p.shape)
+    local = _local_tensor(p, fqn)
+    local_shape, _ = _dim_indices(p, fqn)
+    if tuple(local.shape) != local_shape:
+        raise UnsupportedEngineError(
+            f"torch {torch.__version__} changed DTensor sharding: the local shard of {fqn!r} has shape "
+            f"{tuple(local.shape)}, but its placements {tuple(p.placements)} on mesh {tuple(p.device_mesh.shape)} "
+            f"give {local_shape}"
+        )
+    if local.numel() == 0:
+        return []
+    if not local.is_contiguous():
+        raise UnsupportedEngineError(
+            f"the local shard of {fqn!r} is not contiguous (shape {tuple(local.shape)}, stride {local.stride()}); "
+            "its elements are not a view of its storage in row-major order"
+        )
+    pieces = []
+    for starts, sizes, slices in dtensor_boxes(p, fqn):
+        for sub_starts, sub_sizes, sub in _contiguous_parts(local, starts, sizes, slices):
+            start, numel, box = canonical_piece(shape, 0, math.prod(sub_sizes), (sub_starts, sub_sizes))
+            pieces.append(ShardPiece(fqn=fqn, global_shape=shape, dtype=p.dtype, flat_start=start, numel=numel,
+                                     source=sub.view(-1), box=box))
+    return pieces
+
+
+def _contiguous_parts(local: torch.Tensor, starts: tuple, sizes: tuple, slices: tuple):
+    """A box's region of the local tensor as parts that are contiguous in it (split on the leading dim)."""
+    region = local[slices] if slices else local
+    if region.is_contiguous():
+        yield starts, sizes, region
+        return
+    for i in range(sizes[0]):
+        sl = (slice(slices[0].start + i, slices[0].start + i + 1), *slices[1:])
+        yield from _contiguous_parts(local, (starts[0] + i, *starts[1:]), (1, *sizes[1:]), sl)
 
 
 def fsdp2_layout(model: nn.Module, include_frozen: bool = True) -> ShardLayout:
-    """List this rank's FSDP2 shards as flat-range pieces.
+    """List this rank's shards of DTensor parameters (FSDP2, tensor/expert parallel, HSDP) as pieces.
 
     Args:
-        model: the model after ``fully_shard`` was applied (to its root, and usually to
-            its blocks). Every tracked parameter must be a DTensor.
+        model: the model after ``fully_shard`` (and/or ``parallelize_module``) was applied, or
+            :class:`~dist_ema.sharding.parts.ModelParts` of pipeline stages. Every tracked
+            parameter must be a DTensor.
         include_frozen: also track parameters with ``requires_grad=False``.
 
     Returns:
-        ``ShardLayout`` with engine ``"fsdp2"``; ``process_group`` is the group of the
-        shard mesh axis (the same for all parameters).
+        ``ShardLayout`` with engine ``"fsdp2"``. Every piece is marked owner; replicas of a box
+        (Replicate placements, meshes that leave out a dimension) are split among the ranks
+        holding it by ``checks.verify_layout``.
 
     Raises:
         UnsupportedEngineError: a tracked parameter is not a DTensor (a module outside
-            ``fully_shard``), has unsupported placements, or parameters use different meshes.
+            ``fully_shard``), has a ``Partial`` placement, or a local shard torch's own
+            placement arithmetic does not explain.
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedEngineError(f"fsdp2_layout expects an nn.Module, got {type(model).__name__}")
     pieces: list[ShardPiece] = []
     params: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    mesh = None
-    shard_mesh_dim, replica, replicas = 0, 0, 1
     for raw_name, p in model.named_parameters():
         if not (p.requires_grad or include_frozen):
             continue
@@ -123,54 +197,14 @@ def fsdp2_layout(model: nn.Module, include_frozen: bool = True) -> ShardLayout:
                 f"apply fully_shard to the root module too{frozen_hint}, so that "
                 "every tracked parameter is sharded"
             )
-        where = _placement(p, fqn)
-        if mesh is None:
-            mesh, shard_mesh_dim = p.device_mesh, where.shard_mesh_dim
-            replica, replicas = where.replica, where.replicas
-        elif p.device_mesh != mesh:
-            raise UnsupportedEngineError(
-                f"parameter {fqn!r} lives on device mesh {p.device_mesh} but earlier parameters on "
-                f"{mesh}; dist-ema needs all FSDP2 parameters sharded over one mesh"
-            )
-        shape = tuple(p.shape)
-        params[fqn] = (shape, p.dtype)
-        if len(shape) == 0:
-            raise UnsupportedEngineError(f"parameter {fqn!r} is 0-d; FSDP2 Shard(0) needs at least 1 dim")
-        row0, rows = _chunk_rows(shape[0], where.shard_world, where.shard_rank)
-        local = _local_tensor(p, fqn)
-        expected = (rows, *shape[1:])
-        if tuple(local.shape) != expected:
-            raise UnsupportedEngineError(
-                f"torch {torch.__version__} changed FSDP2 sharding: the local shard of {fqn!r} has "
-                f"shape {tuple(local.shape)}, but torch.chunk semantics give {expected} on shard "
-                f"rank {where.shard_rank} of {where.shard_world}"
-            )
-        if rows == 0:
-            continue
-        if not local.is_contiguous():
-            raise UnsupportedEngineError(
-                f"the local shard of {fqn!r} is not contiguous (stride {local.stride()}); its flat "
-                "range is not a view of its storage"
-            )
-        row_size = math.prod(shape[1:])
-        pieces.append(
-            ShardPiece(
-                fqn=fqn,
-                global_shape=shape,
-                dtype=p.dtype,
-                flat_start=row0 * row_size,
-                numel=rows * row_size,
-                source=local.view(-1),
-            )
-        )
-    if replicas > 1:  # HSDP: the replicas of this shard write 1/replicas of it each
-        pieces = share_among_replicas(pieces, replica, replicas)
+        params[fqn] = (tuple(p.shape), p.dtype)
+        pieces.extend(_pieces_of(p, fqn))
     return ShardLayout(
         engine="fsdp2",
         pieces=pieces,
         params=params,
         buffers=persistent_buffers(model),
-        process_group=None if mesh is None else mesh.get_group(shard_mesh_dim),
+        process_group=None,
         refresh=functools.partial(fsdp2_layout, model, include_frozen),
         after_load=functools.partial(reshard_all, model),
     )
