@@ -24,6 +24,16 @@ KEEP_UNSHARDED = ("fsdp2_keep", "fsdp1_grad_op")
 # Replicated-shard layouts on a 2-d (replicate, shard) mesh: ``build(..., mesh_shape=(R, S))``.
 # FSDP2 HSDP, FSDP1 HYBRID_SHARD and _HYBRID_SHARD_ZERO2; FSDP1 NO_SHARD needs no mesh.
 HYBRID = ("fsdp2_hsdp", "fsdp1_hybrid", "fsdp1_hybrid_zero2")
+# Layouts of training at scale (DTensor boxes), ``build(..., mesh_shape=...)``:
+#   fsdp2_tp (dp, tp): FSDP2 on dp x tensor parallel on tp (emb row-, fc1 column-, fc2 row-parallel;
+#       norm and head replicated over tp); hsdp_tp (replicate, shard, tp): HSDP x tensor parallel;
+#   fsdp2_shard1 (no mesh): fully_shard with Shard(1) on every matrix whose dim 1 splits evenly;
+#   fsdp2_cp (dp, cp): FSDP2 on dp, parameters replicated over cp; fsdp2_dp_cp (dp, cp): FSDP2 over the
+#       flattened dp x cp axis (torchtitan's dp_shard_cp);
+#   pp_fsdp2 (pp, dp): 4 pipeline stages (emb | fc1, norm | fc2 | head), 2 per rank (interleaved:
+#       pp coordinate c holds stages c and c + 2), each stage FSDP2 on dp.
+# Ranks that share a dp coordinate (tp, cp) train on the same batches, as they do in real runs.
+ND = ("fsdp2_tp", "hsdp_tp", "fsdp2_shard1", "fsdp2_cp", "fsdp2_dp_cp", "pp_fsdp2")
 
 
 class TinyNet(nn.Module):
@@ -160,6 +170,8 @@ def build(engine: str, seed: int = 0, lr: float = 0.05, grad_accum: int = 1,
         def full() -> dict[str, torch.Tensor]:
             return {n: p.detach().double().clone() for n, p in model.named_parameters()}
 
+    elif engine in ND:
+        return _build_nd(engine, net, lr, mesh_shape, counter)
     else:
         raise ValueError(engine)
 
@@ -178,3 +190,107 @@ def build(engine: str, seed: int = 0, lr: float = 0.05, grad_accum: int = 1,
         opt.zero_grad()
 
     return Setup(engine, model, model, step, full)
+
+
+def _build_nd(engine: str, net: TinyNet, lr: float, mesh_shape, counter: dict) -> Setup:
+    """The layouts of training at scale (see ``ND``) on TinyNet."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    def tp_plan(mesh) -> None:
+        parallelize_module(net, mesh, {
+            "emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+            "fc1": ColwiseParallel(output_layouts=Replicate()),
+            "fc2": RowwiseParallel(input_layouts=Replicate()),
+        })
+
+    def shard(mod, mesh, **kw) -> None:
+        fully_shard(mod.fc1, mesh=mesh, **kw)
+        fully_shard(mod.fc2, mesh=mesh, **kw)
+        fully_shard(mod, mesh=mesh, **kw)
+
+    data_rank = dist.get_rank()
+    if engine == "fsdp2_tp":
+        mesh = init_device_mesh("cpu", tuple(mesh_shape), mesh_dim_names=("dp", "tp"))
+        tp_plan(mesh["tp"])
+        shard(net, mesh["dp"])
+        data_rank = mesh["dp"].get_local_rank()
+    elif engine == "hsdp_tp":
+        mesh = init_device_mesh("cpu", tuple(mesh_shape), mesh_dim_names=("replicate", "shard", "tp"))
+        tp_plan(mesh["tp"])
+        shard(net, mesh["replicate", "shard"])
+        data_rank = mesh["replicate"].get_local_rank() * mesh_shape[1] + mesh["shard"].get_local_rank()
+    elif engine == "fsdp2_shard1":
+        ws = dist.get_world_size()  # FSDP2 needs even splits on dim 1
+        shard(net, None, shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 and p.shape[1] % ws == 0 else Shard(0))
+    elif engine == "fsdp2_cp":
+        mesh = init_device_mesh("cpu", tuple(mesh_shape), mesh_dim_names=("dp", "cp"))
+        shard(net, mesh["dp"])
+        data_rank = mesh["dp"].get_local_rank()
+    elif engine == "fsdp2_dp_cp":
+        mesh = init_device_mesh("cpu", tuple(mesh_shape), mesh_dim_names=("dp", "cp"))
+        shard(net, mesh["dp", "cp"]._flatten("dp_cp"))
+        data_rank = mesh["dp"].get_local_rank()
+    if engine != "pp_fsdp2":
+        model = net
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+
+        def step() -> None:
+            x, y = batch(counter["n"], data_rank)
+            counter["n"] += 1
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+        def full() -> dict[str, torch.Tensor]:
+            return {n: p.full_tensor().detach().double().clone() for n, p in model.named_parameters()}
+
+        return Setup(engine, model, model, step, full)
+
+    # pipeline: stage modules keep the full model's names (the other stages' modules deleted)
+    mesh = init_device_mesh("cpu", tuple(mesh_shape), mesh_dim_names=("pp", "dp"))
+    pp, dp = mesh["pp"].get_local_rank(), mesh["dp"]
+    keep = [["emb"], ["fc1", "norm"], ["fc2"], ["head"]]
+    stages = []
+    for s in (pp, pp + 2):
+        stage = copy.deepcopy(net)
+        for name in ["emb", "fc1", "norm", "fc2", "head"]:
+            if name not in keep[s]:
+                delattr(stage, name)
+        for name in keep[s]:
+            fully_shard(getattr(stage, name), mesh=dp)
+        fully_shard(stage, mesh=dp)
+        stages.append(stage)
+    params = [p for st in stages for p in st.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr)
+    widths = {"emb": None, "fc1": 6, "norm": 10, "fc2": 10, "head": 5}
+
+    def run_stage(stage: nn.Module, s: int, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        first = keep[s][0]
+        h = getattr(stage, first)(x if first == "emb" else torch.randn(x.shape[0], widths[first], generator=g))
+        for name in keep[s][1:]:
+            h = getattr(stage, name)(h)
+        return h
+
+    def step() -> None:
+        x, y = batch(counter["n"], dp.get_local_rank())
+        g = torch.Generator().manual_seed(counter["n"])
+        counter["n"] += 1
+        outs = [run_stage(st, s, x, g) for st, s in zip(stages, (pp, pp + 2))]
+        loss = sum(((h.float() - y.unsqueeze(-1)) ** 2).mean() for h in outs)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    def full() -> dict[str, torch.Tensor]:
+        mine = {n: p.full_tensor().detach().double().clone() for st in stages for n, p in st.named_parameters()}
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        return {k: v for part in everyone for k, v in part.items()}
+
+    return Setup(engine, stages[0], stages, step, full)

@@ -113,6 +113,12 @@ def _canonical(ema) -> list[torch.Tensor]:
     return [torch.cat([prof.views[i] for i in order]) if order else prof.flat.clone() for prof in ema.profiles]
 
 
+def _by_piece(ema) -> dict:
+    """Each profile's EMA of every piece this rank tracks, by where the piece lies."""
+    return {(p.fqn, p.flat_start, p.numel, p.box): [prof.views[i].clone() for prof in ema.profiles]
+            for i, p in enumerate(ema.pieces)}
+
+
 def run_case(rank: int, ws: int, out_dir: str, name: str, engine: str, url: str, mesh: list[int] | None = None,
              writer: str = "thread") -> None:
     """Resume the layout from ``url``, train, snapshot, synthesize on every rank; rank 0 saves the record."""
@@ -128,12 +134,14 @@ def run_case(rank: int, ws: int, out_dir: str, name: str, engine: str, url: str,
         rec["traj"].append(setup.full_params())
         if ema.updates % EVERY == 0:
             rec["snaps"][ema.step] = _gathered(ema)
-    # the replicas of a shard group track bit-identical EMAs (each writes only its share of them)
+    # the replicas of a piece (HSDP, tp/cp replicas) track bit-identical EMAs (each writes only its share)
     everyone: list = [None] * ws
-    dist.all_gather_object(everyone, (rank % mesh[1] if mesh else rank, _canonical(ema)))
-    for coord, flats in everyone:
-        ref = next(f for c, f in everyone if c == coord)
-        assert all(torch.equal(a, b) for a, b in zip(flats, ref)), (name, "replicas' EMAs differ", coord)
+    dist.all_gather_object(everyone, _by_piece(ema))
+    seen: dict = {}
+    for part in everyone:
+        for key, vals in part.items():
+            ref = seen.setdefault(key, vals)
+            assert all(torch.equal(a, b) for a, b in zip(vals, ref)), (name, "replicas' EMAs differ", key)
     ema.close()
     synthesize(url, sigma_rels=list(TARGETS), out=f"{out_dir}/{name}-synth", progress=False)
     if rank == 0:
@@ -202,6 +210,10 @@ def check_case(case: dict, ws: int, seed: dict, out_dir: Path) -> None:
         expected = len(SIGMAS) if lay.rank_numel(r) else 0
         assert objects.get(r, 0) == expected, (name, "data objects of rank", r, lay.rank_numel(r), objects)
     assert sum(objects.values()) <= ws * len(SIGMAS)
+    if case["engine"] in ("fsdp2_tp", "hsdp_tp", "fsdp2_shard1"):  # column blocks: N-d boxes, format 3
+        assert lay.has_boxes and newest.version == 3, (name, newest.version)
+    elif case["engine"] not in ("fsdp2_cp", "fsdp2_dp_cp", "pp_fsdp2"):
+        assert not lay.has_boxes and newest.version == 2, (name, newest.version)
     if case["engine"] in HYBRID:
         replicas, shards = case["mesh"]
         for c in range(shards):
@@ -264,6 +276,13 @@ GROUPS = {
     # emb has 7 rows, head 1 row: ranks 5-7 of FSDP2 over 8 ranks hold no element at all
     "8-empty-ranks": (8, [("fsdp2_8", "fsdp2"), ("fsdp2_hsdp_2x4", "fsdp2_hsdp", (2, 4))]),
 }
+# the layouts of training at scale (tests/engines.py ND): DTensor boxes, replicas over tp/cp, stages
+ND_GROUPS = {
+    "4-tp": (4, [("fsdp2_tp_2x2", "fsdp2_tp", (2, 2)), ("fsdp2_cp_2x2", "fsdp2_cp", (2, 2)),
+                 ("fsdp2_dp_cp_2x2", "fsdp2_dp_cp", (2, 2)), ("pp_fsdp2_2x2", "pp_fsdp2", (2, 2))]),
+    "2-shard1": (2, [("fsdp2_shard1", "fsdp2_shard1"), ("fsdp2_tp_1x2", "fsdp2_tp", (1, 2))]),
+    "8-hsdp-tp": (8, [("hsdp_tp_2x2x2", "hsdp_tp", (2, 2, 2))]),
+}
 DEEPSPEED = {
     "4-zero": (4, [("zero1", "zero1"), ("zero2", "zero2"), ("zero3", "zero3")]),
 }
@@ -275,6 +294,16 @@ def test_topologies(group: str, seeded, tmp_path: Path) -> None:
     ws, specs = GROUPS[group]
     cases = _cases(tmp_path, seeded[0], specs)
     run_workers("tests.test_topologies:worker_cases", ws, tmp_path, {"cases": cases}, timeout=400)
+    for case in cases:
+        check_case(case, ws, seeded[1], tmp_path)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("group", sorted(ND_GROUPS))
+def test_topologies_nd(group: str, seeded, tmp_path: Path) -> None:
+    ws, specs = ND_GROUPS[group]
+    cases = _cases(tmp_path, seeded[0], specs)
+    run_workers("tests.test_topologies:worker_cases", ws, tmp_path, {"cases": cases}, timeout=800)
     for case in cases:
         check_case(case, ws, seeded[1], tmp_path)
 
