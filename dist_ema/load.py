@@ -110,7 +110,8 @@ def _match_buffers(url: str, snap: Snapshot, model_buffers: dict, load: bool) ->
     return tuple(sorted(stored)), tuple(sorted(set(model_buffers) - set(stored)))
 
 
-def _plan(store: SnapshotStore, sigma_rel, gamma, t, step, layout, trainable, load_buffers: bool) -> _Plan:
+def _plan(store: SnapshotStore, sigma_rel, gamma, t, step, layout, trainable, load_buffers: bool,
+          model_buffers: dict) -> _Plan:
     from dist_ema.synthesis import _choose_time, _targets, only_planned, plan_coefficients
 
     (s,), (g,) = _targets([sigma_rel] if sigma_rel is not None else None, [gamma] if gamma is not None else None)
@@ -123,7 +124,7 @@ def _plan(store: SnapshotStore, sigma_rel, gamma, t, step, layout, trainable, lo
                          {f: shape for f, (shape, _) in store.params(used[-1]).items()}, trainable)
     X, sol, rows = plan_coefficients([(x.t, x.gammas) for x in used], target_t, [g])
     used, rows = only_planned(used, rows)
-    bufs, kept_bufs = _match_buffers(store.url, used[-1], layout.buffers, load_buffers)
+    bufs, kept_bufs = _match_buffers(store.url, used[-1], model_buffers, load_buffers)
     return _Plan(tuple(used), tuple((int(i), int(k)) for i, k in rows), tuple(float(v) for v in X[:, 0]), s, g,
                  target_t, float(sol.error[0]), kept, bufs, kept_bufs)
 
@@ -164,9 +165,18 @@ def load_synthesized(model_or_engine, url: str, sigma_rel: float | None = None, 
     def trainable() -> list[str]:  # the parameters a PostHocEMA with include_frozen=False tracks
         return list(make_layout(model_or_engine, include_frozen=False).params)
 
+    model_buffers = dict(layout.buffers)
+    if layout.all_params is not None:  # pipeline stages: match the buffers of every stage
+        from dist_ema.collective import all_gather_object
+
+        for part in all_gather_object({k: torch.empty(tuple(b.shape), device="meta")
+                                       for k, b in layout.buffers.items()}):
+            for k, b in part.items():
+                model_buffers.setdefault(k, b)
+
     def plan0() -> None:
         box["store"] = SnapshotStore(url, storage_options)
-        box["plan"] = _plan(box["store"], sigma_rel, gamma, t, step, layout, trainable, buffers)
+        box["plan"] = _plan(box["store"], sigma_rel, gamma, t, step, layout, trainable, buffers, model_buffers)
 
     run_and_check(plan0 if rank == 0 else (lambda: None), f"planning the synthesis from {url}", None, StoreError)
     plan: _Plan = broadcast_object(box.get("plan"))
@@ -199,8 +209,10 @@ def load_synthesized(model_or_engine, url: str, sigma_rel: float | None = None, 
         v = torch.from_numpy(acc[int(offsets[j]) : int(offsets[j + 1])])
         for target in [p.source] + ([p.load_target] if p.load_target is not None else []):
             target.copy_(v.to(device=target.device, dtype=target.dtype).view_as(target))
-    for name in plan.buffers:  # full and identical on every rank under every engine
-        live = layout.buffers[name]
+    for name in plan.buffers:  # full and identical on every rank holding it (pipeline stages: some ranks)
+        live = layout.buffers.get(name)
+        if live is None:
+            continue
         live.copy_(bufs[name].to(device=live.device, dtype=live.dtype).reshape(live.shape))
     if layout.after_load is not None:
         layout.after_load()

@@ -42,6 +42,7 @@ import torch
 from dist_ema.collective import (
     all_gather_object,
     broadcast_object,
+    gather_to_rank0,
     raise_if_any,
     rank,
     run_and_check,
@@ -110,6 +111,8 @@ class SnapshotManager:
         params = [(f, shape, str(dt).replace("torch.", "")) for f, (shape, dt) in ema.layout.global_params.items()]
         self.layout = Layout.build(params, everyone, ema.layout.engine)
         self.layout_id = self.layout.layout_id()
+        if ema.config.buffers == "copy":
+            self._buffer_table()  # collective under pipeline parallelism: now, on every rank
         self.pending: list[_Pending] = []
         self.committed: list[tuple[str, float]] = []  # rank 0: (snap, t) of committed snapshots, for retention
         self.commit_jobs: dict[int, str] = {}  # rank 0: commit job id -> snap
@@ -228,9 +231,8 @@ class SnapshotManager:
         clock = ema.clock
         records, off = [], 0
         if cfg.buffers == "copy":
-            for n, b in ema.layout.buffers.items():
-                nbytes = b.numel() * b.element_size()
-                records.append((n, list(b.shape), str(b.dtype).replace("torch.", ""), off, nbytes))
+            for n, shape, dtype, nbytes in self._buffer_table():
+                records.append((n, shape, dtype, off, nbytes))
                 off += nbytes
         return SnapshotMeta(
             step=clock.step, t=clock.t_updated, t_now=clock.t, updates=clock.updates, unit=cfg.unit,
@@ -276,9 +278,10 @@ class SnapshotManager:
         t0 = time.perf_counter()
         ticket, err = None, None
         meta = self._meta()
+        staged = self._stage_buffers_of_stages() if meta["buffers"] else {}
         try:
             slot = self.writer.acquire_slot()  # blocks for the oldest write if needed (backpressure)
-            buffers = list(self.ema.layout.buffers.values()) if self.rank == 0 and meta["buffers"] else []
+            buffers = self._snapshot_buffers(staged) if self.rank == 0 and meta["buffers"] else []
             ticket = self._stage(slot, buffers)
         except Exception as e:  # noqa: BLE001 - exchanged below
             err = e
@@ -318,6 +321,41 @@ class SnapshotManager:
         if self.pending:
             self.stager.order_update()
             self.submit_staged()
+
+    def _buffer_table(self) -> list[tuple[str, list[int], str, int]]:
+        """The buffers a snapshot stores: (name, shape, dtype, bytes). Under pipeline parallelism, the
+        union of every stage's buffers (exchanged once; the first rank holding a buffer provides it)."""
+        table = self.__dict__.get("_buffers_of_all")
+        if table is None:
+            def entry(n: str, b: torch.Tensor) -> tuple:
+                return (n, list(b.shape), str(b.dtype).replace("torch.", ""), b.numel() * b.element_size())
+
+            mine = [entry(n, b) for n, b in self.ema.layout.buffers.items()]
+            if self.ema.layout.all_params is None:  # every rank holds every buffer
+                table, self._buffer_from = mine, {}
+            else:
+                table, self._buffer_from = [], {}
+                for r, part in enumerate(all_gather_object(mine, self.group)):
+                    for e in part:
+                        if e[0] not in self._buffer_from:
+                            self._buffer_from[e[0]] = r
+                            table.append(tuple(e))
+            self._buffers_of_all = table
+        return table
+
+    def _stage_buffers_of_stages(self) -> dict[str, torch.Tensor]:
+        """Pipeline stages: rank 0 receives the buffers other stages hold (collective; {} elsewhere)."""
+        self._buffer_table()
+        if not any(r != 0 for r in self._buffer_from.values()):
+            return {}
+        mine = {n: self.ema.layout.buffers[n].detach().cpu().clone()
+                for n, r in self._buffer_from.items() if r == self.rank and r != 0}
+        parts = gather_to_rank0(mine, self.group)
+        return {} if parts is None else {n: t for part in parts for n, t in part.items()}
+
+    def _snapshot_buffers(self, staged: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        local = self.ema.layout.buffers
+        return [local[n] if n in local else staged[n] for n, *_ in self._buffer_table()]
 
     def _stage(self, slot: int, buffers: list[torch.Tensor]) -> Ticket:
         # a rank that owns nothing (a small model on many ranks) stages no data; it still commits with the rest

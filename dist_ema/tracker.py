@@ -747,18 +747,22 @@ class PostHocEMA:
         ]
         from dist_ema.collective import gather_to_rank0
 
-        gathered = gather_to_rank0(mine, None)  # ownership is world-wide (HSDP replicas own nothing)
+        staged = self.layout.all_params is not None and self.config.buffers == "copy"  # pipeline stages
+        bufs = {k: b.detach().cpu().clone() for k, b in self.layout.buffers.items()} if staged else {}
+        gathered = gather_to_rank0((mine, bufs), None)  # ownership is world-wide (HSDP replicas own nothing)
         if gathered is None:
             return {}
         out: dict[str, torch.Tensor] = {}
         for fqn, (shape, _dtype) in self.layout.global_params.items():
             out[fqn] = torch.empty(math.prod(shape), dtype=torch.float32)
-        for part in gathered:
+        for part, _ in gathered:
             for fqn, start, values, box in part:
                 _place(out[fqn], self.layout.global_params[fqn][0], start, values, box)
         out = {k: v.view(self.layout.global_params[k][0]) for k, v in out.items()}
         out.update({alias: out[name] for alias, name in self.ties.items()})
         if self.config.buffers == "copy":
+            for _, theirs in reversed(gathered):  # every stage's buffers; the lowest rank's win
+                out.update(theirs)
             out.update({k: b.detach().cpu().clone() for k, b in self.layout.buffers.items()})
         return out
 

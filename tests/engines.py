@@ -262,6 +262,8 @@ def _build_nd(engine: str, net: TinyNet, lr: float, mesh_shape, counter: dict) -
         for name in ["emb", "fc1", "norm", "fc2", "head"]:
             if name not in keep[s]:
                 delattr(stage, name)
+        if "head" not in keep[s]:
+            del stage.scale  # a buffer of the last stage only: snapshots gather it from there
         for name in keep[s]:
             fully_shard(getattr(stage, name), mesh=dp)
         fully_shard(stage, mesh=dp)

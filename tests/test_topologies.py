@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from tests.dist_harness import ROOT, free_port, run_workers
-from tests.engines import HYBRID, build
+from tests.engines import HYBRID, ND, build
 
 SIGMAS = (0.05, 0.10)  # tracked
 TARGETS = (0.10, 0.15)  # synthesized: one tracked, one not
@@ -144,6 +144,11 @@ def run_case(rank: int, ws: int, out_dir: str, name: str, engine: str, url: str,
             assert all(torch.equal(a, b) for a, b in zip(vals, ref)), (name, "replicas' EMAs differ", key)
     ema.close()
     synthesize(url, sigma_rels=list(TARGETS), out=f"{out_dir}/{name}-synth", progress=False)
+    if engine in ND:  # the synthesized EMA written into the training layout itself
+        from dist_ema import load_synthesized
+
+        load_synthesized(setup.target, url, sigma_rel=TARGETS[1])
+        rec["loaded"] = setup.full_params()
     if rank == 0:
         torch.save(rec, f"{out_dir}/{name}.pt")
 
@@ -210,6 +215,8 @@ def check_case(case: dict, ws: int, seed: dict, out_dir: Path) -> None:
         expected = len(SIGMAS) if lay.rank_numel(r) else 0
         assert objects.get(r, 0) == expected, (name, "data objects of rank", r, lay.rank_numel(r), objects)
     assert sum(objects.values()) <= ws * len(SIGMAS)
+    bufs = store.read_buffers(newest)  # buffers="copy": pipeline stages gather theirs on rank 0
+    assert set(bufs) == {"scale"} and np.array_equal(bufs["scale"], np.ones(1, np.float32)), (name, bufs)
     if case["engine"] in ("fsdp2_tp", "hsdp_tp", "fsdp2_shard1"):  # column blocks: N-d boxes, format 3
         assert lay.has_boxes and newest.version == 3, (name, newest.version)
     elif case["engine"] not in ("fsdp2_cp", "fsdp2_dp_cp", "pp_fsdp2"):
@@ -232,6 +239,11 @@ def check_case(case: dict, ws: int, seed: dict, out_dir: Path) -> None:
         for k in names:
             torch.testing.assert_close(mine[k].double(), ref[k], rtol=1e-4, atol=1e-5,
                                        msg=f"{name}: synthesized {k} sigma_rel={s}")
+    if "loaded" in rec:  # load_synthesized into the layout == the synthesized file (float64 sums, one rounding)
+        synth = load_file(str(here / target_folder(TARGETS[1]) / "model.safetensors"))
+        for k in names:
+            torch.testing.assert_close(rec["loaded"][k], synth[k].double(), rtol=1e-6, atol=1e-7,
+                                       msg=f"{name}: load_synthesized {k}")
     # resume from this layout at 1 rank (plain model): the layout's last snapshot exactly
     plain = build("replicated")
     ema = PostHocEMA(plain.target, sigma_rels=SIGMAS, store=url, resume=True, writer="sync")

@@ -68,6 +68,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -191,25 +192,10 @@ def _offload_device(offload_cfg: Any) -> str:
     return str(getattr(device, "value", device))
 
 
-def _check_engine_config(engine: Any, stage: int, dp_group: Any) -> None:
+def _check_engine_config(engine: Any, stage: int) -> None:
     """Refuse configurations whose shard layout this adapter has not verified."""
-    if type(engine).__name__ == "PipelineEngine":
-        raise _unsupported(
-            "pipeline parallelism (PipelineEngine) is not supported: each pipeline stage holds other "
-            "parameters; use a plain DeepSpeedEngine"
-        )
     if getattr(engine, "has_moe_layers", False):
         raise _unsupported("MoE layers (expert data-parallel groups) are not supported")
-    if getattr(engine, "mpu", None) is not None:
-        raise _unsupported(
-            "model parallelism (engine.mpu is set) is not supported: parameters are tensor-parallel "
-            "shards whose global shape the adapter cannot know"
-        )
-    if dist.get_world_size(group=dp_group) != dist.get_world_size():
-        raise _unsupported(
-            f"the data-parallel group has {dist.get_world_size(group=dp_group)} ranks but the world has "
-            f"{dist.get_world_size()}: sequence/tensor/pipeline parallelism is not supported"
-        )
     zc = _zero_config(engine)
     off_opt = _offload_device(getattr(zc, "offload_optimizer", None))
     off_param = _offload_device(getattr(zc, "offload_param", None))
@@ -242,6 +228,133 @@ def _check_engine_config(engine: Any, stage: int, dp_group: Any) -> None:
                 )
         if int(getattr(zc, "mics_shard_size", -1) or -1) > 0:
             raise _unsupported("zero_optimization.mics_shard_size (MiCS) is not supported")
+
+
+@dataclass(frozen=True)
+class _Parallel:
+    """How the world is split besides ZeRO's data-parallel group.
+
+    ``kind`` is "dp" (every rank in one data-parallel group), "pipe" (``PipelineEngine``: a
+    stage's ranks form the data-parallel group, each stage holds its own layers) or "autotp"
+    (AutoTP tensor parallel: ``tp_world`` ranks hold slices of the split weights).
+    """
+
+    kind: str
+    tp_rank: int = 0
+    tp_world: int = 1
+
+
+def _model_parallel_world(mpu: Any) -> int:
+    """The tensor/model-parallel world size an ``mpu`` reports (Megatron-style names, as DeepSpeed reads them)."""
+    for name in ("get_tensor_model_parallel_world_size", "get_model_parallel_world_size",
+                 "get_slice_parallel_world_size"):
+        fn = getattr(mpu, name, None)
+        if callable(fn):
+            return int(fn())
+    return 1
+
+
+def _autotp_size(engine: Any) -> int:
+    fn = getattr(engine, "autotp_size", None)
+    return int(fn()) if callable(fn) else 1
+
+
+def _parallelism(engine: Any, stage: int, dp_group: Any) -> _Parallel:
+    """Which parallelism surrounds the data-parallel group; refuse what the adapter cannot describe.
+
+    Accepted: plain data parallelism (the data-parallel group is the world), ``PipelineEngine``
+    with ZeRO-1 (``world = stages x data-parallel ranks``, no tensor slicing inside a stage) and
+    AutoTP (``"tensor_parallel": {"autotp_size": N}``) with ZeRO-1/2, whose split weights record
+    their split (see :func:`_tp_box`). Any other ``engine.mpu`` is model parallelism DeepSpeed
+    does not describe: a rank's parameters are slices whose dimension and offset nobody records.
+    """
+    world, dp_world = dist.get_world_size(), dist.get_world_size(group=dp_group)
+    mpu = getattr(engine, "mpu", None)
+    if type(engine).__name__ == "PipelineEngine":
+        grid = _attr(engine, "grid", "PipelineEngine")
+        stages = int(_attr(grid, "pipe_parallel_size", "PipelineEngine.grid"))
+        sliced = int(_call(grid, "get_slice_parallel_world_size", "PipelineEngine.grid"))
+        if sliced != 1:
+            raise _unsupported(
+                f"pipeline parallelism with {sliced}-way model parallelism inside a stage is not supported: "
+                "DeepSpeed does not record how the stage's parameters are sliced"
+            )
+        if stages * dp_world != world:
+            raise _unsupported(
+                f"PipelineEngine: {stages} stages x {dp_world} data-parallel ranks != world size {world}"
+            )
+        return _Parallel("pipe")
+    tp = _autotp_size(engine)
+    if tp > 1:
+        if stage == 3:
+            raise _unsupported(
+                "AutoTP tensor parallel with ZeRO stage 3 is not supported (its shard layout is not "
+                "verified); use ZeRO stage 1 or 2 with tensor_parallel.autotp_size"
+            )
+        tp_rank = int(_call(mpu, "get_tensor_model_parallel_rank", "engine.mpu (AutoTP)"))
+        tp_world = int(_call(mpu, "get_tensor_model_parallel_world_size", "engine.mpu (AutoTP)"))
+        if tp_world != tp or tp * dp_world != world:
+            raise _unsupported(
+                f"AutoTP: tensor-parallel world {tp_world} (autotp_size {tp}) x {dp_world} data-parallel "
+                f"ranks != world size {world} (sequence parallelism is not supported)"
+            )
+        return _Parallel("autotp", tp_rank, tp_world)
+    if mpu is not None:
+        raise _unsupported(
+            f"model parallelism through engine.mpu ({type(mpu).__name__}, {_model_parallel_world(mpu)}-way model "
+            "parallel) is not supported: DeepSpeed records neither the dimension nor the offset of each rank's "
+            "slice of a parameter, so its global shape and place are unknown; use AutoTP "
+            "(\"tensor_parallel\": {\"autotp_size\": N}), whose split layers record them, or FSDP2 with DTensor "
+            "tensor parallel"
+        )
+    if dp_world != world:
+        raise _unsupported(
+            f"the data-parallel group has {dp_world} ranks but the world has {world}: sequence/tensor/pipeline "
+            f"parallelism other than PipelineEngine and AutoTP is not supported"
+        )
+    return _Parallel("dp")
+
+
+def _tp_box(p: torch.nn.Parameter, name: str, par: _Parallel
+            ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...]] | None]:
+    """``(global_shape, box)`` of a parameter: its AutoTP slice as an N-d box, or ``(shape, None)``.
+
+    AutoTP's split layers (``deepspeed.module_inject.layers``) record on every parameter they
+    touch ``p.ds_autotp_universal_checkpoint_meta``: ``logical_shape`` (the global shape),
+    ``partition_dim`` and ``partition_sizes`` (every tensor-parallel rank's extent along it), or
+    ``replicated`` (the row-parallel bias). Rank ``tp_rank`` holds ``partition_sizes[tp_rank]``
+    indices from ``sum(partition_sizes[:tp_rank])`` along ``partition_dim`` and everything along
+    the other dimensions. Parameters AutoTP left alone (norms, heads) are whole on every
+    tensor-parallel rank. Fused sub-parameter splits (qkv, gate_up) are refused.
+    """
+    shape = tuple(p.shape)
+    if par.kind != "autotp":
+        return shape, None
+    from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
+
+    meta = getattr(p, DS_AUTOTP_UC_META, None)
+    if not meta or meta.get("replicated"):
+        return shape, None
+    dim, sizes, logical = meta.get("partition_dim"), meta.get("partition_sizes"), meta.get("logical_shape")
+    if meta.get("sub_param_sizes") or meta.get("sub_param_shard_widths") or meta.get("sub_param_shape"):
+        raise _unsupported(
+            f"AutoTP parameter {name!r} is split per fused sub-parameter ({meta.get('partition_type')}); "
+            "only contiguous splits along one dimension are supported"
+        )
+    if dim is None or not sizes or not logical or len(sizes) != par.tp_world:
+        raise _unsupported(
+            f"AutoTP parameter {name!r} records no usable split (partition_dim={dim}, partition_sizes={sizes}, "
+            f"logical_shape={logical}) for {par.tp_world} tensor-parallel ranks"
+        )
+    logical = tuple(int(d) for d in logical)
+    want = tuple(int(sizes[par.tp_rank]) if d == dim else n for d, n in enumerate(logical))
+    if want != shape or sum(int(s) for s in sizes) != logical[dim]:
+        raise _unsupported(
+            f"AutoTP parameter {name!r}: local shape {shape} is not tensor-parallel rank {par.tp_rank}'s slice "
+            f"{want} of {logical} along dim {dim} (partition_sizes {tuple(sizes)})"
+        )
+    starts = tuple(sum(int(s) for s in sizes[:par.tp_rank]) if d == dim else 0 for d in range(len(logical)))
+    return logical, (starts, shape)
 
 
 def _check_optimizer_class(engine: Any, stage: int) -> Any:
@@ -319,7 +432,8 @@ def _buffer_mapping_zero12(
 def _layout_zero12(engine: Any, include_frozen: bool, stage: int) -> ShardLayout:
     opt = _check_optimizer_class(engine, stage)
     dp_group = _attr(opt, "dp_process_group", "DeepSpeedZeroOptimizer")
-    _check_engine_config(engine, stage, dp_group)
+    _check_engine_config(engine, stage)
+    par = _parallelism(engine, stage, dp_group)
     rank, world = _group_rank_size(dp_group)
     groups = _attr(opt, "bit16_groups", "DeepSpeedZeroOptimizer")
     real_groups = _attr(opt, "real_dp_process_group", "DeepSpeedZeroOptimizer")
@@ -370,16 +484,19 @@ def _layout_zero12(engine: Any, include_frozen: bool, stage: int) -> ShardLayout
         managed = id(p) in group_of
         if not managed and not (include_frozen or p.requires_grad):
             continue
-        shape = tuple(p.shape)
+        shape, box = _tp_box(p, name, par)
         params[name] = (shape, p.dtype)
+        # a weight tied across pipeline stages: every stage holding it trains an identical copy;
+        # DeepSpeed counts it once, on the first of them (the others are marked ds_pipe_replicated)
+        owner = not (par.kind == "pipe" and getattr(p, "ds_pipe_replicated", False))
         if managed:
             hit = mapping.get(id(p))
             if hit is None:
                 continue
             start, n, src = hit
             pieces.append(ShardPiece(
-                fqn=name, global_shape=shape, dtype=p.dtype, flat_start=start, numel=n,
-                source=src, owner=True, load_target=p.data.view(-1).narrow(0, start, n),
+                fqn=name, global_shape=shape, dtype=p.dtype, flat_start=start, numel=n, source=src,
+                owner=owner, load_target=p.data.view(-1).narrow(0, start, n), box=box,
             ))
         else:
             # Frozen (or not handed to the optimizer): full on every rank, no fp32 master.
@@ -388,7 +505,7 @@ def _layout_zero12(engine: Any, include_frozen: bool, stage: int) -> ShardLayout
             if end > start:
                 pieces.append(ShardPiece(
                     fqn=name, global_shape=shape, dtype=p.dtype, flat_start=start, numel=end - start,
-                    source=p.data.view(-1).narrow(0, start, end - start), owner=True, load_target=None,
+                    source=p.data.view(-1).narrow(0, start, end - start), owner=owner, load_target=None, box=box,
                 ))
 
     def after_load() -> None:
@@ -439,7 +556,9 @@ def _fp32_source_zero3(opt: Any, p: torch.nn.Parameter, n: int) -> torch.Tensor:
 def _layout_zero3(engine: Any, include_frozen: bool) -> ShardLayout:
     opt = _check_optimizer_class(engine, 3)
     dp_group = _attr(opt, "dp_process_group", "DeepSpeedZeroOptimizer_Stage3")
-    _check_engine_config(engine, 3, dp_group)
+    _check_engine_config(engine, 3)
+    if _parallelism(engine, 3, dp_group).kind != "dp":
+        raise _unsupported("ZeRO stage 3 with pipeline or tensor parallelism is not supported")
     trainable = {id(p) for group in _attr(opt, "fp16_groups", "DeepSpeedZeroOptimizer_Stage3") for p in group}
 
     pieces: list[ShardPiece] = []
