@@ -438,3 +438,64 @@ def test_two_nodes_hsdp(seeded, tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     _torchrun_main()
+
+
+# ----------------------------------------------------------------------------- resume across N-d layouts
+
+CHAIN = [("fsdp2_tp", (2, 2)), ("fsdp2", None), ("fsdp2_tp", (1, 4)), ("fsdp2_tp", (2, 2))]
+
+
+def worker_chain(rank: int, ws: int, out_dir: str, url: str) -> None:
+    """One store, the run restarted under another layout each time: TP 2 x FSDP 2 -> plain FSDP2 4 ->
+    TP 4 -> TP 2 x FSDP 2. Each start resumes the previous one's last snapshot, trains 2 steps, and
+    snapshots; the gathered EMAs are saved for the checks."""
+    from dist_ema import PostHocEMA
+
+    rec = []
+    for i, (engine, mesh) in enumerate(CHAIN):
+        setup = build(engine, seed=i, mesh_shape=mesh)
+        ema = PostHocEMA(setup.target, sigma_rels=SIGMAS, store=url, snapshot_every=EVERY, resume=i > 0,
+                         writer="sync")
+        entry = {"resumed": _gathered(ema), "traj": [], "step0": ema.step}
+        for _ in range(EVERY):
+            setup.step()
+            assert ema.update()
+            entry["traj"].append(setup.full_params())
+        entry["last"] = _gathered(ema)
+        entry["step"] = ema.step
+        ema.close()
+        rec.append(entry)
+    if rank == 0:
+        torch.save(rec, f"{out_dir}/chain.pt")
+
+
+@pytest.mark.timeout(600)
+def test_resume_across_nd_layouts(tmp_path: Path) -> None:
+    from dist_ema import open_store
+
+    url = str(tmp_path / "store")
+    run_workers("tests.test_topologies:worker_chain", 4, tmp_path, {"url": url}, timeout=500)
+    rec = torch.load(tmp_path / "chain.pt")
+    names = sorted(rec[0]["traj"][0])
+    traj = []
+    for i, entry in enumerate(rec):
+        if i:  # resumed exactly what the previous layout stored last
+            assert entry["step0"] == rec[i - 1]["step"]
+            for s in SIGMAS:
+                for k in names:
+                    assert torch.equal(entry["resumed"][s][k], rec[i - 1]["last"][s][k]), (CHAIN[i], s, k)
+        traj += entry["traj"]
+        for s in SIGMAS:  # and goes on exactly: the brute force over the whole trajectory, all layouts
+            ref = brute_ema(traj, s)
+            for k in names:
+                torch.testing.assert_close(entry["last"][s][k].double(), ref[k], rtol=2e-5, atol=2e-6,
+                                           msg=f"{CHAIN[i]}: tracked {k} sigma_rel={s}")
+    store = open_store(url)
+    snaps = store.snapshots()
+    assert [x.step for x in snaps] == [2 * (i + 1) for i in range(len(CHAIN))]
+    assert [x.version for x in snaps] == [3, 2, 3, 3]  # the 1-d layout's snapshot stays format 2
+    for x, entry in zip(snaps, rec):
+        assert store.verify(x) == []
+        for s in SIGMAS:
+            for k in names:
+                assert torch.equal(store.read(x.step, s, k), entry["last"][s][k]), (x.id, s, k)
