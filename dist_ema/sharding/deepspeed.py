@@ -1,5 +1,7 @@
 """DeepSpeed ZeRO stage 1, 2 and 3 adapters: list a rank's own shards of a ``DeepSpeedEngine``.
 
+Also under ZeRO-1 ``PipelineEngine`` and ZeRO-1/2 AutoTP tensor parallelism (below).
+
 What each rank tracks (``ShardPiece.source``) and where the forward pass reads the
 weights (``ShardPiece.load_target``):
 
@@ -52,12 +54,35 @@ ceil(numel / world)``, source = a view of the param itself, ``after_load`` all-g
 them); under ZeRO-3 they are partitioned like any other param and the source is the
 ``ds_tensor`` slice itself (``load_target`` None).
 
+Pipeline parallelism (``PipelineEngine``, ZeRO-1; DeepSpeed allows no higher stage)
+    ``engine.module`` is the rank's stage of the ``PipelineModule``: its layers keep their global
+    indices ("1.weight", "4.bias"), layers built from a ``TiedLayerSpec`` sit once under
+    "tied_modules.<key>.". ZeRO-1 partitions each stage over that stage's data-parallel group
+    (``engine.grid``'s, the optimizer's ``dp_process_group``), exactly as above. Each rank's
+    ``params`` lists its stage's parameters; the layout check takes their union. A weight tied
+    across stages (an embedding shared with the head) is held and trained identically by every
+    stage that uses it (DeepSpeed all-reduces its gradient over the tie group): it is tracked on
+    all of them, owned (written) by the first, the stage DeepSpeed itself counts it on (the
+    others carry ``ds_pipe_replicated``).
+
+AutoTP tensor parallelism (``"tensor_parallel": {"autotp_size": N}``, ZeRO-1/2)
+    The split layers of ``deepspeed.module_inject.layers`` hold a slice of each weight they split
+    and record it on the parameter (``ds_autotp_universal_checkpoint_meta``: ``logical_shape``,
+    ``partition_dim``, ``partition_sizes``). A slice is an N-d box of the global tensor
+    (``ShardPiece.box``): tensor-parallel rank t holds ``partition_sizes[t]`` indices from
+    ``sum(partition_sizes[:t])`` along ``partition_dim``. ZeRO partitions the slices over the
+    data-parallel group as above, so a piece is a flat range of its box. Parameters AutoTP did not
+    split (norms, heads, the row-parallel bias) are whole on every tensor-parallel rank; the
+    replicas split the writing (``checks.verify_layout``). Fused sub-parameter splits and ZeRO-3
+    with AutoTP are refused. Model parallelism through a user ``mpu`` (Megatron style) is refused:
+    DeepSpeed records neither the dimension nor the offset of the slices.
+
 Skipped steps: :func:`deepspeed_step_was_applied` tells the tracker whether the latest
 ``engine.step()`` changed the weights (False on non-boundary gradient-accumulation
 micro-steps and on fp16 overflow-skipped steps).
 
 Anything this module does not understand (another stage, optimizer class, offload to
-NVMe, ZeRO++ hpZ/quantized weights, MoE, pipeline/model parallelism, a missing private
+NVMe, ZeRO++ hpZ/quantized weights, MoE, undescribed model parallelism, a missing private
 attribute) raises :class:`UnsupportedEngineError` naming the DeepSpeed version and the
 option or attribute, rather than listing possibly wrong shards.
 """
@@ -643,7 +668,7 @@ def _finish(
 
 
 def deepspeed_layout(engine: Any, include_frozen: bool = True) -> ShardLayout:
-    """List this rank's shards of a ZeRO stage 1/2/3 ``DeepSpeedEngine`` (see module docstring).
+    """List this rank's shards of a ZeRO stage 1/2/3 ``DeepSpeedEngine``, ``PipelineEngine`` or AutoTP engine.
 
     Args:
         engine: the engine returned by ``deepspeed.initialize`` (with an optimizer).
