@@ -11,9 +11,11 @@ Copy it and replace the model and data with yours. The lines that add dist-ema a
 rate is deliberately high, so the raw weights keep jumping around the optimum and an EMA
 of them has a visibly lower held-out loss (``launch/run_demo.py`` sweeps sigma_rel).
 
-Engines (``--engine`` or ``[train] engine`` in the config): fsdp2 (``fully_shard``), fsdp1
-(``FullyShardedDataParallel``), ddp, zero1/zero2/zero3 (DeepSpeed, configs/ds_zero*.json or
-``--deepspeed_config``). CPU + gloo when there is no GPU, one GPU per rank + NCCL otherwise.
+Engines (``--engine`` or ``[train] engine`` in the config): fsdp2 (``fully_shard``), fsdp2_tp
+(FSDP2 over a ``dp`` mesh axis x tensor parallel over ``tp``, ``--tp`` ranks: fc1 column-, fc2
+row-parallel, as torchtitan trains large models), fsdp1 (``FullyShardedDataParallel``), ddp,
+zero1/zero2/zero3 (DeepSpeed, configs/ds_zero*.json or ``--deepspeed_config``). CPU + gloo when
+there is no GPU, one GPU per rank + NCCL otherwise.
 
 Settings: built-in defaults < the config file (``[train]`` and ``[dist_ema]`` tables) < flags.
 ``--resume`` continues a run from the training checkpoint of ``--checkpoint-dir`` and the
@@ -53,7 +55,7 @@ from dist_ema.config import (  # dist-ema
 log = logging.getLogger("dist_ema")
 
 ROOT = Path(__file__).resolve().parent.parent
-ENGINES = ("fsdp2", "fsdp1", "ddp", "zero1", "zero2", "zero3")
+ENGINES = ("fsdp2", "fsdp2_tp", "fsdp1", "ddp", "zero1", "zero2", "zero3")
 HELD_OUT = 360  # digits kept out of training (of 1797), the same for every run
 DEFAULT_SNAPSHOTS = 20  # snapshots over a run when --snapshot-every is not given (see `dist-ema error`)
 TRAIN_DEFAULTS: dict[str, Any] = {  # [train] table keys and their defaults
@@ -64,6 +66,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {  # [train] table keys and their defaults
     "seed": 0,  # model init and data order
     "hidden": 128,  # MLP width
     "log_every": 100,  # steps between progress lines (rank 0)
+    "tp": 2,  # tensor-parallel ranks per data-parallel rank (engine fsdp2_tp)
 }
 
 
@@ -149,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="model init and data order (default 0)")
     p.add_argument("--hidden", type=int, default=None, help="MLP width (default 128)")
     p.add_argument("--log-every", type=int, default=None, help="steps between progress lines (default 100)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree of --engine fsdp2_tp (default 2)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto (default): one GPU per rank + NCCL when there are GPUs, else CPU + gloo")
     p.add_argument("--save-final", metavar="FILE.safetensors", default=None,
@@ -180,6 +184,7 @@ class TrainSettings:
     seed: int
     hidden: int
     log_every: int
+    tp: int
     deepspeed_config: str | None
 
 
@@ -202,7 +207,7 @@ def train_settings(args: argparse.Namespace) -> TrainSettings:
     merged.update(flags)
     if merged["engine"] not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}; got {merged['engine']!r} (--engine or [train] engine)")
-    for key in ("steps", "batch_size", "hidden", "log_every"):
+    for key in ("steps", "batch_size", "hidden", "log_every", "tp"):
         v = merged[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{key} must be an integer >= 1; got {v!r} (--{key.replace('_', '-')} or [train] {key})")
@@ -237,6 +242,7 @@ class Engine:
     full_state_dict: Callable[[], dict[str, torch.Tensor]]  # collective; full fp32 weights on rank 0
     save_checkpoint: Callable[[str, int], None]  # collective
     load_checkpoint: Callable[[str], int]  # collective; returns the checkpoint's step
+    data_rank: int | None = None  # whose batches this rank trains on (tensor-parallel ranks share them)
 
 
 def init_distributed(device_arg: str, local_rank_arg: int | None) -> tuple[int, int, torch.device]:
@@ -299,11 +305,21 @@ def build_engine(s: TrainSettings, device: torch.device, world: int) -> Engine:
     if s.engine.startswith("zero"):
         return _build_deepspeed(net, s, device)
 
-    if s.engine == "fsdp2":
+    data_rank = None
+    if s.engine in ("fsdp2", "fsdp2_tp"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh(device.type, (world,))
+        if s.engine == "fsdp2":
+            mesh = init_device_mesh(device.type, (world,))
+        else:  # 2-D: FSDP2 over dp x tensor parallel over tp
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            if world % s.tp:
+                raise ValueError(f"--tp {s.tp} does not divide the {world} ranks; use a tp that divides them")
+            mesh2 = init_device_mesh(device.type, (world // s.tp, s.tp), mesh_dim_names=("dp", "tp"))
+            parallelize_module(net, mesh2["tp"], {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+            mesh, data_rank = mesh2["dp"], mesh2["dp"].get_local_rank()
         for layer in (net.fc1, net.fc2, net.head):
             fully_shard(layer, mesh=mesh)
         model: nn.Module = fully_shard(net, mesh=mesh)
@@ -325,7 +341,7 @@ def build_engine(s: TrainSettings, device: torch.device, world: int) -> Engine:
         return loss.detach()
 
     full, save, load = _torch_checkpointing(model, opt)
-    return Engine(s.engine, model, train_step, torch.float32, full, save, load)
+    return Engine(s.engine, model, train_step, torch.float32, full, save, load, data_rank)
 
 
 def _build_deepspeed(net: nn.Module, s: TrainSettings, device: torch.device) -> Engine:
@@ -437,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"training checkpoint is at step {start}; resume needs both from the same run and step")
         t0 = time.perf_counter()
         for step in range(start, s.steps):
-            idx = batch_for(step, rank, s.seed, len(x_train), s.batch_size).to(device)
+            data_rank = rank if eng.data_rank is None else eng.data_rank
+            idx = batch_for(step, data_rank, s.seed, len(x_train), s.batch_size).to(device)
             loss = eng.train_step(x_train[idx].to(eng.input_dtype), y_train[idx])
             ema.update()  # dist-ema: after every optimizer step (skipped DeepSpeed steps are detected)
             if (step + 1) % s.log_every == 0 or step + 1 == s.steps:

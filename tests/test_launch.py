@@ -28,8 +28,8 @@ LAUNCH = ROOT / "launch"
 TAIL = 60  # lines of output shown when a launch fails
 
 # the layout's engine name recorded in every snapshot, per --engine
-ENGINE_NAMES = {"fsdp2": "fsdp2", "fsdp1": "fsdp1", "ddp": "replicated", "zero1": "zero1", "zero2": "zero2",
-                "zero3": "zero3"}
+ENGINE_NAMES = {"fsdp2": "fsdp2", "fsdp2_tp": "fsdp2", "fsdp1": "fsdp1", "ddp": "replicated", "zero1": "zero1",
+                "zero2": "zero2", "zero3": "zero3"}
 SHORT = ["--config", "configs/dist_ema.toml", "--steps", "8", "--snapshot-every", "4", "--log-every", "4"]
 
 
@@ -126,6 +126,7 @@ def test_torchrun_each_engine(engine: str, runs_root: Path) -> None:
     assert [s.step for s in snaps] == [4, 8]
     last = snaps[-1]
     assert last.world_size == 2 and last.meta["engine"] == ENGINE_NAMES[engine]
+    assert last.version == (3 if engine == "fsdp2_tp" else 2)  # fc2's row-parallel column blocks are N-d boxes
     assert last.sigma_rels == pytest.approx((0.05, 0.10))
     assert store.read(8, 0.10, "fc1.weight").shape == (128, 64)  # full tensor back from 2 shards
     assert store.read(8, 0.05, "head.bias").shape == (10,)
