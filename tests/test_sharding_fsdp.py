@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from dist_ema.sharding.base import UnsupportedEngineError
@@ -87,11 +86,9 @@ def worker_fsdp2(rank: int, ws: int, out_dir: str, mode: str, mesh_shape: list[i
 
 
 def worker_fsdp2_unsupported(rank: int, ws: int, out_dir: str) -> None:
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Shard
-
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Partial
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Partial, Shard
 
     # Shard(1) is a column block of each weight: described as N-d boxes, covered exactly once
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
