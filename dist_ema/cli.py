@@ -233,7 +233,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"meta": meta, "params": [[f, list(sh), d] for f, sh, d in lay.params]}, indent=1))
         return 0
-    for k in ("step", "t", "unit", "dtype", "world_size", "engine", "layout", "model", "update_every"):
+    for k in ("step", "t", "unit", "dtype", "world_size", "engine", "layout", "model", "update_every", "version"):
         if k in meta:
             value = meta[k]
             if k == "engine" and value in _ENGINE_NAMES:
