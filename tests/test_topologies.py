@@ -469,9 +469,18 @@ def worker_chain(rank: int, ws: int, out_dir: str, url: str) -> None:
         torch.save(rec, f"{out_dir}/chain.pt")
 
 
+def worker_synthesize(rank: int, ws: int, out_dir: str, url: str, out: str) -> None:
+    from dist_ema import synthesize
+
+    synthesize(url, sigma_rels=list(TARGETS), out=out, progress=False)
+
+
 @pytest.mark.timeout(600)
 def test_resume_across_nd_layouts(tmp_path: Path) -> None:
-    from dist_ema import open_store
+    from safetensors.torch import load_file
+
+    from dist_ema import open_store, synthesize
+    from dist_ema.synthesis import target_folder
 
     url = str(tmp_path / "store")
     run_workers("tests.test_topologies:worker_chain", 4, tmp_path, {"url": url}, timeout=500)
@@ -499,3 +508,11 @@ def test_resume_across_nd_layouts(tmp_path: Path) -> None:
         for s in SIGMAS:
             for k in names:
                 assert torch.equal(store.read(x.step, s, k), entry["last"][s][k]), (x.id, s, k)
+    # synthesis over the mixed layouts (boxes and flat) is the same on 3 ranks (uneven units) and in 1 process
+    run_workers("tests.test_topologies:worker_synthesize", 3, tmp_path / "s3",
+                {"url": url, "out": str(tmp_path / "o3")}, timeout=300)
+    synthesize(url, sigma_rels=list(TARGETS), out=str(tmp_path / "o1"), progress=False)
+    for s in TARGETS:
+        three = load_file(str(tmp_path / "o3" / target_folder(s) / "model.safetensors"))
+        one = load_file(str(tmp_path / "o1" / target_folder(s) / "model.safetensors"))
+        assert sorted(three) == sorted(one) and all(torch.equal(three[k], one[k]) for k in one), s
