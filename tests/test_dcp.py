@@ -15,7 +15,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dist_ema import open_store, phema
-from dist_ema.tracker import PostHocEMA, _flat_blocks
+from dist_ema.store.layout import flat_blocks as _flat_blocks
+from dist_ema.tracker import PostHocEMA
 from tests.dist_harness import run_workers
 from tests.engines import TinyNet, build
 
