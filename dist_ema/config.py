@@ -1,12 +1,19 @@
-"""The settings of dist-ema, validated in one place: one check per field for every entry point.
+"""The settings of dist-ema, from one source: each field of a component's config dataclass.
 
-Three frozen dataclasses share the checks of this module's field table:
+Two frozen dataclasses list every setting, each field with one docstring (its reference text):
 
 * :class:`EMAConfig`: what a :class:`~dist_ema.PostHocEMA` tracks and how often;
-* :class:`SnapshotConfig`: where and how its snapshots are written;
-* :class:`DistEMAConfig`: the ``[dist_ema]`` table of a config file, both of the above in
-  one flat table (:meth:`DistEMAConfig.ema_config` and :meth:`DistEMAConfig.snapshot_config`
-  give the two parts).
+* :class:`SnapshotConfig`: where and how its snapshots are written.
+
+Everything else is made from those fields, so nothing can drift from them:
+
+* :class:`DistEMAConfig`, the ``[dist_ema]`` table of a config file: both parts in one flat
+  table, one key per field (its PostHocEMA keyword; ``SnapshotConfig.url`` is ``store``,
+  ``SnapshotConfig.dtype`` is ``storage_dtype``);
+* the command-line flags of :func:`add_config_arguments` (``--snapshot-every`` for
+  ``snapshot_every``; a field's metadata may spell its flag otherwise);
+* :func:`field_docs` (help texts) and the README's config table (:func:`readme_table`,
+  ``python -m dist_ema.config --readme``; a test checks that the README holds it).
 
 A field is checked by the same function whichever way it comes in (keyword argument,
 config file, command-line flag); only the name in the message differs
@@ -43,15 +50,22 @@ import inspect
 import json
 import math
 import os
+import re
 import sys
+import types
+import typing
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from dist_ema import phema
 from dist_ema.errors import DistEMAError
+from dist_ema.store.format import DEFAULT_INNER_BYTES
 
 __all__ = [
+    "DEFAULT_INNER_BYTES",
+    "DEFAULT_SIGMA_RELS",
     "Buffers",
     "Compression",
     "ConfigError",
@@ -67,13 +81,17 @@ __all__ = [
     "apply_overrides",
     "config_from_args",
     "field_docs",
+    "flag_of",
+    "inner_chunk_bytes_of",
     "load_config",
     "load_toml",
     "parse_args",
+    "readme_table",
     "unknown_flags_message",
 ]
 
 TABLE = "dist_ema"  # the TOML table this module reads
+DEFAULT_SIGMA_RELS = (0.05, 0.10)  # tracked when neither sigma_rels nor gammas is given, as in EDM2
 
 Buffers = Literal["copy", "ignore"]
 UpdateImpl = Literal["auto", "fused", "foreach"]
@@ -90,7 +108,8 @@ _COMPRESSIONS: tuple[str, ...] = get_args(Compression)
 _WRITERS: tuple[str, ...] = get_args(Writer)
 _WHEN_BEHIND: tuple[str, ...] = get_args(WhenBehind)
 _ON_ERROR: tuple[str, ...] = get_args(OnError)
-DEFAULT_MAX_OBJECT_BYTES = 1 * 2**20  # = dist_ema.store.layout.DEFAULT_MAX_OBJECT_BYTES (the inner chunk)
+# old key -> new key: still accepted (keyword, config key), with a DeprecationWarning naming the new one
+RENAMED = {"max_object_bytes": "inner_chunk_bytes"}
 
 
 class ConfigError(DistEMAError, ValueError):
@@ -221,9 +240,34 @@ def check_keep(value: object, name: str = "keep") -> int | None:
                       extra=' or "all"')
 
 
-def check_max_object_bytes(value: object, name: str = "max_object_bytes") -> int:
-    return _check_int(name, value, minimum=4, example=f"max_object_bytes = {DEFAULT_MAX_OBJECT_BYTES}",
+def check_inner_chunk_bytes(value: object, name: str = "inner_chunk_bytes") -> int:
+    return _check_int(name, value, minimum=4, example=f"inner_chunk_bytes = {DEFAULT_INNER_BYTES}",
                       unit="bytes per inner chunk")
+
+
+def inner_chunk_bytes_of(inner_chunk_bytes: int, max_object_bytes: int | None, stacklevel: int = 2) -> int:
+    """``inner_chunk_bytes``, or the value given under its old name ``max_object_bytes``.
+
+    The old name warns (DeprecationWarning naming the new one); both names with different
+    values is a ConfigError.
+
+    Example:
+        >>> inner_chunk_bytes_of(DEFAULT_INNER_BYTES, 4096)  # DeprecationWarning: use inner_chunk_bytes
+        4096
+    """
+    if max_object_bytes is None:
+        return inner_chunk_bytes
+    warnings.warn(_renamed_message("max_object_bytes", ""), DeprecationWarning, stacklevel=stacklevel + 1)
+    if inner_chunk_bytes not in (DEFAULT_INNER_BYTES, max_object_bytes):
+        raise ConfigError(f"max_object_bytes={max_object_bytes} and inner_chunk_bytes={inner_chunk_bytes} name the "
+                          f"same setting. Fix: give inner_chunk_bytes only")
+    return max_object_bytes
+
+
+def _renamed_message(old: str, prefix: str) -> str:
+    new = RENAMED[old]
+    return (f"{prefix}{old} is deprecated: it is the size of one inner chunk of a snapshot's shard; "
+            f"use {prefix}{new} (same value)")
 
 
 def check_slots(value: object, name: str = "slots") -> int:
@@ -258,6 +302,12 @@ def check_update_impl(value: object, name: str = "update_impl") -> str:
     return _check_choice(value, name, get_args(UpdateImpl), 'update_impl = "auto"')
 
 
+def check_include_frozen(value: object, name: str = "include_frozen") -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false; got {value!r}. Fix: {name} = true (no quotes)")
+    return value
+
+
 def check_resume(value: object, name: str = "resume") -> bool | str:
     """True, False or "takeover" exactly: a typo ("takeovr") must not pass as a true value."""
     if value is True or value is False or (isinstance(value, str) and value == "takeover"):
@@ -273,6 +323,7 @@ FIELD_CHECKS: dict[str, Callable[[object, str], Any]] = {
     "gammas": check_gammas,
     "update_every": check_update_every,
     "batch_size": check_batch_size,
+    "include_frozen": check_include_frozen,
     "buffers": check_buffers,
     "update_impl": check_update_impl,
     "snapshot_every": check_snapshot_every,
@@ -281,7 +332,7 @@ FIELD_CHECKS: dict[str, Callable[[object, str], Any]] = {
     "storage_dtype": check_storage_dtype,
     "compression": check_compression,
     "keep": check_keep,
-    "max_object_bytes": check_max_object_bytes,
+    "inner_chunk_bytes": check_inner_chunk_bytes,
     "slots": check_slots,
     "writer": check_writer,
     "when_behind": check_when_behind,
@@ -290,61 +341,117 @@ FIELD_CHECKS: dict[str, Callable[[object, str], Any]] = {
 }
 
 
-def _validate(obj: object, prefix: str = "", renamed: Mapping[str, str] | None = None,
-              skip: Sequence[str] = ()) -> None:
-    """Check every field of the frozen dataclass ``obj`` that has a check and store the normalized value.
+def _key(f: dataclasses.Field) -> str:
+    """The field's key: its PostHocEMA keyword and config key (``SnapshotConfig.url`` is ``store``)."""
+    return f.metadata.get("key", f.name)
 
-    ``renamed`` maps an attribute to the field (keyword) it is spelled as for users
-    (``SnapshotConfig.url`` is the ``store`` keyword).
+
+def _validate(obj: object, prefix: str = "", skip: Sequence[str] = ()) -> None:
+    """Check every field of the frozen dataclass ``obj`` and store the normalized value.
+
+    Each field is checked by FIELD_CHECKS[its key] and named ``prefix + key`` in errors.
     """
-    renamed = renamed or {}
     for f in dataclasses.fields(obj):  # type: ignore[arg-type]
-        key = renamed.get(f.name, f.name)
-        check = FIELD_CHECKS.get(key)
-        if check is not None and f.name not in skip:
-            object.__setattr__(obj, f.name, check(getattr(obj, f.name), prefix + key))
+        if f.name not in skip:
+            value = FIELD_CHECKS[_key(f)](getattr(obj, f.name), prefix + _key(f))
+            object.__setattr__(obj, f.name, value)
 
 
 # ---------------------------------------------------------------------------------- the configs
+#
+# Each field: a default, one docstring (the reference text: help, field_docs(), the README's table)
+# and, where the generated key or flag needs it, metadata from setting().
+
+
+def setting(default: Any, *, key: str | None = None, flag: str | None = None, aliases: Sequence[str] = (),
+            metavar: str | None = None, parse: Callable[[str], Any] | None = None, shown: Any = None,
+            unset: str | None = None, hash: bool | None = None) -> Any:
+    """A config field with what its key, flag and README row need beyond its type and docstring.
+
+    key: the keyword and config key when it is not the field's name; flag: the command-line
+    flag when it is not ``--`` + the key with dashes (say, when a training script's own flag
+    takes that name); aliases: more flags; metavar / parse: argparse's ``metavar`` / ``type``;
+    shown: the default as documented when the field's default (None) stands for it; unset: the
+    words for a None default ("the environment").
+    """
+    meta = {"key": key, "flag": flag, "aliases": tuple(aliases), "metavar": metavar, "parse": parse,
+            "shown": shown, "unset": unset}
+    return field(default=default, hash=hash, metadata={k: v for k, v in meta.items() if v not in (None, ())})
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"not JSON ({e}); e.g. '{{\"endpoint_url\": \"http://127.0.0.1:9000\"}}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"endpoint_url\": \"http://...\"}'")
+    return value
+
+
+def _keep(text: str) -> int | str:
+    if text.lower() == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer K >= 2 (snapshots, thinned evenly over the run) or "
+                                         f"'all'; got {text!r}") from None
 
 
 @dataclass(frozen=True)
 class EMAConfig:
-    """What to track and how often.
+    """What to track and how often: the tracking keywords of :class:`~dist_ema.PostHocEMA`.
 
-    Attributes:
-        sigma_rels: relative std of each tracked profile, each in (0, 0.2887). Give this
-            or ``gammas``. Default when neither is given: (0.05, 0.10), as in EDM2.
-        gammas: power-function exponents (>= 0) instead of sigma_rels.
-        update_every: update the EMA every this many optimizer steps (>= 1). Exact:
-            the skipped steps enter t_delta. Default 1.
-        batch_size: samples per optimizer step (global). When given, time is counted
-            in samples ("nimg") instead of steps. Coefficients do not depend on it.
-        include_frozen: also track parameters with requires_grad=False (their EMA
-            equals the parameter; tracking them keeps synthesized state dicts complete).
-        buffers: "copy" stores each buffer's current value with every snapshot and in
-            full state dicts; "ignore" leaves buffers out.
-        update_impl: how update() runs. "auto" (default): each source read once for all
-            profiles where that helps: small tensors staged into one flat buffer (one copy
-            call, then one flat update per profile), runs of >= 64Ki elements through one
-            torch.compile'd kernel for all profiles (compiled once per process; if compile
-            is unavailable or fails it is logged once and foreach is used). "fused": also
-            compile the small runs. "foreach": one ``torch._foreach_lerp_`` per profile.
+    Give ``sigma_rels`` or ``gammas`` (not both); after construction both are set, one
+    derived from the other. Validation runs on construction; errors name the field and the fix.
     """
 
-    sigma_rels: tuple[float, ...] | None = None
-    gammas: tuple[float, ...] | None = None
+    sigma_rels: tuple[float, ...] | None = setting(None, aliases=("--sigma-rel",), metavar="S",
+                                                   shown=list(DEFAULT_SIGMA_RELS))
+    """Tracked profiles: relative standard deviation of each power-function EMA, each in
+    (0, 0.2887). Synthesis can later produce any sigma_rel from these; EDM2 tracks 0.05 and
+    0.10 (the default, unless gammas is given). More profiles cost one fp32 copy of the
+    (sharded) model each."""
+
     update_every: int = 1
-    batch_size: int | None = None
+    """Update the EMAs every this many optimizer steps (>= 1). Exact for any value (the
+    skipped steps enter t_delta); larger values save update time on very large models."""
+
+    gammas: tuple[float, ...] | None = setting(None, metavar="G")
+    """The tracked profiles as power-function exponents (each >= 0) instead of sigma_rels;
+    give one of the two. gamma = 0 is the uniform average; sigma_rels 0.05 and 0.10 are
+    gammas 16.97 and 6.94."""
+
+    batch_size: int | None = setting(None, flag="--ema-batch-size")
+    """Samples per optimizer step, all ranks together. When given, time is counted in samples
+    ("nimg", as in EDM2) instead of optimizer steps; the synthesized EMAs do not depend on it.
+    None: time in steps. Its flag is --ema-batch-size (a training script's --batch-size is
+    usually its own, per rank)."""
+
     include_frozen: bool = True
+    """Also track parameters with requires_grad=False: their EMA equals the parameter, and
+    tracking them keeps synthesized state dicts complete (--no-include-frozen leaves them out)."""
+
     buffers: Buffers = "copy"
+    """"copy" stores each buffer's current value with every snapshot and in full state dicts;
+    "ignore" leaves buffers out."""
+
     update_impl: UpdateImpl = "auto"
+    """How update() runs. "auto" (default): each source read once for all profiles where that
+    helps: small tensors staged into one flat buffer (one copy call, then one flat update per
+    profile), runs of >= 64Ki elements through one torch.compile'd kernel for all profiles
+    (compiled once per process; if compile is unavailable or fails it is logged once and
+    foreach is used). "fused": also compile the small runs. "foreach": one
+    ``torch._foreach_lerp_`` per profile."""
 
     def __post_init__(self) -> None:
         if self.sigma_rels is not None and self.gammas is not None:
             raise ConfigError("give either sigma_rels or gammas for the tracked profiles, not both")
         if self.sigma_rels is None and self.gammas is None:
-            object.__setattr__(self, "sigma_rels", (0.05, 0.10))
+            object.__setattr__(self, "sigma_rels", DEFAULT_SIGMA_RELS)
         _validate(self, skip=("gammas",) if self.gammas is None else ("sigma_rels",))
         if self.gammas is None:
             gammas = tuple(float(g) for g in phema.sigma_rel_to_gamma(self.sigma_rels))
@@ -360,109 +467,59 @@ class EMAConfig:
 
 @dataclass(frozen=True, repr=False)
 class SnapshotConfig:
-    """Where and how snapshots are written.
+    """Where and how snapshots are written: the snapshot keywords of :class:`~dist_ema.PostHocEMA`.
 
-    Attributes:
-        url: store URL: local path, ``file://``, ``s3://bucket/prefix`` or any fsspec URL
-            (the ``store`` keyword of PostHocEMA).
-        snapshot_every: write a snapshot every this many EMA updates (None: only on demand).
-        storage_options: fsspec options (endpoint_url, key, secret, ...); default: environment.
-        dtype: storage dtype, "float32" (default, exact resume), "bfloat16" or "float16"
-            (the ``storage_dtype`` keyword).
-        compression: None (default; weights barely compress), "blosc-lz4" or "zstd".
-        keep: None keeps every snapshot; an integer K >= 2 thins to at most K snapshots
-            spread evenly over the run (never only the last K: that ruins synthesis).
-        max_object_bytes: size of one inner chunk (default 1 MiB): a rank's data of one profile is
-            ONE object (a zarr shard) of such chunks, each with its own crc32c, the unit of a
-            partial read and of a checksum.
-        writer: "process" (default: off the training process's GIL), "thread" or "sync".
-        slots: staging buffers (2: one snapshot in flight beyond the one being staged).
-        when_behind: what a snapshot does when a staging slot is still busy on some rank:
-            "block" (default) waits for the oldest write (backpressure, nothing skipped);
-            "skip" skips that snapshot on every rank, logs it and lists it in
-            ``ema.snapshots.skipped`` (training never waits for a slow or unreachable store).
-        on_error: a write that failed after retries: "raise" (default) raises StoreError on
-            every rank at the next snapshot()/close() (or halfway between snapshots);
-            "warn" logs it, lists the snapshot in ``skipped`` and keeps training.
-        timeout: seconds dist-ema's own collectives (start-up, snapshot exchanges and commits)
-            wait for a rank before every other rank raises (default 300).
+    ``url`` is the ``store`` keyword and ``dtype`` the ``storage_dtype`` keyword (the names
+    of the config keys and flags too). Validation runs on construction.
     """
 
-    url: str
-    snapshot_every: int | None = None
-    storage_options: dict | None = None
-    dtype: StorageDtype = "float32"
-    compression: Compression | None = None
-    keep: int | None = None
-    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
-    writer: Writer = "process"
-    slots: int = 2
-    when_behind: WhenBehind = "block"
-    on_error: OnError = "raise"
-    timeout: float = 300.0
-
-    def __repr__(self) -> str:  # never show credentials
-        fields = ", ".join(
-            f"{k}={_redact(v) if k == 'storage_options' and v else v!r}" for k, v in self.__dict__.items()
-        )
-        return f"SnapshotConfig({fields})"
-
-    def __post_init__(self) -> None:
-        if self.url is None:
-            raise ConfigError("store must be a URL string (a local path, file://, s3://bucket/prefix); got None")
-        _validate(self, renamed={"url": "store", "dtype": "storage_dtype"})
-
-
-@dataclass(frozen=True)
-class DistEMAConfig:
-    """Settings of one dist-ema run: tracked profiles, update and snapshot schedule, store.
-
-    Every field has a default, so an empty ``[dist_ema]`` table (or no file) is valid: it
-    tracks sigma_rel 0.05 and 0.10 every step and writes no snapshots. Validation runs on
-    construction (and on every :func:`apply_overrides`); errors name the field and the fix.
-    """
-
-    sigma_rels: tuple[float, ...] = (0.05, 0.10)
-    """Tracked profiles: relative standard deviation of each power-function EMA, each in
-    (0, 0.2887). Synthesis can later produce any sigma_rel from these; EDM2 tracks 0.05 and
-    0.10. More profiles cost one fp32 copy of the (sharded) model each."""
-
-    update_every: int = 1
-    """Update the EMAs every this many optimizer steps (>= 1). Exact for any value (the
-    skipped steps enter t_delta); larger values save update time on very large models."""
-
-    snapshot_every: int | None = None
-    """Write a snapshot every this many EMA *updates* (so every snapshot_every x update_every
-    optimizer steps). None: only when the script calls ``ema.snapshot()``. Plan it with
-    ``dist-ema error``: with 0.05 and 0.10 tracked, 25 snapshots spread over a run already
-    reconstruct sigma_rel 0.06-0.15 to under 0.4%, 100 snapshots to under 0.03%."""
-
-    store: str | None = None
+    url: str = setting(dataclasses.MISSING, key="store", metavar="URL")
     """Snapshot store URL: a local path, ``file://...``, ``s3://bucket/prefix`` or any fsspec
     URL. One store per run: a store with snapshots is only reused with resume. None: no
     snapshots (the EMAs still exist in memory)."""
 
-    storage_options: dict[str, Any] | None = field(default=None, hash=False)
-    """fsspec options for the store (e.g. ``endpoint_url``, ``profile``), a TOML table
-    ``[dist_ema.storage_options]``. Default: the environment (AWS_*, FSSPEC_S3_*). Prefer
-    the environment for credentials: config files get copied and committed."""
+    snapshot_every: int | None = setting(None, unset="none (on demand)")
+    """Write a snapshot every this many EMA *updates* (so every snapshot_every x update_every
+    optimizer steps). None: only when the script calls ``ema.snapshot()`` (launch/train.py then
+    spreads 20 over the run). Plan it with ``dist-ema error``: with 0.05 and 0.10 tracked, 25
+    snapshots spread over a run already reconstruct sigma_rel 0.06-0.15 to under 0.4%, 100
+    snapshots to under 0.03%."""
 
-    storage_dtype: StorageDtype = "float32"
+    storage_options: dict[str, Any] | None = setting(None, metavar="JSON", parse=_json_object,
+                                                     unset="the environment", hash=False)
+    """fsspec options for the store (e.g. ``endpoint_url``, ``profile``), a TOML table
+    ``[dist_ema.storage_options]`` or a JSON object on the command line. Default: the
+    environment (AWS_*, FSSPEC_S3_*). Prefer the environment for credentials: config files get
+    copied and committed."""
+
+    dtype: StorageDtype = setting("float32", key="storage_dtype")
     """Snapshot dtype: "float32" (exact resume), "bfloat16" or "float16" (half the bytes;
     synthesis still accumulates in float64)."""
 
-    compression: Compression | None = None
+    compression: Compression | None = setting(None, shown="none")
     """Compression of stored snapshots: None / "none" (default; weights barely compress),
     "blosc-lz4" or "zstd"."""
 
-    keep: int | None = None
+    keep: int | None = setting(None, metavar="K|all", parse=_keep, shown="all")
     """Retention: None / "all" keeps every snapshot; an integer K >= 2 thins the store to at
     most K snapshots spread evenly over the run (never only the last K: that ruins
     synthesis of long profiles)."""
 
+    inner_chunk_bytes: int = DEFAULT_INNER_BYTES
+    """Size of one inner chunk in bytes (default 1 MiB): a rank's data of one profile is ONE
+    object (a zarr shard) of such chunks, each with its own crc32c: the unit of a partial read
+    and of a checksum. Its old name max_object_bytes is still accepted, with a
+    DeprecationWarning."""
+
     writer: Writer = "process"
     """Who writes snapshots: "process" (default: a child process per rank, off the training
     loop's GIL), "thread", or "sync" (in the training loop; for debugging)."""
+
+    slots: int = 2
+    """Staging buffers of the snapshot writer (>= 1): host copies of this rank's EMA shards
+    that a snapshot is staged into before it is written. 2 (default): one snapshot can be in
+    flight while the next is staged; more ride out a slow store longer before when_behind
+    applies, at the cost of host memory."""
 
     when_behind: WhenBehind = "block"
     """A snapshot due while the previous one is still being written on some rank: "block"
@@ -473,52 +530,97 @@ class DistEMAConfig:
     """A snapshot write that failed after retries: "raise" (default: StoreError on every rank)
     or "warn" (log it, leave that snapshot out, keep training)."""
 
-    timeout: float = 300.0
+    timeout: float = setting(300.0, metavar="SECONDS")
     """Seconds dist-ema's own collectives (start-up, snapshot exchanges and commits) wait for a
     rank that stopped responding before every other rank raises a clear error (default 300; a
     rank stuck inside the engine's own collectives is the process group's timeout)."""
 
+    def __repr__(self) -> str:  # never show credentials
+        fields = ", ".join(
+            f"{k}={_redact(v) if k == 'storage_options' and v else v!r}" for k, v in self.__dict__.items()
+        )
+        return f"SnapshotConfig({fields})"
+
     def __post_init__(self) -> None:
-        _validate(self, prefix=f"{TABLE}.")
+        if self.url is None:
+            raise ConfigError("store must be a URL string (a local path, file://, s3://bucket/prefix); got None")
+        _validate(self)
+
+    @property
+    def max_object_bytes(self) -> int:
+        """The old name of :attr:`inner_chunk_bytes`."""
+        return self.inner_chunk_bytes
+
+
+PARTS = (EMAConfig, SnapshotConfig)  # the component configs: every setting is a field of one of them
+
+
+def _part_fields() -> list[tuple[type, dataclasses.Field]]:
+    return [(part, f) for part in PARTS for f in dataclasses.fields(part)]
+
+
+def _flat_field(part: type, f: dataclasses.Field) -> tuple[str, Any, dataclasses.Field]:
+    """(key, type, field) of a part's field in the flat table; a required field is optional there (None: that
+    part is not built)."""
+    hint = typing.get_type_hints(part)[f.name]
+    required = f.default is dataclasses.MISSING
+    return _key(f), (hint | None) if required else hint, field(
+        default=None if required else f.default, hash=f.hash, metadata={**f.metadata, "part": part.__name__})
+
+
+class _Flat:
+    """The methods of :class:`DistEMAConfig` (its fields are made from the parts' fields)."""
+
+    def __post_init__(self) -> None:
+        if self.sigma_rels is not None and self.gammas is not None:
+            raise ConfigError(f"{TABLE}.sigma_rels and {TABLE}.gammas are both set; give the tracked profiles one "
+                              f"way. Fix: keep one of the two keys")
+        if self.sigma_rels is None and self.gammas is None:
+            object.__setattr__(self, "sigma_rels", DEFAULT_SIGMA_RELS)
+        _validate(self, prefix=f"{TABLE}.", skip=("gammas",) if self.gammas is None else ("sigma_rels",))
         if self.store is not None and self.store.startswith("memory://"):
             # a config file describes a real (multi-process) run
             raise ConfigError(f"dist_ema.store = {self.store!r}: memory:// is private to one process, so the "
                               f"ranks could never see each other's snapshots. Fix: use a local path or s3://")
 
+    def _part(self, part: type) -> dict[str, Any]:
+        return {f.name: getattr(self, _key(f)) for f in dataclasses.fields(part)}
+
     def ema_config(self) -> EMAConfig:
         """The tracking part of these settings."""
-        return EMAConfig(sigma_rels=self.sigma_rels, update_every=self.update_every)
+        return EMAConfig(**self._part(EMAConfig))
 
     def snapshot_config(self) -> SnapshotConfig | None:
         """The snapshot part of these settings; None without a store."""
-        if self.store is None:
-            return None
-        return SnapshotConfig(url=self.store, snapshot_every=self.snapshot_every,
-                              storage_options=self.storage_options, dtype=self.storage_dtype,
-                              compression=self.compression, keep=self.keep, writer=self.writer,
-                              when_behind=self.when_behind, on_error=self.on_error, timeout=self.timeout)
+        return None if self.store is None else SnapshotConfig(**self._part(SnapshotConfig))
 
     def ema_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`dist_ema.PostHocEMA` (add ``resume=`` yourself).
 
-        Raises ConfigError when ``snapshot_every`` or ``keep`` is set without a ``store``:
-        checked here, not on construction, because the store often comes from a flag.
+        The tracked profiles (``sigma_rels`` or ``gammas``) and ``update_every`` always, the
+        other tracking settings where they differ from the default, every snapshot setting when
+        there is a store. Raises ConfigError when ``snapshot_every`` or ``keep`` is set without a
+        ``store``: checked here, not on construction, because the store often comes from a flag.
         """
         if self.store is None and (self.snapshot_every is not None or self.keep is not None):
             which = "snapshot_every" if self.snapshot_every is not None else "keep"
             raise ConfigError(f"dist_ema.{which} is set but dist_ema.store is not: snapshots need a place to go. "
                               f'Fix: store = "runs/exp1/snapshots" in [dist_ema], or pass --store URL')
-        kw: dict[str, Any] = {"sigma_rels": self.sigma_rels, "update_every": self.update_every}
+        kw: dict[str, Any] = {}
+        for f in dataclasses.fields(EMAConfig):
+            value = getattr(self, f.name)
+            if f.name in ("sigma_rels", "gammas") and value is not None or f.name == "update_every" \
+                    or value != f.default:
+                kw[f.name] = value
         if self.store is not None:
-            kw.update(store=self.store, snapshot_every=self.snapshot_every, storage_options=self.storage_options,
-                      storage_dtype=self.storage_dtype, compression=self.compression, keep=self.keep,
-                      writer=self.writer, when_behind=self.when_behind, on_error=self.on_error,
-                      timeout=self.timeout)
+            kw.update({_key(f): getattr(self, _key(f)) for f in dataclasses.fields(SnapshotConfig)})
         return kw
 
     def describe(self) -> str:
         """One line for logs (credentials in storage_options masked)."""
-        head = f"sigma_rels={list(self.sigma_rels)} update_every={self.update_every}"
+        profiles = (f"sigma_rels={list(self.sigma_rels)}" if self.sigma_rels is not None
+                    else f"gammas={list(self.gammas)}")
+        head = f"{profiles} update_every={self.update_every}"
         if self.store is None:
             return f"{head} no snapshot store (the EMAs live in memory only)"
         opts = _redact(self.storage_options) if self.storage_options else None
@@ -527,6 +629,18 @@ class DistEMAConfig:
                 f"compression={self.compression or 'none'} keep={self.keep or 'all'} writer={self.writer} "
                 f"when_behind={self.when_behind} on_error={self.on_error}"
                 + (f" storage_options={opts}" if opts else ""))
+
+
+DistEMAConfig = dataclasses.make_dataclass(
+    "DistEMAConfig", [_flat_field(part, f) for part, f in _part_fields()], bases=(_Flat,), frozen=True)
+DistEMAConfig.__module__ = __name__
+DistEMAConfig.__doc__ = """Settings of one dist-ema run, the ``[dist_ema]`` table of a config file: every field of
+:class:`EMAConfig` and :class:`SnapshotConfig` under its key (``store``, ``storage_dtype``, ...), in one flat table.
+
+Every field has a default, so an empty ``[dist_ema]`` table (or no file) is valid: it tracks
+sigma_rel 0.05 and 0.10 every step and writes no snapshots. Validation runs on construction
+(and on every :func:`apply_overrides`); errors name the field and the fix.
+"""
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -560,21 +674,35 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{os.fspath(path)}: not valid TOML: {e}") from None
 
 
+def _tuples(values: Mapping[str, Any]) -> dict[str, Any]:
+    """TOML and argparse give lists; the profile fields are tuples."""
+    return {k: tuple(v) if k in ("sigma_rels", "gammas") and isinstance(v, list) else v for k, v in values.items()}
+
+
+def _renamed(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``values`` with old keys (:data:`RENAMED`) under their new names; a DeprecationWarning names the new key."""
+    out = dict(values)
+    for old, new in RENAMED.items():
+        if old in out:
+            warnings.warn(_renamed_message(old, prefix), DeprecationWarning, stacklevel=4)
+            if new in out and out[new] != out[old]:
+                raise ConfigError(f"{prefix}{old} and {prefix}{new} name the same setting. Fix: keep {prefix}{new}")
+            out[new] = out.pop(old)
+    return out
+
+
 def _from_table(table: object, where: str) -> DistEMAConfig:
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where}: [{TABLE}] must be a table; got {type(table).__name__}")
-    names = [f.name for f in dataclasses.fields(DistEMAConfig)]
-    unknown = [k for k in table if k not in names]
+    names = keys()
+    unknown = [k for k in table if k not in names and k not in RENAMED]
     if unknown:
         k = unknown[0]
         close = difflib.get_close_matches(k, names, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"{where}: unknown key {TABLE}.{k}; {hint}valid keys: {', '.join(names)}")
-    values = dict(table)
-    if isinstance(values.get("sigma_rels"), list):
-        values["sigma_rels"] = tuple(values["sigma_rels"])
     try:
-        return DistEMAConfig(**values)
+        return DistEMAConfig(**_tuples(_renamed(table, f"{TABLE}.")))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -604,128 +732,172 @@ def apply_overrides(config: DistEMAConfig, overrides: Mapping[str, Any]) -> Dist
     """A copy of ``config`` with the given fields replaced; ``None`` values are ignored.
 
     Meant for command-line flags (argparse leaves flags that were not given as None), so
-    the file sets the defaults and the flags win. The result is validated again.
+    the file sets the defaults and the flags win; profiles given one way (``gammas``) replace
+    those of the file given the other way (``sigma_rels``). The result is validated again.
 
     Example:
         >>> cfg = apply_overrides(load_config("configs/dist_ema.toml"), {"store": "runs/x", "keep": None})
     """
-    names = {f.name for f in dataclasses.fields(DistEMAConfig)}
-    given = {k: v for k, v in overrides.items() if v is not None}
-    unknown = sorted(set(given) - names)
+    given = _renamed({k: v for k, v in overrides.items() if v is not None}, "")
+    unknown = sorted(set(given) - set(keys()))
     if unknown:
-        raise ConfigError(f"unknown dist-ema setting(s) {unknown}; valid: {', '.join(sorted(names))}")
-    if isinstance(given.get("sigma_rels"), list):
-        given["sigma_rels"] = tuple(given["sigma_rels"])
+        raise ConfigError(f"unknown dist-ema setting(s) {unknown}; valid: {', '.join(sorted(keys()))}")
+    for one, other in (("sigma_rels", "gammas"), ("gammas", "sigma_rels")):
+        if one in given and other not in given:
+            given[other] = None
     try:
-        return dataclasses.replace(config, **given)
+        return dataclasses.replace(config, **_tuples(given))
     except ConfigError as e:
         raise ConfigError(f"command-line override: {e}") from None
 
 
-# ---------------------------------------------------------------------------------- argparse
-
-# flag -> config field; flags default to None so that "not given" never overrides the file
-_FLAGS: dict[str, str] = {
-    "--sigma-rels": "sigma_rels",
-    "--update-every": "update_every",
-    "--snapshot-every": "snapshot_every",
-    "--store": "store",
-    "--storage-options": "storage_options",
-    "--storage-dtype": "storage_dtype",
-    "--compression": "compression",
-    "--keep": "keep",
-    "--writer": "writer",
-    "--when-behind": "when_behind",
-    "--on-error": "on_error",
-    "--timeout": "timeout",
-}
+# ---------------------------------------------------------------------------------- keys, flags, docs
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(
-            f"not JSON ({e}); e.g. '{{\"endpoint_url\": \"http://127.0.0.1:9000\"}}'"
-        ) from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"endpoint_url\": \"http://...\"}'")
-    return value
+def keys() -> list[str]:
+    """The keys of the ``[dist_ema]`` table (= PostHocEMA's keywords), in order."""
+    return [f.name for f in dataclasses.fields(DistEMAConfig)]
 
 
-def _keep(text: str) -> int | str:
-    if text.lower() == "all":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer K >= 2 (snapshots, thinned evenly over the run) or "
-                                         f"'all'; got {text!r}") from None
+def _field(key: str) -> dataclasses.Field:
+    return {f.name: f for f in dataclasses.fields(DistEMAConfig)}[key]
+
+
+def flag_of(key: str) -> str:
+    """The command-line flag of a key: ``--snapshot-every`` for ``snapshot_every`` unless the field says otherwise."""
+    return _field(key).metadata.get("flag", "--" + key.replace("_", "-"))
+
+
+def _dest(key: str) -> str:
+    return flag_of(key)[2:].replace("-", "_")
+
+
+def _flag_kwargs(f: dataclasses.Field) -> dict[str, Any]:
+    """argparse keywords of a flat field, from its type (Literal: choices, "none" too when None is allowed; a
+    tuple: one or more values; bool: --x / --no-x) and metadata. Every flag defaults to None: a flag that was not
+    given never overrides the file."""
+    hint = typing.get_type_hints(DistEMAConfig)[f.name]
+    optional = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    base = [a for a in get_args(hint) if a is not type(None)][0] if optional else hint
+    kw: dict[str, Any] = {"default": None, "dest": _dest(f.name), "help": _help(f.name)}
+    if "parse" in f.metadata:
+        kw["type"] = f.metadata["parse"]
+    elif typing.get_origin(base) is Literal:
+        kw["choices"] = (("none",) if optional else ()) + get_args(base)
+    elif base is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(base) is tuple:
+        kw.update(type=get_args(base)[0], nargs="+")
+    else:
+        kw["type"] = base
+    if "choices" not in kw and "action" not in kw:
+        kw["metavar"] = f.metadata.get("metavar", "N" if base is int else None)
+    return {k: v for k, v in kw.items() if v is not None or k == "default"}
+
+
+def _shown_default(key: str) -> tuple[str, bool]:
+    """(the default as documented, whether it is a value): ``[0.05, 0.1]``, ``"all"``; or words: ``the environment``."""
+    f = _field(key)
+    if "shown" in f.metadata:
+        return json.dumps(f.metadata["shown"]), True
+    if f.default is None:
+        return f.metadata.get("unset", "none"), False
+    return json.dumps(f.default), True
+
+
+def _help(key: str) -> str:
+    """A flag's help: the first sentence of its docstring and the default."""
+    doc = " ".join(field_docs()[key].split()).replace("``", "")
+    first = re.match(r"(.+?[.:])(\s|$)", doc)
+    text = (first.group(1) if first else doc).rstrip(".:")
+    return f"{text} (default {_shown_default(key)[0]})".replace("%", "%%")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_flag: bool = True) -> None:
-    """Add ``--config`` and one flag per config field (each overrides the file when given)."""
+    """Add ``--config`` and one flag per setting (each overrides the file when given).
+
+    Made from the fields of :class:`EMAConfig` and :class:`SnapshotConfig`. A flag the parser
+    already has is argparse's "conflicting option string" error here: give the field a ``flag``.
+    """
     g = parser.add_argument_group("dist-ema (override the [dist_ema] table of --config)")
     if config_flag:
         g.add_argument("--config", metavar="FILE.toml", default=None,
                        help="dist-ema config file with a [dist_ema] table (flags below override it)")
-    g.add_argument("--sigma-rels", "--sigma-rel", type=float, nargs="+", metavar="S",
-                   help="tracked profiles, each in (0, 0.2887)")
-    g.add_argument("--update-every", type=int, metavar="N", help="update the EMAs every N optimizer steps")
-    g.add_argument("--snapshot-every", type=int, metavar="N", help="snapshot every N EMA updates")
-    g.add_argument("--store", metavar="URL", help="snapshot store: local path, s3://bucket/prefix, ...")
-    g.add_argument("--storage-options", type=_json_object, metavar="JSON", help="fsspec options as a JSON object")
-    g.add_argument("--storage-dtype", choices=_STORAGE_DTYPES, help="snapshot dtype")
-    g.add_argument("--compression", choices=("none", *_COMPRESSIONS), help="snapshot compression")
-    g.add_argument("--keep", type=_keep, metavar="K|all", help="keep at most K snapshots, spread over the run")
-    g.add_argument("--writer", choices=_WRITERS, help="snapshot writer")
-    g.add_argument("--when-behind", choices=_WHEN_BEHIND, help="a snapshot due while the last is being written")
-    g.add_argument("--on-error", choices=_ON_ERROR, help="a snapshot write that failed after retries")
+    for f in dataclasses.fields(DistEMAConfig):
+        g.add_argument(flag_of(f.name), *f.metadata.get("aliases", ()), **_flag_kwargs(f))
 
 
 def config_from_args(args: argparse.Namespace) -> DistEMAConfig:
     """The file named by ``args.config`` (or the defaults) with the flags that were given applied."""
     cfg = load_config(getattr(args, "config", None))
-    overrides = {name: getattr(args, flag[2:].replace("-", "_"), None) for flag, name in _FLAGS.items()}
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(cfg, {key: getattr(args, _dest(key), None) for key in keys()})
 
 
 class FieldDocs(dict):
-    """{field: docstring}; printed, one entry per key with its default and flag (the README's table)."""
+    """{key: docstring}; printed, one entry per key with its default and flag."""
 
     def __str__(self) -> str:
         import textwrap
 
-        flags = {name: flag for flag, name in _FLAGS.items()}
-        defaults = {f.name: f.default for f in dataclasses.fields(DistEMAConfig)}
-        unset = {"compression": '"none"', "keep": '"all"', "storage_options": "the environment"}  # None means
         out = []
         for name, doc in self.items():
-            d = defaults[name]
-            d = unset.get(name, "none") if d is None else json.dumps(list(d) if isinstance(d, tuple) else d)
-            out.append(f"{name} (default {d}; flag {flags[name]})")
+            out.append(f"{name} (default {_shown_default(name)[0]}; flag {flag_of(name)})")
             out += textwrap.wrap(" ".join(doc.split()), 96, initial_indent="    ", subsequent_indent="    ",
                                  break_on_hyphens=False)
         return "\n".join(out)
 
 
-def field_docs() -> FieldDocs:
-    """The docstring of every :class:`DistEMAConfig` field (for help texts and the README's reference).
-
-    A dict; ``print(field_docs())`` shows each key with its default, flag and text::
-
-        >>> print(field_docs())
-        sigma_rels (default [0.05, 0.1]; flag --sigma-rels)
-            Tracked profiles: ...
-    """
-    tree = ast.parse(inspect.getsource(DistEMAConfig))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = FieldDocs()
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """{field name: the string literal under it} in a dataclass's source."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+    docs = {}
     for node, nxt in zip(body, body[1:]):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
                 and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
             docs[node.target.id] = inspect.cleandoc(nxt.value.value)
     return docs
+
+
+def field_docs() -> FieldDocs:
+    """The docstring of every setting, by key (for help texts and the README's config table).
+
+    Read from the fields of :class:`EMAConfig` and :class:`SnapshotConfig`. A dict;
+    ``print(field_docs())`` shows each key with its default, flag and text::
+
+        >>> print(field_docs())
+        sigma_rels (default [0.05, 0.1]; flag --sigma-rels)
+            Tracked profiles: ...
+    """
+    docs = FieldDocs()
+    for part in PARTS:
+        mine = _attribute_docs(part)
+        for f in dataclasses.fields(part):
+            docs[_key(f)] = mine[f.name]
+    return docs
+
+
+def _flag_cell(f: dataclasses.Field) -> str:
+    kw = _flag_kwargs(f)
+    flag = flag_of(f.name)
+    if kw.get("action") is argparse.BooleanOptionalAction:
+        return f"`{flag}` / `--no-{flag[2:]}`"
+    if "metavar" in kw:
+        flag += f" {kw['metavar']}" + (" ..." if kw.get("nargs") == "+" else "")
+    return "`" + flag.replace("|", "\\|") + "`"
+
+
+def readme_table() -> str:
+    """The README's config table (markdown): key, default, flag and docstring of every setting.
+
+    ``python -m dist_ema.config --readme`` prints it; a test checks that README.md holds it.
+    """
+    rows = ["| Key | Default | Flag | Meaning |", "| --- | --- | --- | --- |"]
+    docs = field_docs()
+    for f in dataclasses.fields(DistEMAConfig):
+        shown, value = _shown_default(f.name)
+        meaning = " ".join(docs[f.name].split()).replace("``", "`")
+        rows.append(f"| `{f.name}` | {f'`{shown}`' if value else shown} | {_flag_cell(f)} | {meaning} |")
+    return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------------- flag typos
@@ -751,3 +923,15 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     if unknown:
         parser.error(unknown_flags_message(parser, unknown))
     return args
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dist_ema.config", description="dist-ema's settings, from the code.")
+    p.add_argument("--readme", action="store_true", help="print the README's config table (markdown)")
+    args = p.parse_args(argv)
+    print(readme_table() if args.readme else field_docs())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(_main())

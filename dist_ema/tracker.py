@@ -28,6 +28,7 @@ import torch
 from dist_ema import phema
 from dist_ema.collective import is_distributed
 from dist_ema.config import (
+    DEFAULT_INNER_BYTES,
     Buffers,
     Compression,
     EMAConfig,
@@ -119,9 +120,10 @@ class PostHocEMA:
             (``sigma_rels=0.05``) is one profile.
         store: snapshot store URL (local path, ``file://``, ``s3://bucket/prefix``, any fsspec
             URL); None keeps the EMA in memory only.
-        snapshot_every, storage_options, storage_dtype, compression, keep, max_object_bytes,
-            writer, when_behind, on_error, timeout: how snapshots are written, see
+        snapshot_every, storage_options, storage_dtype, compression, keep, inner_chunk_bytes,
+            writer, slots, when_behind, on_error, timeout: how snapshots are written, see
             :class:`dist_ema.config.SnapshotConfig`.
+        max_object_bytes: the old name of ``inner_chunk_bytes`` (DeprecationWarning).
         resume: restore the EMA from the newest committed snapshot in ``store`` (any world
             size); a store with snapshots is refused without it, so nothing is overwritten.
             ``resume="takeover"`` also takes the store over from another job that owns it
@@ -148,12 +150,14 @@ class PostHocEMA:
         compression: Compression | None = None,
         keep: int | None = None,
         resume: bool = False,
-        max_object_bytes: int | None = None,
+        inner_chunk_bytes: int = DEFAULT_INNER_BYTES,
         writer: Writer = "process",
+        slots: int = 2,
         when_behind: WhenBehind = "block",
         on_error: OnError = "raise",
         timeout: float = 300.0,
         layout: ShardLayout | None = None,
+        max_object_bytes: int | None = None,
     ) -> None:
         # every rank checks its settings, then ONE collective compares them (and carries any rank's bad input)
         # before anything is written: a mismatch would commit wrong snapshots or put collectives out of step
@@ -162,8 +166,9 @@ class PostHocEMA:
                             include_frozen=include_frozen, buffers=buffers, update_impl=update_impl, store=store,
                             snapshot_every=snapshot_every, storage_options=storage_options,
                             storage_dtype=storage_dtype, compression=compression, keep=keep, resume=resume,
-                            max_object_bytes=max_object_bytes, writer=writer, when_behind=when_behind,
-                            on_error=on_error, timeout=timeout)
+                            inner_chunk_bytes=inner_chunk_bytes, max_object_bytes=max_object_bytes,
+                            writer=writer, slots=slots, when_behind=when_behind, on_error=on_error,
+                            timeout=timeout)
 
         mine = _local_settings(settings)
         if mine[1] is not None and not is_distributed():
@@ -905,10 +910,11 @@ def _as_profiles(value: object) -> object:
 
 
 def _configs(*, sigma_rels, gammas, update_every, batch_size, include_frozen, buffers, update_impl, store,
-             snapshot_every, storage_options, storage_dtype, compression, keep, resume, max_object_bytes, writer,
-             when_behind, on_error, timeout) -> tuple[EMAConfig, SnapshotConfig | None, bool | str]:
+             snapshot_every, storage_options, storage_dtype, compression, keep, resume, inner_chunk_bytes,
+             max_object_bytes, writer, slots, when_behind, on_error,
+             timeout) -> tuple[EMAConfig, SnapshotConfig | None, bool | str]:
     """This rank's validated settings (local: no collective): the tracking and snapshot configs, and resume."""
-    from dist_ema.config import ConfigError, check_resume
+    from dist_ema.config import ConfigError, check_resume, inner_chunk_bytes_of
 
     config = EMAConfig(sigma_rels=_as_profiles(sigma_rels), gammas=_as_profiles(gammas), update_every=update_every,
                        batch_size=batch_size, include_frozen=include_frozen, buffers=buffers, update_impl=update_impl)
@@ -917,10 +923,12 @@ def _configs(*, sigma_rels, gammas, update_every, batch_size, include_frozen, bu
         if snapshot_every is not None or resume:
             raise ConfigError("snapshot_every= and resume= need store=URL (a local path or s3://bucket/prefix)")
         return config, None, resume
-    extra = {} if max_object_bytes is None else {"max_object_bytes": max_object_bytes}
+    # stacklevel: the warning points at the line that built the PostHocEMA
+    chunk = inner_chunk_bytes_of(inner_chunk_bytes, max_object_bytes, stacklevel=5)
     snap = SnapshotConfig(url=store, snapshot_every=snapshot_every, storage_options=storage_options,
-                          dtype=storage_dtype, compression=compression, keep=keep, writer=writer,
-                          when_behind=when_behind, on_error=on_error, timeout=timeout, **extra)
+                          dtype=storage_dtype, compression=compression, keep=keep, inner_chunk_bytes=chunk,
+                          writer=writer, slots=slots, when_behind=when_behind, on_error=on_error,
+                          timeout=timeout)
     return config, snap, resume
 
 
