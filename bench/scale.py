@@ -652,7 +652,8 @@ def run_nd(res: Result, quick: bool = False) -> None:
                     "tp Shard(0) + FSDP2 _StridedShard(0), wo/w2 tp Shard(1) + FSDP2 Shard(0) = a box per rank, "
                     "norms Replicate on tp + FSDP2 Shard(0) split among the tp replicas)",
                     ["model on mesh", "pieces (of them boxes)", "pieces / rank (max)", "objects / snapshot (bound)",
-                     "stored / data bytes", "params.json + rank JSON (max per rank)", "Layout.build (of it validate)",
+                     "stored / data bytes", "params.json + rank JSON (max per rank)",
+                     "pieces generated + Layout.build (of it validate)",
                      "from_json / layout_id / piece_index", "peak RSS"])
     res_tab = Table("Resume planning: one rank's tracked pieces read from the store (plan_region per piece + "
                     "merge_reads, as SnapshotReader.read_pieces)",
