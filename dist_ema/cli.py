@@ -291,6 +291,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from dist_ema import __version__
+    from dist_ema.config import flag_of  # the settings' flags are spelled as in every script
 
     p = _Parser(prog="dist-ema", description="Post-hoc EMA for sharded training.")
     p.add_argument("--version", action="version", version=f"dist-ema {__version__}")
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Choose tracked profiles and a snapshot interval before training: prints the "
         "relative L2 error and condition number of each target profile's reconstruction.",
     )
-    e.add_argument("--sigma-rels", "--tracked", dest="sigma_rels", type=float, nargs="+", default=None,
+    e.add_argument(flag_of("sigma_rels"), "--tracked", dest="sigma_rels", type=float, nargs="+", default=None,
                    metavar="SIGMA_REL", help="sigma_rel of each tracked profile, as in training (default: "
                    "--config's sigma_rels, else 0.05 0.10; --tracked is an alias)")
     e.add_argument("--snapshot-every", type=float, default=None,
@@ -326,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("store", nargs="?", default=None,
                         help="snapshot store URL: local path, file://, s3://bucket/prefix, ... "
                              "(default: the store of --config)")
-        sp.add_argument("--storage-options", metavar="JSON",
+        sp.add_argument(flag_of("storage_options"), metavar="JSON",
                         help="fsspec options as JSON (default: --config's, else the environment, e.g. AWS_*, "
                              "FSSPEC_S3_*)")
         sp.add_argument("--config", metavar="FILE.toml",

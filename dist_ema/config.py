@@ -808,9 +808,11 @@ def _shown_default(key: str) -> tuple[str, bool]:
 def _help(key: str) -> str:
     """A flag's help: the first sentence of its docstring and the default."""
     doc = " ".join(field_docs()[key].split()).replace("``", "")
-    first = re.match(r"(.+?[.:])(\s|$)", doc)
-    text = (first.group(1) if first else doc).rstrip(".:")
-    return f"{text} (default {_shown_default(key)[0]})".replace("%", "%%")
+    first = re.match(r'(.+?)\.(\s+[A-Z"]|$)', doc)  # not at "e.g. endpoint_url"
+    text = first.group(1) if first else doc
+    if "default" not in text:
+        text += f" (default {_shown_default(key)[0]})"
+    return text.replace("%", "%%")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_flag: bool = True) -> None:

@@ -352,26 +352,27 @@ def test_keyword_and_file_share_one_check_per_field(tmp_path: Path) -> None:
 def test_config_parts_and_defaults_agree() -> None:
     """DistEMAConfig's defaults are those of its two parts and of PostHocEMA's keywords."""
     from dist_ema import PostHocEMA
-    from dist_ema.config import DEFAULT_MAX_OBJECT_BYTES, EMAConfig, SnapshotConfig
-    from dist_ema.store.layout import DEFAULT_MAX_OBJECT_BYTES as STORE_MAX
+    from dist_ema.config import DEFAULT_INNER_BYTES, EMAConfig, SnapshotConfig
+    from dist_ema.store import format as store_format
+    from dist_ema.store import layout as store_layout
 
-    assert DEFAULT_MAX_OBJECT_BYTES == STORE_MAX
+    # one constant spells the inner chunk's default
+    assert DEFAULT_INNER_BYTES is store_format.DEFAULT_INNER_BYTES == 1 << 20
+    assert store_layout.DEFAULT_INNER_BYTES is store_format.DEFAULT_INNER_BYTES
     cfg = DistEMAConfig(store="runs/x", sigma_rels=(0.07,), update_every=3, compression="zstd", keep=5)
     assert cfg.ema_config() == EMAConfig(sigma_rels=(0.07,), update_every=3)
     assert cfg.snapshot_config() == SnapshotConfig(url="runs/x", compression="zstd", keep=5)
     assert DistEMAConfig().snapshot_config() is None
     assert DistEMAConfig().ema_config() == EMAConfig()
+    assert DistEMAConfig().sigma_rels == EMAConfig().sigma_rels == (0.05, 0.10)
     kw = inspect.signature(PostHocEMA.__init__).parameters
     snap = {"url": "store", "dtype": "storage_dtype"}
-    for f in dataclasses.fields(DistEMAConfig):
-        if f.name == "sigma_rels":  # PostHocEMA: None, which EMAConfig turns into the default
-            assert EMAConfig().sigma_rels == f.default
-        elif f.name != "store":
-            assert kw[f.name].default == f.default, f.name
+    for f in dataclasses.fields(DistEMAConfig):  # store: None here, a required field of SnapshotConfig
+        assert kw[f.name].default == f.default, f.name
     for f in dataclasses.fields(EMAConfig):
         assert kw[f.name].default == f.default, f.name
     for f in dataclasses.fields(SnapshotConfig):
-        if f.name not in ("url", "slots", "max_object_bytes"):
+        if f.name != "url":
             assert kw[snap.get(f.name, f.name)].default == f.default, f.name
     from dist_ema.snapshots import SnapshotConfig as Reexported
 
