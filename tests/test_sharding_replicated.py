@@ -217,7 +217,7 @@ def test_even_split_matches_torch_chunk() -> None:
 
 def test_one_even_split_for_every_adapter() -> None:
     """FSDP2 rows, FSDP1 / DDP / ZeRO ranges: all torch.chunk splits come from sharding.base."""
-    from dist_ema.sharding import base, fsdp1, fsdp2, replicated
+    from dist_ema.sharding import base, fsdp1, replicated
     from dist_ema.sharding.base import even_chunk
 
     assert replicated.even_split is base.even_split and fsdp1.even_split is base.even_split
@@ -227,8 +227,8 @@ def test_one_even_split_for_every_adapter() -> None:
             assert even_chunk(dim0, ws) == (len(chunks[0]) if chunks else 0), (dim0, ws)
             for r in range(ws):
                 rows = chunks[r].tolist() if r < len(chunks) else []
-                start, count = fsdp2._chunk_rows(dim0, ws, r)
-                assert list(range(start, start + count)) == rows, (dim0, ws, r)
+                start, end = base.even_split(dim0, ws, r)
+                assert list(range(start, end)) == rows, (dim0, ws, r)
     assert even_chunk(2**60 + 1, 3) == (2**60 + 1 + 2) // 3  # exact for any size (no float division)
 
 
