@@ -590,7 +590,8 @@ def _map(job: _Job, store: SnapshotStore, plan: SynthesisPlan, prefetch: int, sh
     err: BaseException | None = None
     try:
         mine = assign_units(plan.units, job.world)[job.rank]
-        _map_units(job, store, plan, [plan.units.index(u) for u in mine], prefetch, show)
+        where = {u: i for i, u in enumerate(plan.units)}
+        _map_units(job, store, plan, [where[u] for u in mine], prefetch, show)
     except Exception as e:  # noqa: BLE001 - exchanged below
         err = e
     everyone = all_gather_object(None if err is None else (isinstance(err, _SnapshotGone), str(err)))
@@ -609,12 +610,19 @@ class _Sources:
         self.store, self.plan = store, plan
         self.ref_layout = store.layout(plan.ref)
         self.indexes = {s.layout_id: store.layout(s).piece_index(self.ref_layout) for s in plan.used}
+        self._last: tuple = (None, None)  # the block last translated: its rows (profiles, snapshots) reuse it
 
     def reads(self, snap: Snapshot, rank: int, lo: int, hi: int) -> list[Read]:
         if snap.layout_id == self.plan.ref.layout_id:
             return [Read(rank, lo, 0, hi - lo)]
+        key = (snap.layout_id, rank, lo, hi)
+        last = self._last  # one read: reader threads may replace it meanwhile
+        if last[0] == key:
+            return last[1]
         segs = unit_segments(self.ref_layout, Unit(rank, lo, hi - lo))
-        return merge_reads(translate(self.indexes[snap.layout_id], segs))
+        reads = merge_reads(translate(self.indexes[snap.layout_id], segs))
+        self._last = (key, reads)
+        return reads
 
 
 ROW_GROUP = 8  # snapshot rows summed per matrix product: memory stays flat in the snapshot count

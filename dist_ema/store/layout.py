@@ -380,6 +380,7 @@ class ParamIndex(list):
         super().__init__(items)
         self.shape = tuple(int(s) for s in shape)
         self.boxes = boxes
+        self.starts = [s for s, _, _, _ in self]  # for bisection, built once
 
     def table(self) -> tuple:
         """Every piece as true boxes (built on first use for a flat-only parameter)."""
@@ -452,7 +453,7 @@ def plan_region(index: Sequence[tuple[int, int, int, int]], start: int, end: int
         raise ValueError(f"bad region [{start}, {end})")
     if box is not None or getattr(index, "boxes", None) is not None:
         return _plan_boxes(index, start, end, box)
-    starts = [s for s, _, _, _ in index]
+    starts = index.starts if isinstance(index, ParamIndex) else [s for s, _, _, _ in index]
     i = max(0, bisect.bisect_right(starts, start) - 1)
     reads: list[Read] = []
     pos = start
