@@ -20,8 +20,14 @@ The demo's settings (DEMO_STEPS, DEMO_LR, SWEEP) are chosen so that the high lea
 keeps the raw weights jumping around an optimum that the model reaches early in the run:
 averaging over longer than either tracked profile then pays, so the best sigma_rel is one that
 was never tracked, found after training.
-Model init, data order and batches are fixed by the seed: a run repeats its numbers exactly
-on the same machine and torch build.
+Model init, data order and batches are fixed by the seed. The high learning rate also makes
+the run chaotic: a last-bit difference in one kernel (AVX2 against AVX-512 reductions, another
+matrix-multiply kernel) grows into other figures within a few hundred steps. So on the CPU the
+demo pins the kernels (PINNED_KERNELS, set for every launch and the evaluation unless already
+in the environment): ATen's baseline kernels instead of the fastest ones for this CPU, MKL's
+reproducible mode and one thread per rank. The figures then do not depend on which vector
+instructions an x86-64 CPU has; ``--native-kernels`` runs this CPU's fastest kernels instead
+(its figures repeat only on the same CPU). Both need the same torch build; GPUs print others.
 
 Each run starts from a clean run directory: the previous demo run in it is removed first (a
 directory the demo did not create is never touched; pick another --run-dir).
@@ -50,6 +56,9 @@ MARKER = ".dist-ema-demo"  # written into the run directory; only such directori
 SWEEP = (0.03, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20, 0.24)  # synthesized after training (0.24: recon. error < 10%)
 DEMO_STEPS = 300  # 12 snapshots at the config's snapshot_every = 25
 DEMO_LR = 0.05  # AdamW; high on purpose: the raw weights jump around the optimum
+# ATen's kernels for CPUs without AVX (which every x86-64 CPU runs alike), MKL's conditional numerical
+# reproducibility on its code path for any x86-64 CPU, and single-threaded ranks (no thread-dependent reduction order)
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1"}
 
 
 def free_port() -> int:
@@ -68,6 +77,16 @@ def fresh_run_dir(run_dir: Path) -> None:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / MARKER).write_text("made by launch/run_demo.py; the next demo run deletes this directory\n")
+
+
+def pin_kernels() -> str:
+    """Set PINNED_KERNELS in this process's environment (launches inherit it); values already set are kept.
+
+    Takes effect in this process too: ATen and MKL read these at their first computation, not at import.
+    """
+    for key, value in PINNED_KERNELS.items():
+        os.environ.setdefault(key, value)
+    return " ".join(f"{key}={os.environ[key]}" for key in PINNED_KERNELS)
 
 
 def run(step: str, cmd: list[str], timeout: float) -> None:
@@ -120,9 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default=None, help="snapshot store URL (default: <run-dir>/snapshots; s3://... works)")
     p.add_argument("--synth-out", default=None, help="synthesis output (default: next to the store, .../synth)")
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed for each launch")
+    p.add_argument("--native-kernels", action="store_true",
+                   help="this CPU's fastest kernels instead of PINNED_KERNELS (figures then vary between CPUs)")
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
+    if not args.native_kernels:
+        print(f"== CPU kernels pinned, for the same figures on any x86-64 CPU: {pin_kernels()}", flush=True)
     run_dir = Path(args.run_dir)
     fresh_run_dir(run_dir)
     store = args.store or str(run_dir / "snapshots")
