@@ -8,6 +8,10 @@ does, initializes a gloo process group, imports ``module:function`` and calls
 files under ``out_dir`` (``torch.save`` / ``np.save``); the test reads and checks
 them. A worker that fails or a run past ``timeout`` kills all processes and fails
 the test with the last lines of every rank's output.
+
+Tests that start processes carry the ``dist`` marker (``pytest -m "not dist"`` is the in-process
+tier). ``run_workers`` refuses to start ranks in a test without it, and tests/conftest.py applies
+the same rule to every other process a test starts (subprocess, multiprocessing, launchers, servers).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,6 +54,45 @@ os._exit(code)
 """
 
 
+# ----------------------------------------------------------------------------- the dist marker
+
+DIST = "dist"
+RUNNING: list[pytest.Item] = []  # the tests now running, innermost last (pushed and popped by tests/conftest.py)
+REFUSALS = pytest.StashKey[list]()  # a test's refused process starts: it fails for them even if it caught the error
+
+
+class MissingDistMarker(AssertionError):
+    """A test without the ``dist`` marker tried to start processes."""
+
+
+def require_dist_marker(what: str) -> None:
+    """Raise MissingDistMarker unless the running test is marked ``dist`` (no test running: allowed).
+
+    The refusal is also kept on the test, which fails at teardown even if it caught the error.
+    """
+    if not RUNNING:
+        return
+    item = RUNNING[-1]
+    if item.get_closest_marker(DIST) is not None:
+        return
+    msg = (f"{item.nodeid} starts processes ({what}) without the `{DIST}` marker: mark the test "
+           f"@pytest.mark.{DIST} (or its module: pytestmark = pytest.mark.{DIST}) so that "
+           f"`pytest -m 'not {DIST}'` stays the in-process tier")
+    item.stash.setdefault(REFUSALS, []).append(msg)
+    raise MissingDistMarker(msg)
+
+
+def take_refusals() -> list[str]:
+    """The running test's refused process starts, forgotten (for tests of the refusal itself)."""
+    if not RUNNING:
+        return []
+    stash = RUNNING[-1].stash
+    out = stash.get(REFUSALS, [])
+    if REFUSALS in stash:
+        del stash[REFUSALS]
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,6 +109,7 @@ def run_workers(
     expect_failure: bool = False,
 ) -> list[str]:
     """Run ``spec`` on ``world_size`` ranks; return each rank's combined output."""
+    require_dist_marker(f"run_workers({spec!r}, world_size={world_size})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()

@@ -311,6 +311,7 @@ def test_a_mistyped_script_flag_names_the_closest_one(capsys: pytest.CaptureFixt
     assert "unrecognized arguments: --zzzzzzz\n" in capsys.readouterr().err
 
 
+@pytest.mark.dist
 def test_the_training_script_names_the_closest_flag() -> None:
     import subprocess
     import sys

@@ -117,6 +117,7 @@ def worker_load(rank, ws, out, loads, save_again=None):
         _save(setup, ema, again, rank)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 def test_reshards_fsdp2_2_to_3_to_2_fsdp1_2_to_3_and_across_engines(tmp_path):
     a, b = tmp_path / "at2", tmp_path / "at3"
@@ -138,6 +139,7 @@ def worker_same_world_size(rank, ws, out, engines):
         _load_and_check(setup, out / engine, rank, other_sharding=False)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 def test_deepspeed_zero2_zero3_same_world_size(tmp_path):
     pytest.importorskip("deepspeed")
@@ -167,6 +169,7 @@ def worker_per_rank_format(rank, ws, out):
             assert torch.equal(got[k], ref[k]), k
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_per_rank_format_still_loads_at_the_same_world_size(tmp_path):
     run_workers("tests.test_dcp:worker_per_rank_format", 2, tmp_path)
@@ -276,6 +279,7 @@ def worker_retire_once(rank, ws, out, url, phase):
     ema.close()
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_dcp_load_of_an_older_checkpoint_retires_newer_snapshots_once(tmp_path):
     url = str(tmp_path / "store")

@@ -26,6 +26,8 @@ from dist_ema import PostHocEMA, open_store
 from dist_ema.store.fs import StoreError
 from tests.dist_harness import ROOT, run_workers
 
+pytestmark = pytest.mark.dist
+
 LIMIT = 4096  # bytes: every JSON object of the store fits, no data shard does (8 KiB per rank and profile)
 EVERY = 2
 

@@ -50,6 +50,7 @@ def worker(rank: int, ws: int, out: str, store: str) -> None:
     (Path(out) / f"r{rank}.json").write_text(json.dumps(seen))
 
 
+@pytest.mark.dist
 def test_collective_errors_are_the_same_on_every_rank(tmp_path):
     import torch
 

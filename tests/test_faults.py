@@ -83,6 +83,7 @@ def worker_outage(rank, ws, out, url):
                    out / "result.pt")
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_storage_outage_training_continues_nothing_lost(tmp_path, moto_process):
     proc, env = moto_process
@@ -136,6 +137,7 @@ def worker_expect_startup_error(rank, ws, out, url):
     raise AssertionError("PostHocEMA should have failed at start-up")
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(120)
 def test_missing_bucket_fails_at_startup_on_every_rank(tmp_path, s3_env):
     env, _ = s3_env
@@ -168,6 +170,7 @@ def worker_break_store(rank, ws, out, url, on_error):
     Path(out, f"done{rank}.txt").write_text(json.dumps(ema.snapshots.skipped))
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(120)
 def test_write_failure_raises_on_every_rank(tmp_path):
     url = str(tmp_path / "store")
@@ -179,6 +182,7 @@ def test_write_failure_raises_on_every_rank(tmp_path):
     assert "on_error='warn'" in msgs[0]
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(120)
 def test_write_failure_can_be_tolerated_explicitly(tmp_path):
     url = str(tmp_path / "store")
@@ -201,6 +205,7 @@ def worker_die_in_resume(rank, ws, out, url):
         os._exit(3)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(180)
 def test_rank_death_fails_the_others_in_bounded_time(tmp_path):
     t0 = time.monotonic()
@@ -227,6 +232,7 @@ def _store_with_snapshots(url):
     return m
 
 
+@pytest.mark.dist
 def test_flipped_byte_detected_in_resume_synthesis_and_verify(tmp_path):
     url = str(tmp_path / "s")
     m = _store_with_snapshots(url)
@@ -305,6 +311,7 @@ def worker_secret_flow(rank, ws, out, url, options):
         print(repr(ema.snapshots.io), ema.snapshots.config)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_credentials_never_leak(tmp_path, s3_server, monkeypatch):
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FSSPEC_S3_ENDPOINT_URL"):
@@ -352,6 +359,7 @@ def worker_synthesize_rank_dies(rank, ws, out, url, die):
         raise
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_rank_death_in_synthesis_leaves_no_output_and_rerun_succeeds(tmp_path):
     url = str(tmp_path / "s")
@@ -371,6 +379,7 @@ def test_rank_death_in_synthesis_leaves_no_output_and_rerun_succeeds(tmp_path):
 # ----------------------------------------------------------------------------- soak
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_soak_random_kills_and_restarts(tmp_path):

@@ -156,6 +156,7 @@ def _worker_fsdp2(rank: int, world_size: int, out_dir: str, url: str) -> None:
             ema.update()
 
 
+@pytest.mark.dist
 def test_every_array_opens_in_zarr_and_tensorstore(tmp_path):
     """FSDP2 on 3 ranks: every array of the store (and of a synthesis output) read by tensorstore and zarr."""
     ts = pytest.importorskip("tensorstore")

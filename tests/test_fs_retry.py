@@ -222,6 +222,7 @@ def test_store_io_on_a_refused_port(monkeypatch, caplog):
     assert 1 <= len(retries) <= 2, [r.getMessage() for r in caplog.records]
 
 
+@pytest.mark.dist
 def test_cli_ls_on_a_refused_port():
     """`dist-ema ls` against an endpoint with nothing listening: retry lines, then one error line, exit 2."""
     pytest.importorskip("s3fs")

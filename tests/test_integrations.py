@@ -50,6 +50,7 @@ def _torchrun(script: str, *args: str) -> None:
           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), script, *args])
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_lightning_with_gradient_accumulation_validation_swap_and_checkpoint_resume(tmp_path, strategy):
@@ -97,12 +98,14 @@ def _continued_run(out, phase: str) -> dict:
     return res
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_lightning_second_fit_on_the_same_trainer_continues_the_ema(tmp_path):
     # fit to step 6, then fit again on the same Trainer to step 10: the EMA reopens from its store
     _continued_run(tmp_path, "twice")
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_lightning_resumes_from_a_linked_last_checkpoint(tmp_path):
     # ModelCheckpoint(save_last="link"): last.ckpt is a link to the step checkpoint, whose EMA folder sits beside it
@@ -163,6 +166,7 @@ def _ema_checkpoint_is_per_rank(path, owned: list[int]) -> None:
     assert [stored[f"__{r}_0.distcp"] for r in range(2)] == [n * len(SIGMAS) for n in owned], (stored, owned)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("plugin", list(ACCELERATE_MODES))
 def test_accelerate_with_gradient_accumulation_and_save_load_state(tmp_path, plugin):
@@ -211,6 +215,7 @@ def test_accelerate_with_gradient_accumulation_and_save_load_state(tmp_path, plu
         _check(b["ema"][s], full, s, "after load_state")
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_accelerate_attach_ema_warns_when_accelerate_ignored_a_plugin():
     """Accelerator(cpu=True) ignores the FSDP plugin that ``accelerate launch --use_fsdp`` asks for (it sets

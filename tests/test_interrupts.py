@@ -98,6 +98,7 @@ def _snap_line(p) -> tuple[int, int, list[str]]:
     return int(step), int(pid), shms
 
 
+@pytest.mark.dist
 def test_ctrl_c_commits_the_newest_snapshot_and_leaves_nothing_behind(tmp_path):
     runs = [_start_training(tmp_path, i) for i in range(6)]
     try:
@@ -157,6 +158,7 @@ sys.exit(max(p.wait() != 0 for p in ps))
 """
 
 
+@pytest.mark.dist
 def test_ctrl_c_on_two_ranks_names_the_pending_snapshot_on_each(tmp_path):
     url = str(tmp_path / "s")
     env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
@@ -185,6 +187,7 @@ def test_ctrl_c_on_two_ranks_names_the_pending_snapshot_on_each(tmp_path):
     assert not (Path(url) / "owner.json").exists()
 
 
+@pytest.mark.dist
 def test_the_writer_does_not_outlive_a_sigkilled_trainer(tmp_path):
     p, url, _ = _start_training(tmp_path, 0)
     try:
@@ -229,6 +232,7 @@ print("REOPENED", flush=True)
 """
 
 
+@pytest.mark.dist
 def test_a_garbage_collected_ema_commits_and_releases_everything(tmp_path):
     url, want = str(tmp_path / "s"), str(tmp_path / "want.pt")
     p = subprocess.Popen([sys.executable, "-c", _GC, url, want], cwd=str(ROOT), stdout=subprocess.PIPE,
@@ -278,6 +282,7 @@ def worker_gc(rank, ws, out, url):
     PostHocEMA(setup.target, sigma_rels=(0.05, 0.10), store=url, writer="sync", resume=True).close()
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_a_garbage_collected_ema_on_two_ranks_names_what_is_lost(tmp_path):
     url = str(tmp_path / "s")

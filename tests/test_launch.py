@@ -116,6 +116,7 @@ def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("engine", list(ENGINE_NAMES))
 def test_torchrun_each_engine(engine: str, runs_root: Path) -> None:
     if engine.startswith("zero"):
@@ -134,6 +135,7 @@ def test_torchrun_each_engine(engine: str, runs_root: Path) -> None:
     assert "EMA sigma_rel=0.1" in run["out"]
 
 
+@pytest.mark.dist
 def test_resume_continues_the_run(runs_root: Path) -> None:
     """--resume: model/optimizer from the checkpoint, EMA from the store; snapshots continue at the same interval."""
     run = train_run("ddp", runs_root)
@@ -146,6 +148,7 @@ def test_resume_continues_the_run(runs_root: Path) -> None:
 # ------------------------------------------------------------------------------ deepspeed launcher
 
 
+@pytest.mark.dist
 def test_deepspeed_launcher(tmp_path: Path) -> None:
     """The real `deepspeed --num_gpus 2 --master_port P launch/train.py --deepspeed_config ...` (CPU)."""
     pytest.importorskip("deepspeed")
@@ -162,6 +165,7 @@ def test_deepspeed_launcher(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ two nodes on one machine
 
 
+@pytest.mark.dist
 def test_two_nodes_train_and_synthesize(runs_root: Path, tmp_path: Path) -> None:
     """2 torchrun "nodes" x 1 rank, c10d rendezvous on 127.0.0.1: the same snapshots and synthesis as 1 node x 2."""
     single = train_run("fsdp2", runs_root)
@@ -223,6 +227,7 @@ def _check_demo(out: str, out_dir: Path, n_targets: int) -> dict:
     return res
 
 
+@pytest.mark.dist
 def test_demo_end_to_end_reduced(tmp_path: Path) -> None:
     """run_demo.py in short form: a synthesized EMA beats the raw weights on held-out loss."""
     out_dir = tmp_path / "out"
@@ -254,6 +259,7 @@ def test_demo_run_dir_is_fresh_each_time(tmp_path: Path) -> None:
     assert (mine / "precious.txt").exists()
 
 
+@pytest.mark.dist
 def test_demo_flow_against_s3(tmp_path: Path, s3_env) -> None:
     """Train -> snapshots on S3 -> distributed synthesis S3 -> S3 -> evaluation reading S3 (moto server)."""
     env, bucket = s3_env
@@ -274,6 +280,7 @@ def test_demo_flow_against_s3(tmp_path: Path, s3_env) -> None:
 # ------------------------------------------------------------------------------ errors and scripts
 
 
+@pytest.mark.dist
 def test_train_script_errors_are_clear(tmp_path: Path) -> None:
     """Settings are validated before any process group forms: a clear message, exit code 2, no traceback."""
     out = launch([sys.executable, "launch/train.py", "--sigma-rels", "0.5", "--store", str(tmp_path / "s")],
@@ -305,6 +312,7 @@ def test_train_script_errors_are_clear(tmp_path: Path) -> None:
         train.main(["--config", str(bad)])
 
 
+@pytest.mark.dist
 def test_launch_scripts_parse_and_document_themselves() -> None:
     for name in ("torchrun.sh", "torchrun_multinode.sh", "deepspeed.sh", "synthesize.sh", "demo.sh",
                  "slurm.sbatch"):
@@ -327,6 +335,7 @@ def _refused_port() -> int:
     return free_port()  # bound once and closed: nothing listens there
 
 
+@pytest.mark.dist
 def test_common_mistakes_are_one_line_per_job(runs_root: Path, tmp_path: Path, s3_env) -> None:
     """Real torchrun jobs (2 ranks): a store that holds snapshots (the recipe table's row 2 reusing row 1's
     store), a missing bucket and an unreachable endpoint each print one error line from rank 0, phrased for
@@ -397,6 +406,7 @@ def test_train_debug_shows_tracebacks_and_other_ranks_wait(monkeypatch, capsys) 
     assert parser.parse_args(["--debug"]).debug
 
 
+@pytest.mark.dist
 def test_deepspeed_hostfile_decides_ranks_per_node() -> None:
     """With a hostfile the launcher gets no --num_gpus (its slots decide) unless NUM_GPUS caps them."""
     def argv(env: dict[str, str]) -> list[str]:
@@ -413,6 +423,7 @@ def test_deepspeed_hostfile_decides_ranks_per_node() -> None:
     assert got[got.index("--num_gpus") + 1] == "2" and "--hostfile" not in got
 
 
+@pytest.mark.dist
 def test_launch_scripts_find_the_venv(tmp_path: Path) -> None:
     """Without an active environment, every launcher uses the checkout's .venv when there is one."""
     (tmp_path / "launch").mkdir()

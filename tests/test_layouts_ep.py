@@ -434,6 +434,7 @@ def check_expert_parallel(out: Path, experts_dim: int) -> None:
         ema.close(final_snapshot=False)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(400)
 def test_expert_parallel_and_nd_swap_load_dcp(tmp_path: Path) -> None:
     run_workers("tests.test_layouts_ep:worker_4", 4, tmp_path / "w4", timeout=300)

@@ -138,6 +138,7 @@ def worker_older_checkpoint(rank, ws, out, url, phase):
         torch.save(expected, out / "expected.pt")
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_restart_from_an_older_checkpoint_retires_the_newer_snapshots(tmp_path):
     url = tmp_path / "store"
@@ -197,6 +198,7 @@ def worker_swap_with_retention(rank, ws, out, url, steps):
     Path(out, f"swaps{rank}").write_text(str(swaps))
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_swapped_never_reads_a_snapshot_that_retention_deletes(tmp_path):
     url = str(tmp_path / "store")
@@ -226,6 +228,7 @@ def worker_swap_read_error(rank, ws, out, url):
     ema.snapshots.writer.close()
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_a_read_error_in_swapped_reaches_every_rank(tmp_path):
     run_workers("tests.test_lifecycle:worker_swap_read_error", 2, tmp_path / "w", kwargs=dict(url=str(tmp_path / "s")))
@@ -257,6 +260,7 @@ def worker_dead_writer(rank, ws, out, url, on_error):
     Path(out, f"result{rank}").write_text(result)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("on_error", ["raise", "warn"])
 def test_a_dead_writer_reaches_every_rank(tmp_path, on_error):
@@ -309,6 +313,7 @@ print("done", flush=True)
 """
 
 
+@pytest.mark.dist
 def test_forgetting_close_keeps_the_last_snapshot_and_says_so(tmp_path):
     url = str(tmp_path / "s")
     r = subprocess.run([sys.executable, "-c", _FORGET_CLOSE, url], capture_output=True, text=True, timeout=120,

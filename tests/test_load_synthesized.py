@@ -18,6 +18,8 @@ from dist_ema import PostHocEMA, load_synthesized, synthesize
 from dist_ema.store.fs import StoreError
 from tests.dist_harness import run_workers
 
+pytestmark = pytest.mark.dist
+
 TARGET = 0.15
 
 

@@ -95,6 +95,7 @@ def worker_compiled_names(rank, ws, out, order):
         Path(out, "ok").write_text("1")
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("order", ["compile_of_ddp", "ddp_of_compiled", "compiled"])
 def test_compiled_ddp_keeps_the_users_names(tmp_path, order):

@@ -85,6 +85,7 @@ _JOB = textwrap.dedent("""
 """)
 
 
+@pytest.mark.dist
 def test_two_jobs_at_once_the_second_is_refused_before_writing(tmp_path):
     """Two training processes (different seeds) started on one empty store: the second never writes."""
     url = str(tmp_path / "s")
@@ -208,6 +209,7 @@ def test_takeover_only_when_asked_and_the_old_owner_is_fenced(tmp_path, caplog):
     assert not (tmp_path / "s" / "owner.json").exists()
 
 
+@pytest.mark.dist
 def test_a_restart_of_the_same_run_or_a_dead_local_process_is_taken_over(tmp_path, monkeypatch):
     url = str(tmp_path / "s")
     PostHocEMA(_model(1), store=url, writer="sync").close()

@@ -299,6 +299,7 @@ def _brute_force(rows, tr: float, gr: float) -> dict[str, torch.Tensor]:
     return {n: sum(float(xi) * r[2][n].double() for xi, r in zip(x, rows)) for n in names}
 
 
+@pytest.mark.dist
 def test_swapped_uses_every_snapshot_taken(stores):
     from dist_ema import open_store
 
@@ -324,6 +325,7 @@ def _assert_state_is_file(state: dict, file: dict, skip=()) -> None:
         assert state[k].dtype == v.dtype and torch.equal(state[k], v), k
 
 
+@pytest.mark.dist
 def test_load_synthesized_writes_buffers_too(stores):
     from dist_ema import load_synthesized
 
@@ -344,6 +346,7 @@ def test_load_synthesized_writes_buffers_too(stores):
     assert res.buffers == () and "bn1.running_mean" in res.kept_buffers
 
 
+@pytest.mark.dist
 def test_load_synthesized_from_a_store_without_frozen_parameters(stores):
     from dist_ema import load_synthesized
     from dist_ema.store.fs import StoreError
@@ -370,6 +373,7 @@ def test_load_synthesized_from_a_store_without_frozen_parameters(stores):
         load_synthesized(model, stores["frozen_url"], sigma_rel=TARGET)
 
 
+@pytest.mark.dist
 def test_load_synthesized_on_two_fsdp2_ranks(stores, tmp_path):
     run_workers("tests.test_planning_and_load:worker_load", 2, tmp_path,
                 kwargs={"url": stores["url"], "frozen_url": stores["frozen_url"]}, timeout=300)

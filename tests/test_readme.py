@@ -18,6 +18,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from dist_ema import PostHocEMA, open_store
@@ -99,6 +100,7 @@ def _two_ranks_worker(rank: int, world: int, out_dir: str, url: str) -> None:
         json.dump([x for x in records if "final snapshot" in x], f)
 
 
+@pytest.mark.dist
 def test_close_final_snapshot_on_two_ranks(tmp_path):
     import json
 
@@ -112,6 +114,7 @@ def test_close_final_snapshot_on_two_ranks(tmp_path):
     assert json.loads((out / "rank1.json").read_text()) == []
 
 
+@pytest.mark.dist
 def test_at_exit_without_close_takes_no_final_snapshot(tmp_path):
     """At interpreter exit (no close()) the pending snapshots are committed as before, nothing more."""
     url = str(tmp_path / "s")
@@ -275,6 +278,7 @@ TINY = textwrap.dedent("""
 """)
 
 
+@pytest.mark.dist
 def test_readme_training_loop_synthesis_and_reading(tmp_path):
     work = _workdir(tmp_path)
     store = str(work / "run1" / "snapshots")
@@ -313,6 +317,7 @@ RUN_KEYS = {
 }
 
 
+@pytest.mark.dist
 def test_readme_error_block_prints_its_output(tmp_path):
     (cmd,) = _commands(_block("dist-ema error --sigma-rels"))
     r = _shell(cmd, tmp_path)
@@ -373,6 +378,7 @@ def test_readme_config_table_is_the_field_docstrings():
         assert rows.get(name) == " ".join(doc.split()).replace("``", "`"), name
 
 
+@pytest.mark.dist
 def test_readme_dcp_block(tmp_path):
     block = _block("import torch.distributed.checkpoint as dcp")
     out = _python(TINY + textwrap.dedent("""
@@ -394,6 +400,7 @@ def test_readme_dcp_block(tmp_path):
     assert out == {"step": 3, "same": True}  # loaded back to the saved step, bit for bit
 
 
+@pytest.mark.dist
 def test_readme_sweep_block(tmp_path):
     """The sweep prints one line per sigma_rel; the model then holds the offline synthesis of the last one."""
     block = _sub(_block("dist_ema.load_synthesized(model,"), {"s3://bucket/run1/snapshots": "store"})
@@ -416,6 +423,7 @@ def test_readme_sweep_block(tmp_path):
     assert out == {"same": True}
 
 
+@pytest.mark.dist
 def test_readme_accelerate_block(tmp_path):
     block = _sub(_block("attach_ema"), {"...   # inside the loop": "pass   # inside the loop"})
     out = _python(TINY + textwrap.dedent("""
@@ -429,6 +437,7 @@ def test_readme_accelerate_block(tmp_path):
     assert out == {"ckpt": True}
 
 
+@pytest.mark.dist
 def test_readme_lightning_block(tmp_path):
     block = _sub(_block("PostHocEMACallback"), {
         'L.Trainer(strategy="ddp",': 'L.Trainer(strategy="ddp", accelerator="cpu", devices=1, max_steps=8, '
@@ -456,6 +465,7 @@ def test_readme_lightning_block(tmp_path):
     assert out == {"steps": [8]}  # 8 optimizer steps (32 batches, 4 per step): close() snapshots them
 
 
+@pytest.mark.dist
 def test_readme_deepspeed_block(tmp_path):
     work = _workdir(tmp_path)
     block = _sub(_block("deepspeed.initialize"), {"s3://my-bucket/run2/snapshots": "run2/snapshots"})
@@ -475,6 +485,7 @@ def test_readme_deepspeed_block(tmp_path):
     assert out == {"steps": [5]}  # 5 steps, snapshot_every=1000: close() keeps them
 
 
+@pytest.mark.dist
 def test_readme_config_block(tmp_path):
     work = _workdir(tmp_path)
     out = _python(TINY + "import argparse\nmodel = TinyModel()\nargs = argparse.Namespace(store='cfg/snapshots')\n"
@@ -484,6 +495,7 @@ def test_readme_config_block(tmp_path):
     assert out == {"every": 25}
 
 
+@pytest.mark.dist
 def test_readme_underlying_commands(tmp_path):
     work = _workdir(tmp_path)
     cmds = _commands(_block("# single node (the demo uses"))
@@ -522,6 +534,7 @@ def _example_check(work: Path, stdout: str, name: str, run: str, prefix: str = "
     assert len(list((work / run / "synth").glob("sigma_rel-0.0700/model.safetensors"))) == 1
 
 
+@pytest.mark.dist
 def test_readme_lightning_example(tmp_path):
     work = _workdir(tmp_path)
     (cmd,) = _commands(_block("python launch/lightning_train.py"))
@@ -537,6 +550,7 @@ def test_readme_lightning_example(tmp_path):
     assert abs(_loss(raw) - _loss(val)) > 1e-3, (raw, val)
 
 
+@pytest.mark.dist
 def test_readme_accelerate_example(tmp_path):
     work = _workdir(tmp_path)
     (cmd,) = _commands(_block("launch/accelerate_train.py"))

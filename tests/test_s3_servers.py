@@ -63,6 +63,7 @@ def _ls_verify(url: str, env: dict) -> str:
     return r.stdout
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(120)
 def test_training_run_reads_back_and_verifies(s3_backend):
     """One process, the default writer process: every snapshot reads back as the tracker held it."""
@@ -79,6 +80,7 @@ def test_training_run_reads_back_and_verifies(s3_backend):
     assert not StoreIO(url).exists(OWNER)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(180)
 def test_two_ranks_on_seaweedfs(tmp_path, seaweedfs_env):
     """FSDP2 on 2 ranks writing to SeaweedFS: what every rank's tracker held reads back exactly."""
@@ -153,6 +155,7 @@ def worker_bad_credentials(rank, ws, out, url):
 WRONG_SECRET = "wrong-secret-7Qp2-must-not-be-logged"
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(150)
 def test_wrong_secret_fails_at_startup_on_every_rank(tmp_path, seaweedfs_env):
     """SeaweedFS checks signatures: a wrong secret is a clear StoreError on every rank, at once, not retried."""
@@ -172,6 +175,7 @@ def test_wrong_secret_fails_at_startup_on_every_rank(tmp_path, seaweedfs_env):
     assert StoreIO(f"s3://{bucket}").list_dir("runs") == []
 
 
+@pytest.mark.dist
 def test_unknown_access_key_is_access_denied(seaweedfs_env, monkeypatch):
     """An access key the server does not know: the same clear error (in one process)."""
     env, bucket = seaweedfs_env

@@ -81,6 +81,7 @@ def _messages(tmp_path: Path, ws: int) -> list[str | None]:
     return [json.loads((tmp_path / f"msg{r}.json").read_text()) for r in range(ws)]
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(
     "scenario,ws,expected",

@@ -333,6 +333,7 @@ def load(out_dir: Path, ws: int) -> list[dict]:
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("ws", [2, 3])
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -354,6 +355,7 @@ def test_layout_rebuilds_master_bit_exactly(tmp_path: Path, stage: int, ws: int)
         print({c: results[0][c]["round_robin_hp_mapping_wrong"] for c in ("rr_fp32", "rr_bf16")})
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(180)
 def test_step_applied_with_grad_accumulation_and_overflow(tmp_path: Path) -> None:
     run_workers(f"{SPEC}:skipped_steps_worker", 2, tmp_path)
@@ -369,12 +371,14 @@ def test_step_applied_with_grad_accumulation_and_overflow(tmp_path: Path) -> Non
             assert r["boundary_after"] == [True, False, True, False], r
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(180)
 def test_cpu_optimizer_offload(tmp_path: Path) -> None:
     run_workers(f"{SPEC}:offload_worker", 2, tmp_path)
     assert set(load(tmp_path, 2)[0]) == {"zero1", "zero2", "zero3"}
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(180)
 def test_unsupported_engines_are_refused(tmp_path: Path) -> None:
     run_workers(f"{SPEC}:unsupported_worker", 2, tmp_path)
@@ -384,6 +388,7 @@ def test_unsupported_engines_are_refused(tmp_path: Path) -> None:
     assert "expected a deepspeed.DeepSpeedEngine" in msgs["not_engine"]
 
 
+@pytest.mark.dist
 def test_is_deepspeed_engine_does_not_import_deepspeed() -> None:
     code = (
         "import sys, torch; from dist_ema.sharding.deepspeed import is_deepspeed_engine; "

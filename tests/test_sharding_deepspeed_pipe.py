@@ -34,6 +34,8 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install
 from tests.dist_harness import run_workers  # noqa: E402
 from tests.test_topologies import brute_ema, reconstruct  # noqa: E402
 
+pytestmark = pytest.mark.dist
+
 SPEC = "tests.test_sharding_deepspeed_pipe"
 SIGMAS = (0.05, 0.10)
 TARGETS = (0.10, 0.15)  # synthesized: one tracked, one not

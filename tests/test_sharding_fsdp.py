@@ -32,6 +32,8 @@ from tests.test_sharding_replicated import (
     write_result,
 )
 
+pytestmark = pytest.mark.dist
+
 ALL_PARAMS = sorted(TRAINABLE + FROZEN)
 
 # ----------------------------------------------------------------------------- FSDP2

@@ -174,6 +174,7 @@ def worker_replicated(rank: int, ws: int, out_dir: str, ddp: bool) -> None:
 # ----------------------------------------------------------------------------- tests
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("ws", [2, 3])
 @pytest.mark.parametrize("ddp", [True, False], ids=["ddp", "plain"])
@@ -248,6 +249,7 @@ def test_detect_rejects_non_modules_and_bare_deepspeed_modules() -> None:
         make_layout(model)
 
 
+@pytest.mark.dist
 def test_detect_does_not_import_deepspeed() -> None:
     import subprocess
     import sys

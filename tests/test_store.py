@@ -100,6 +100,7 @@ def expected_objects(store, snap) -> int:
     return n
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "engine,ws",
@@ -119,6 +120,7 @@ def test_local_store_matches_gathered_ema(engine, ws, tmp_path):
     assert len(arrays) <= ws * len(SIGMAS)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("engine,ws", [("zero1", 2), ("zero2", 3), ("zero3", 3)])
 def test_local_store_deepspeed(engine, ws, tmp_path):
@@ -128,6 +130,7 @@ def test_local_store_deepspeed(engine, ws, tmp_path):
     check_store(url, tmp_path / "w", world_size=ws)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("engine,ws", [("fsdp2", 2), ("zero3", 2)])
 def test_s3_store(engine, ws, tmp_path, s3_env):
@@ -143,6 +146,7 @@ def test_s3_store(engine, ws, tmp_path, s3_env):
         assert count_objects(store.io, s.id) == expected_objects(store, s)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_storage(dtype, tmp_path):
@@ -152,6 +156,7 @@ def test_half_storage(dtype, tmp_path):
     check_store(url, tmp_path / "w", dtype=dtype)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(400)
 def test_resume_same_and_other_world_size(tmp_path):
     url = str(tmp_path / "store")
@@ -177,6 +182,7 @@ def test_resume_same_and_other_world_size(tmp_path):
     check_store(url, tmp_path / "c")
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(400)
 def test_torn_snapshot_is_invisible_and_cleaned_up(tmp_path):
     url = str(tmp_path / "store")
@@ -199,6 +205,7 @@ def test_torn_snapshot_is_invisible_and_cleaned_up(tmp_path):
     assert [s.step for s in store.snapshots()] == [2, 4, 6]
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_retention_thins_evenly(tmp_path):
     url = str(tmp_path / "store")

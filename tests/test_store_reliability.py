@@ -247,6 +247,7 @@ def _wait_for(proc: subprocess.Popen, path: Path) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.dist
 def test_takeover_keeps_a_live_owners_attempts_and_cleans_a_dead_jobs(tmp_path, caplog):
     url, out = str(tmp_path / "store"), tmp_path / "jobs"
     out.mkdir()

@@ -20,6 +20,8 @@ import torch
 from dist_ema import PostHocEMA, open_store
 from tests.dist_harness import run_workers
 
+pytestmark = pytest.mark.dist
+
 TIMEOUT = 5.0
 
 

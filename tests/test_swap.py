@@ -148,6 +148,7 @@ def worker_swap_uses_ema_inside_and_raw_after(rank: int, ws: int, out: str, engi
             assert torch.equal(now[k], v), f"{engine} round {rnd}: {k} differs from the run without swaps"
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("engine", ENGINES + KEEP_UNSHARDED)
 def test_swap_uses_ema_inside_and_training_weights_after(engine, tmp_path):
@@ -183,6 +184,7 @@ def worker_swap_after_assign_load(rank: int, ws: int, out: str, engine: str, ref
         assert all(torch.equal(v, raw[k]) for k, v in setup.full_params().items())
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("refresh", [False, True])
 @pytest.mark.parametrize("engine", ["replicated", "ddp"])
@@ -206,6 +208,7 @@ def worker_swap_before_first_forward(rank: int, ws: int, out: str) -> None:
         setup.step()
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_swap_before_the_first_forward(tmp_path):
     run_workers("tests.test_swap:worker_swap_before_first_forward", 2, tmp_path)

@@ -78,6 +78,7 @@ def torchrun_synthesize(store_url, out, k, extra=(), env=None):
     return r
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("engine,ws", [("fsdp2", 2), ("zero2", 3)])
 def test_end_to_end_local(engine, ws, tmp_path):
@@ -121,6 +122,7 @@ def test_end_to_end_local(engine, ws, tmp_path):
     assert torch.equal(zs.read(None, CHECK, names[0]), got[names[0]])
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 def test_world_size_independent_bitwise(tmp_path):
     url = str(tmp_path / "store")
@@ -143,6 +145,7 @@ def test_world_size_independent_bitwise(tmp_path):
     assert snap[1].meta["coefficients"] == snap[3].meta["coefficients"]
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 def test_s3_end_to_end(tmp_path, s3_env):
     env, bucket = s3_env
@@ -267,6 +270,7 @@ def test_mixed_models_in_one_store(small_store, tmp_path):
         synthesize(str(mixed), sigma_rels=[0.1], out=str(tmp_path / "o"), progress=False)
 
 
+@pytest.mark.dist
 def test_cli_ls_inspect_synthesize(small_store, tmp_path):
     def run(*argv):
         return subprocess.run([sys.executable, "-m", "dist_ema", *argv], capture_output=True, text=True, timeout=120,
@@ -416,6 +420,7 @@ def worker_synthesize_vanish(rank, ws, out, url, victim):
     Path(out, f"res{rank}.json").write_text(json.dumps({"snapshots": res.snapshots, "targets": res.targets}))
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_snapshot_removed_on_one_rank_replans_on_every_rank(long_store, tmp_path):
     victim = "step-000000000010"

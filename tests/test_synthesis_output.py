@@ -184,6 +184,7 @@ def _killed_job(url: str, out: str, fmt: str = "safetensors") -> subprocess.Comp
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("fmt", ["zarr", "safetensors"])
 def test_leftover_of_a_killed_job_is_replaced(run_dir, tmp_path, fmt, caplog):
     url, out = str(run_dir / "snapshots"), tmp_path / "o"
@@ -201,6 +202,7 @@ def test_leftover_of_a_killed_job_is_replaced(run_dir, tmp_path, fmt, caplog):
         assert torch.equal(zs.read(None, 0.07, n), rs.read(None, 0.07, n)), n
 
 
+@pytest.mark.dist
 def test_leftover_with_user_files_next_to_it_is_refused(run_dir, tmp_path):
     url, out = str(run_dir / "snapshots"), tmp_path / "o"
     assert _killed_job(url, str(out)).returncode == 9

@@ -300,6 +300,7 @@ DEEPSPEED = {
 }
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("group", sorted(GROUPS))
 def test_topologies(group: str, seeded, tmp_path: Path) -> None:
@@ -310,6 +311,7 @@ def test_topologies(group: str, seeded, tmp_path: Path) -> None:
         check_case(case, ws, seeded[1], tmp_path)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("group", sorted(ND_GROUPS))
 def test_topologies_nd(group: str, seeded, tmp_path: Path) -> None:
@@ -320,6 +322,7 @@ def test_topologies_nd(group: str, seeded, tmp_path: Path) -> None:
         check_case(case, ws, seeded[1], tmp_path)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("group", sorted(DEEPSPEED))
 def test_topologies_deepspeed(group: str, seeded, tmp_path: Path) -> None:
@@ -402,6 +405,7 @@ def _torchrun_main() -> None:
     os._exit(code)  # gloo threads can abort at interpreter exit after all work finished
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 def test_two_nodes_hsdp(seeded, tmp_path: Path) -> None:
     """Two torchrun "nodes" on 127.0.0.1, 2 ranks each; HSDP replicates across them, shards within."""
@@ -475,6 +479,7 @@ def worker_synthesize(rank: int, ws: int, out_dir: str, url: str, out: str) -> N
     synthesize(url, sigma_rels=list(TARGETS), out=out, progress=False)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 def test_resume_across_nd_layouts(tmp_path: Path) -> None:
     from safetensors.torch import load_file

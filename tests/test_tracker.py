@@ -67,6 +67,7 @@ def worker_ema_matches_reference(rank, ws, out, engine, update_every, steps, bat
             assert torch.equal(before[k], after[k]), k
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("ws", [2, 3])
 @pytest.mark.parametrize("engine", ["replicated", "ddp", "fsdp2", "fsdp2_bf16", "fsdp1", "fsdp1_flat"])
@@ -75,6 +76,7 @@ def test_torch_engines(engine, ws, tmp_path):
                 kwargs=dict(engine=engine, update_every=1, steps=12))
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("engine,ws", [("fsdp2", 3), ("replicated", 2)])
 def test_update_every_and_samples(engine, ws, tmp_path):
@@ -82,6 +84,7 @@ def test_update_every_and_samples(engine, ws, tmp_path):
                 kwargs=dict(engine=engine, update_every=3, steps=14, batch_size=16))
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("ws", [2, 3])
 @pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3"])
@@ -299,6 +302,7 @@ print("ok")
 """
 
 
+@pytest.mark.dist
 def test_optimizer_hook_is_removed_with_the_last_ema():
     """The process-wide optimizer step hook: installed by the first PostHocEMA, removed after the last close."""
     import subprocess

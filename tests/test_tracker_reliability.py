@@ -193,6 +193,7 @@ def worker_model_changes(rank, ws, out):
     _no_relist_in_training("fsdp2", rank)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_model_changes_ddp_fsdp2(tmp_path):
     run_workers("tests.test_tracker_reliability:worker_model_changes", 2, tmp_path)
@@ -252,6 +253,7 @@ def worker_settings(rank, ws, out):
         ema.update()
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(200)
 def test_settings_compared_across_ranks(tmp_path):
     run_workers("tests.test_tracker_reliability:worker_settings", 2, tmp_path)

@@ -317,6 +317,7 @@ def _fail(msg: str):
 # ----------------------------------------------------------------------------- the tests
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("engine", ["replicated", "ddp", "fsdp2", "fsdp1", "zero1", "zero2", "zero3"])
 def test_zoo(tmp_path, engine):
