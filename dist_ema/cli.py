@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from dist_ema import phema
+from dist_ema.errors import ConfigError, DistEMAError
 
 __all__ = ["build_parser", "main"]
 
@@ -34,13 +35,13 @@ def schedule_profiles(tracked: Sequence[float], snapshot_every: float, steps: fl
     Snapshots at snapshot_every, 2*snapshot_every, ..., and always one at ``steps``.
     """
     if snapshot_every <= 0 or steps <= 0:
-        raise ValueError(f"--snapshot-every and --steps must be > 0; got {snapshot_every} and {steps}")
+        raise ConfigError(f"--snapshot-every and --steps must be > 0; got {snapshot_every} and {steps}")
     if snapshot_every > steps:
-        raise ValueError(f"--snapshot-every ({snapshot_every:g}) is larger than --steps ({steps:g})")
+        raise ConfigError(f"--snapshot-every ({snapshot_every:g}) is larger than --steps ({steps:g})")
     if steps / snapshot_every > MAX_SCHEDULE:
-        raise ValueError(f"the schedule has {steps / snapshot_every:,.0f} snapshots; dist-ema error evaluates up to "
-                         f"{MAX_SCHEDULE:,}: raise --snapshot-every (synthesis uses at most "
-                         f"{phema.MAX_ROWS // 2} snapshots of 2 profiles per target anyway)")
+        raise ConfigError(f"the schedule has {steps / snapshot_every:,.0f} snapshots; dist-ema error evaluates up to "
+                          f"{MAX_SCHEDULE:,}: raise --snapshot-every (synthesis uses at most "
+                          f"{phema.MAX_ROWS // 2} snapshots of 2 profiles per target anyway)")
     times = np.arange(1, int(steps // snapshot_every) + 1, dtype=np.float64) * snapshot_every
     if times[-1] < steps:
         times = np.append(times, float(steps))
@@ -132,11 +133,11 @@ def _storage_options(args: argparse.Namespace) -> dict | None:
     try:
         opts = json.loads(args.storage_options)
     except ValueError as e:
-        raise ValueError(
+        raise ConfigError(
             f"--storage-options must be a JSON object, e.g. '{{\"endpoint_url\": \"http://...\"}}': {e}"
         ) from None
     if not isinstance(opts, dict):
-        raise ValueError("--storage-options must be a JSON object")
+        raise ConfigError("--storage-options must be a JSON object")
     return opts
 
 
@@ -147,7 +148,7 @@ def _store_url(args: argparse.Namespace) -> tuple[str, dict | None]:
     cfg = load_config(args.config) if getattr(args, "config", None) else None
     url = args.store or (cfg.store if cfg is not None else None)
     if not url:
-        raise ValueError("no store: give the store URL, or --config FILE.toml with a [dist_ema] store")
+        raise ConfigError("no store: give the store URL, or --config FILE.toml with a [dist_ema] store")
     opts = _storage_options(args)
     if opts is None and cfg is not None:
         opts = cfg.storage_options
@@ -171,8 +172,8 @@ def _open_store(args: argparse.Namespace):
         if path.endswith(".safetensors") and os.path.isfile(os.path.join(synth, "zarr", STORE_MARKER)):
             store = os.path.join(synth, "zarr")
             hint = f"; it was written by a synthesis whose store is {store}: dist-ema {args.command} {store}"
-        raise ValueError(f"{url} is a file, not a dist-ema store (a folder holding {STORE_MARKER}); give the "
-                         f"store's folder{hint}")
+        raise ConfigError(f"{url} is a file, not a dist-ema store (a folder holding {STORE_MARKER}); give the "
+                          f"store's folder{hint}")
     try:
         return open_store(url, opts)
     except StoreUnreachableError:
@@ -379,12 +380,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from dist_ema.store.fs import UNREACHABLE, StoreError, classify, unreachable_message
+    from dist_ema.store.fs import UNREACHABLE, classify, unreachable_message
 
     prefix = _error_prefix(args.command)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, StoreError, FileExistsError, KeyError) as e:
+    except (DistEMAError, ValueError, FileExistsError, KeyError) as e:
         print(f"{prefix} {e}", file=sys.stderr)
         return 2
     except Exception as e:

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from dist_ema import phema
-from dist_ema.errors import DistEMAError
+from dist_ema.errors import ConfigError
 from dist_ema.store.format import DEFAULT_INNER_BYTES
 
 __all__ = [
@@ -110,11 +110,6 @@ _WHEN_BEHIND: tuple[str, ...] = get_args(WhenBehind)
 _ON_ERROR: tuple[str, ...] = get_args(OnError)
 # old key -> new key: still accepted (keyword, config key), with a DeprecationWarning naming the new one
 RENAMED = {"max_object_bytes": "inner_chunk_bytes"}
-
-
-class ConfigError(DistEMAError, ValueError):
-    """A setting (keyword argument, config file entry or flag) that cannot be used; the message names
-    the field and the fix."""
 
 
 # ---------------------------------------------------------------------------------- field checks

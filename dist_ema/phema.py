@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from dist_ema.errors import ConfigError, TargetError
+
 __all__ = [
     "MAX_ROWS",
     "SIGMA_REL_MAX",
@@ -55,9 +57,9 @@ def _as_f64(x: ArrayLike, name: str) -> np.ndarray:
     try:
         a = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be numeric; got {x!r}") from e
+        raise ConfigError(f"{name} must be numeric; got {x!r}") from e
     if not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} must be finite; got {x!r}")
+        raise ConfigError(f"{name} must be finite; got {x!r}")
     return a
 
 
@@ -66,13 +68,13 @@ def _unwrap(a: np.ndarray, like: ArrayLike) -> float | np.ndarray:
 
 
 def validate_sigma_rel(sigma_rel: ArrayLike, name: str = "sigma_rel") -> np.ndarray:
-    """Return sigma_rel as float64, or raise ValueError unless 0 < sigma_rel < 1/sqrt(12)."""
+    """Return sigma_rel as float64, or raise ConfigError (a ValueError) unless 0 < sigma_rel < 1/sqrt(12)."""
     s = _as_f64(sigma_rel, name)
     bad = (s <= 0) | (s >= SIGMA_REL_MAX)
     if np.any(bad):
         why = ("sigma_rel is the EMA's width relative to the training time, so it must be > 0"
                if np.any(s <= 0) else "sigma_rel >= 1/sqrt(12) has no power-function profile (gamma < 0)")
-        raise ValueError(
+        raise ConfigError(
             f"{name} must be in (0, {SIGMA_REL_MAX:.4f}); got {np.asarray(sigma_rel)[bad].tolist()}. "
             f"{why}; typical values are 0.05-0.20."
         )
@@ -80,10 +82,10 @@ def validate_sigma_rel(sigma_rel: ArrayLike, name: str = "sigma_rel") -> np.ndar
 
 
 def validate_gamma(gamma: ArrayLike, name: str = "gamma") -> np.ndarray:
-    """Return gamma as float64, or raise ValueError unless gamma >= 0."""
+    """Return gamma as float64, or raise ConfigError (a ValueError) unless gamma >= 0."""
     g = _as_f64(gamma, name)
     if np.any(g < 0):
-        raise ValueError(
+        raise ConfigError(
             f"{name} must be >= 0; got {np.asarray(gamma)[g < 0].tolist()}. "
             f"gamma = 0 is the uniform average; typical values are 5-30."
         )
@@ -146,25 +148,25 @@ def resolve_profiles(
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(sigma_rels, gammas) of a list of profiles given by exactly one of the two, validated.
 
-    Raises ValueError naming the problem: both or neither given, an empty list, a value out
-    of range, or the same profile twice. ``what`` names the profiles in messages.
+    Raises ConfigError (a ValueError) naming the problem: both or neither given, an empty list,
+    a value out of range, or the same profile twice. ``what`` names the profiles in messages.
     """
     if (sigma_rels is None) == (gammas is None):
-        raise ValueError(f"give either sigma_rels or gammas for the {what}, not both and not neither")
+        raise ConfigError(f"give either sigma_rels or gammas for the {what}, not both and not neither")
     if sigma_rels is not None:
         s = tuple(float(x) for x in np.atleast_1d(sigma_rels))
         if not s:
-            raise ValueError(f"sigma_rels is empty: give at least one of the {what}, e.g. sigma_rels=(0.05, 0.10)")
+            raise ConfigError(f"sigma_rels is empty: give at least one of the {what}, e.g. sigma_rels=(0.05, 0.10)")
         validate_sigma_rel(s, "sigma_rels")
         g = tuple(float(x) for x in np.atleast_1d(sigma_rel_to_gamma(s)))
     else:
         g = tuple(float(x) for x in np.atleast_1d(gammas))
         if not g:
-            raise ValueError(f"gammas is empty: give at least one of the {what}, e.g. gammas=(16.97, 6.94)")
+            raise ConfigError(f"gammas is empty: give at least one of the {what}, e.g. gammas=(16.97, 6.94)")
         validate_gamma(g, "gammas")
         s = tuple(float(x) for x in np.atleast_1d(gamma_to_sigma_rel(g)))
     if any(find_gamma(g[:i], x) is not None for i, x in enumerate(g)):
-        raise ValueError(f"duplicate {what}: sigma_rels={list(s)}; list each profile once")
+        raise ConfigError(f"duplicate {what}: sigma_rels={list(s)}; list each profile once")
     return s, g
 
 
@@ -180,7 +182,7 @@ def power_beta(gamma: ArrayLike, t: ArrayLike, t_delta: ArrayLike) -> float | np
     t_ = _as_f64(t, "t")
     td = _as_f64(t_delta, "t_delta")
     if np.any(t_ <= 0) or np.any(td <= 0) or np.any(td > t_):
-        raise ValueError(f"need 0 < t_delta <= t; got t={t!r}, t_delta={t_delta!r}")
+        raise ConfigError(f"need 0 < t_delta <= t; got t={t!r}, t_delta={t_delta!r}")
     out = (1.0 - td / t_) ** (g + 1.0)
     return float(out) if out.ndim == 0 else out
 
@@ -195,7 +197,7 @@ def step_weights(gamma: float, t: ArrayLike) -> np.ndarray:
     g = float(validate_gamma(gamma))
     tt = _as_f64(t, "t")
     if tt.ndim != 1 or tt.size == 0 or tt[0] <= 0 or np.any(np.diff(tt) <= 0):
-        raise ValueError("t must be a non-empty, strictly increasing sequence of positive times")
+        raise ConfigError("t must be a non-empty, strictly increasing sequence of positive times")
     r = tt / tt[-1]
     c = r ** (g + 1.0)
     return np.diff(np.concatenate([[0.0], c]))
@@ -265,7 +267,7 @@ def choose_snapshots(times: ArrayLike, limit: int) -> np.ndarray:
     if n <= limit:
         return np.arange(n)
     if limit < 8:
-        raise ValueError(f"limit must be >= 8 snapshot times; got {limit}")
+        raise ConfigError(f"limit must be >= 8 snapshot times; got {limit}")
     even, logt = limit // 2, limit // 4
     near = limit - even - logt
     idx_even = np.searchsorted(ts, np.linspace(ts[0], ts[-1], even))
@@ -318,29 +320,31 @@ def solve_coefficients(
         max_rows: rows one target time's solve uses at most (>= 8 x the profiles per snapshot).
 
     Raises:
-        ValueError: non-finite or non-positive times, negative gamma, a target with no
-            snapshot at or before its time, or duplicate (t, gamma) snapshots (singular A).
+        ConfigError: non-finite or non-positive times, negative gamma, or duplicate (t, gamma)
+            snapshots (singular A).
+        TargetError: no snapshots, a target with no snapshot at or before its time, or one
+            that cannot be reconstructed. Both are ValueErrors.
     """
     ts = np.atleast_1d(_as_f64(t, "t"))
     gs = np.atleast_1d(validate_gamma(gamma, "gamma"))
     if ts.shape != gs.shape or ts.ndim != 1:
-        raise ValueError(f"t and gamma must be 1-d of the same length; got {ts.shape} and {gs.shape}")
+        raise ConfigError(f"t and gamma must be 1-d of the same length; got {ts.shape} and {gs.shape}")
     if ts.size == 0:
-        raise ValueError("no snapshots: need at least one (t, gamma) snapshot to synthesize from")
+        raise TargetError("no snapshots: need at least one (t, gamma) snapshot to synthesize from")
     if np.any(ts <= 0):
-        raise ValueError(f"snapshot times must be > 0; got {ts[ts <= 0].tolist()}")
+        raise ConfigError(f"snapshot times must be > 0; got {ts[ts <= 0].tolist()}")
     tr, gr = np.broadcast_arrays(
         np.atleast_1d(_as_f64(target_t, "target_t")), np.atleast_1d(validate_gamma(target_gamma, "target_gamma"))
     )
     if tr.ndim != 1:
-        raise ValueError("target_t and target_gamma must be scalars or 1-d")
+        raise ConfigError("target_t and target_gamma must be scalars or 1-d")
     if np.any(tr <= 0):
-        raise ValueError(f"target time must be > 0; got {tr[tr <= 0].tolist()}")
+        raise ConfigError(f"target time must be > 0; got {tr[tr <= 0].tolist()}")
     keys = np.stack([ts, gs], axis=1)
     uniq, counts = np.unique(keys, axis=0, return_counts=True)
     if np.any(counts > 1):
         dup = uniq[counts > 1][0]
-        raise ValueError(
+        raise ConfigError(
             f"snapshot profile (t={dup[0]:g}, gamma={dup[1]:g}) is listed {counts.max()} times; "
             f"duplicate profiles make the system singular: pass each snapshot once"
         )
@@ -356,7 +360,7 @@ def solve_coefficients(
         cols = np.flatnonzero(tr == t_j)
         sel = np.flatnonzero(ts <= t_j)
         if sel.size == 0:
-            raise ValueError(
+            raise TargetError(
                 f"target time {t_j:g} is before the first snapshot (t={ts.min():g}): "
                 f"no snapshot at or before it; choose t >= {ts.min():g}"
             )
@@ -378,7 +382,7 @@ def solve_coefficients(
             x = Xs[:, c]
             total = x.sum()
             if not np.isfinite(total) or total == 0:
-                raise ValueError(f"target {j} (t={tr[j]:g}, gamma={gr[j]:g}) cannot be reconstructed (singular)")
+                raise TargetError(f"target {j} (t={tr[j]:g}, gamma={gr[j]:g}) cannot be reconstructed (singular)")
             x = x / total
             b = B[:, c]
             rr = float(p_dot_p(tr[j], gr[j], tr[j], gr[j]))
@@ -400,8 +404,8 @@ def _subset(ts: np.ndarray, sel: np.ndarray, max_rows: int) -> tuple[np.ndarray,
     times, counts = np.unique(ts[sel], return_counts=True)  # sorted
     limit = max_rows // int(counts.max())
     if limit < 8:
-        raise ValueError(f"max_rows={max_rows} is too small for snapshots of {counts.max()} profiles; "
-                         f"give at least {8 * int(counts.max())}")
+        raise ConfigError(f"max_rows={max_rows} is too small for snapshots of {counts.max()} profiles; "
+                          f"give at least {8 * int(counts.max())}")
     keep = times[choose_snapshots(times, limit)]
     return sel[np.isin(ts[sel], keep)], True
 

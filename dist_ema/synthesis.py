@@ -51,6 +51,7 @@ import torch.distributed as dist
 
 from dist_ema import phema
 from dist_ema.collective import all_gather_object, broadcast_object, is_distributed, raise_if_any, run_and_check
+from dist_ema.errors import ConfigError, LayoutError, OutputExistsError, TargetError
 from dist_ema.store.format import (
     BOX_VERSION,
     FORMAT_VERSION,
@@ -136,7 +137,7 @@ def plan_coefficients(
     keep = t_src[src] <= target_t
     if not keep.any():
         first = t_src.min() if t_src.size else float("nan")
-        raise ValueError(f"target time {target_t:g} is before the first snapshot (t={first:g}); choose a later t")
+        raise TargetError(f"target time {target_t:g} is before the first snapshot (t={first:g}); choose a later t")
     src, prof = src[keep], prof[keep]
     t = t_src[src]
     g = np.fromiter((x for _, gs in sources for x in gs), dtype=np.float64, count=keep.size)[keep]
@@ -172,21 +173,21 @@ def _targets(sigma_rels, gammas) -> tuple[list[float], list[float]]:
 
 def _choose_time(snaps: list[Snapshot], t: float | None, step: int | None) -> float:
     if t is not None and step is not None:
-        raise ValueError("give t= or step=, not both")
+        raise ConfigError("give t= or step=, not both")
     if step is not None:
         for s in snaps:
             if s.step == step:
                 return s.t
-        raise ValueError(f"no committed snapshot at step {step}; steps: {[s.step for s in snaps][-10:]}")
+        raise TargetError(f"no committed snapshot at step {step}; steps: {[s.step for s in snaps][-10:]}")
     if t is None:
         return snaps[-1].t
     t = float(t)
     if not math.isfinite(t) or t < snaps[0].t:
-        raise ValueError(f"target time t={t:g} is before the first snapshot (t={snaps[0].t:g}); "
-                         f"choose t in [{snaps[0].t:g}, {snaps[-1].t:g}]")
+        raise TargetError(f"target time t={t:g} is before the first snapshot (t={snaps[0].t:g}); "
+                          f"choose t in [{snaps[0].t:g}, {snaps[-1].t:g}]")
     if t > snaps[-1].t:
-        raise ValueError(f"target time t={t:g} is after the last snapshot (t={snaps[-1].t:g}): the EMA there is "
-                         f"unknown; choose t <= {snaps[-1].t:g} (or wait for later snapshots)")
+        raise TargetError(f"target time t={t:g} is after the last snapshot (t={snaps[-1].t:g}): the EMA there is "
+                          f"unknown; choose t <= {snaps[-1].t:g} (or wait for later snapshots)")
     return t
 
 
@@ -238,7 +239,7 @@ def _plan(store: SnapshotStore, s_targets: list[float], g_targets: list[float], 
     """Rank 0: the plan. The snapshots are listed here once; the other ranks never list the store
     themselves (a listing taken later could disagree while training thins it)."""
     if out_dtype not in STORAGE_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}; got {out_dtype!r}")
+        raise ConfigError(f"dtype must be one of {sorted(STORAGE_DTYPES)}; got {out_dtype!r}")
     snaps = store.snapshots()
     if not snaps:
         raise StoreError(f"no committed snapshot in {store.url}: nothing to synthesize from")
@@ -367,11 +368,11 @@ def synthesize(
         >>> res.targets[0]["error"], res.files
     """
     if format not in ("zarr", "safetensors"):
-        raise ValueError(f"format must be 'zarr' or 'safetensors'; got {format!r}")
+        raise ConfigError(f"format must be 'zarr' or 'safetensors'; got {format!r}")
     if not isinstance(out, str) or not out:
-        raise ValueError("out= is required: a new or empty folder (safetensors) or store URL (zarr) for the result")
+        raise ConfigError("out= is required: a new or empty folder (safetensors) or store URL (zarr) for the result")
     if (unit_bytes is not None and unit_bytes < 4) or prefetch < 1:
-        raise ValueError(f"unit_bytes must be >= 4 and prefetch >= 1; got {unit_bytes}, {prefetch}")
+        raise ConfigError(f"unit_bytes must be >= 4 and prefetch >= 1; got {unit_bytes}, {prefetch}")
     s_targets, g_targets = _targets(sigma_rels, gammas)
     if format == "safetensors":
         _check_folder_names(s_targets)
@@ -379,7 +380,7 @@ def synthesize(
     if out_storage_options is None and storage_options and out.split("://")[0] == url.split("://")[0] and "://" in out:
         out_storage_options = storage_options  # same backend: same credentials by default
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
+        raise ConfigError(f"timeout must be a positive number of seconds; got {timeout!r}")
     joined = _init_dist(timeout)
     try:
         return _synthesize(url, s_targets, g_targets, t, step, out, format, dtype, storage_options,
@@ -418,8 +419,9 @@ def _share_plan(store: SnapshotStore | None, store_url: str, storage_options: di
                 check: Callable[[SynthesisPlan], None] | None) -> tuple[SynthesisPlan, SnapshotStore | None]:
     """Rank 0 plans from a fresh listing (and runs ``check`` on the plan); every rank gets the plan or the error.
 
-    A planning error is raised on every rank as the same type (ValueError for bad arguments,
-    FileExistsError for an output that may not be written, StoreError otherwise).
+    A planning error is raised on every rank as the same type (ConfigError or TargetError for bad
+    arguments, OutputExistsError for an output that may not be written, the same builtin for a
+    ValueError, FileExistsError or KeyError of another kind, StoreError otherwise).
     """
     plan, err = None, None
     if rank == 0:
@@ -430,15 +432,25 @@ def _share_plan(store: SnapshotStore | None, store_url: str, storage_options: di
                 check(plan)
         except Exception as e:  # noqa: BLE001 - raised on every rank below
             err = e
-    kinds = {"ValueError": ValueError, "FileExistsError": FileExistsError, "KeyError": KeyError}
-    msg = broadcast_object(None if err is None else (type(err).__name__, str(err)))
+    msg = broadcast_object(None if err is None else (_kind_of(err), str(err)))
     if msg is not None:
         if err is not None:
             raise err
-        name, text = msg
-        cls = kinds.get(name, StoreError)
-        raise cls(f"{text} (on rank 0, where the synthesis is planned)")
+        kind, text = msg
+        raise kind(f"{text} (on rank 0, where the synthesis is planned)")
     return broadcast_object(plan), store  # type: ignore[return-value]
+
+
+_PLAN_KINDS = (ConfigError, TargetError, LayoutError, OutputExistsError, StoreError, ValueError, FileExistsError,
+               KeyError)
+
+
+def _kind_of(err: BaseException) -> type[Exception]:
+    """The type another rank raises for rank 0's planning error: the first of ``_PLAN_KINDS`` it is, else StoreError.
+
+    Each kind is built from a message alone (an error with another constructor maps to its kind).
+    """
+    return next((k for k in _PLAN_KINDS if isinstance(err, k)), StoreError)
 
 
 @dataclass
@@ -785,7 +797,7 @@ def _check_folder_names(sigma_rels: Sequence[float]) -> None:
     for s in sigma_rels:
         f = target_folder(s)
         if f in seen:
-            raise ValueError(
+            raise ConfigError(
                 f"targets sigma_rel {seen[f]:g} and {s:g} would both be written to {f}/ (folder names keep 4 "
                 f"decimals); give targets that differ in the first 4 decimals, synthesize them into different "
                 f"out= folders, or use format='zarr' (one array per target)"
@@ -816,14 +828,14 @@ def _check_not_store(out: str, url: str) -> None:
     sibling = f"{parent}/synth" if "/" in url.rstrip("/") and not parent.endswith(":/") else f"{url.rstrip('/')}-synth"
     fix = f"choose a folder outside the store, e.g. out={sibling!r}"
     if o == s:
-        raise ValueError(f"out={out!r} is the snapshot store {url!r} itself; synthesis never writes into the store "
-                         f"it reads: {fix}")
+        raise ConfigError(f"out={out!r} is the snapshot store {url!r} itself; synthesis never writes into the store "
+                          f"it reads: {fix}")
     if within(o, s):
-        raise ValueError(f"out={out!r} is inside the snapshot store {url!r}; synthesis never writes into the store "
-                         f"it reads: {fix}")
+        raise ConfigError(f"out={out!r} is inside the snapshot store {url!r}; synthesis never writes into the store "
+                          f"it reads: {fix}")
     if within(s, o):
-        raise ValueError(f"out={out!r} contains the snapshot store {url!r} (and may hold more of your run); "
-                         f"synthesis never writes around the store it reads: {fix}")
+        raise ConfigError(f"out={out!r} contains the snapshot store {url!r} (and may hold more of your run); "
+                          f"synthesis never writes around the store it reads: {fix}")
 
 
 def _owned(format: str, plan: SynthesisPlan, dtype: str, max_file_bytes: int) -> list[str]:
@@ -842,29 +854,29 @@ def _read_marker(top: StoreIO, out: str) -> dict:
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 - a marker we cannot read protects nothing: refuse
-        raise FileExistsError(f"the synthesis marker {out}/{MARKER} is unreadable ({type(e).__name__}: {e}); "
-                              f"check {out} and remove it by hand if it is a synthesis output") from e
+        raise OutputExistsError(f"the synthesis marker {out}/{MARKER} is unreadable ({type(e).__name__}: {e}); "
+                                f"check {out} and remove it by hand if it is a synthesis output") from e
     if not isinstance(doc, dict) or doc.get("format") != "dist-ema-synthesis" or not isinstance(doc.get("owned"),
                                                                                                 list):
-        raise FileExistsError(f"{out}/{MARKER} is not a dist-ema synthesis marker; check {out} and remove it by "
-                              f"hand if it is a synthesis output")
+        raise OutputExistsError(f"{out}/{MARKER} is not a dist-ema synthesis marker; check {out} and remove it by "
+                                f"hand if it is a synthesis output")
     return doc
 
 
 def _check_output(top: StoreIO, out: str, overwrite: bool) -> tuple[dict | None, bool]:
     """May this job write ``out``? Returns (the previous synthesis' marker to replace or None, folder is new).
 
-    Raises FileExistsError for a file, a folder with anything a synthesis did not write, and a
-    complete synthesis without ``overwrite``.
+    Raises OutputExistsError (a FileExistsError) for a file, a folder with anything a synthesis
+    did not write, and a complete synthesis without ``overwrite``.
     """
     if top.protocol == "file" and os.path.isfile(top.root):
-        raise FileExistsError(f"out={out!r} is a file; a synthesis writes a folder: give a new or empty folder")
+        raise OutputExistsError(f"out={out!r} is a file; a synthesis writes a folder: give a new or empty folder")
     made = top.protocol == "file" and not os.path.exists(top.root)
     names = top.list_dir("")
     if not names:
         return None, made
     if MARKER not in names:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"output folder {out} is not empty and was not written by a dist-ema synthesis (no {MARKER}; it holds "
             f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); dist-ema never deletes or overwrites it, "
             f"even with overwrite=True: choose a new or empty folder for out="
@@ -874,7 +886,7 @@ def _check_output(top: StoreIO, out: str, overwrite: bool) -> tuple[dict | None,
     claimed = {k.split("/", 1)[0] for k in prev["owned"]} | {MARKER}
     foreign = [n for n in names if n not in claimed and not any(n.startswith(c + ".tmp-") for c in claimed)]
     if foreign:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"output folder {out} holds files that no dist-ema synthesis wrote ({', '.join(foreign[:5])}"
             f"{', ...' if len(foreign) > 5 else ''}) next to a synthesis output; dist-ema never removes them, even "
             f"with overwrite=True: move them away or choose another out="
@@ -882,8 +894,8 @@ def _check_output(top: StoreIO, out: str, overwrite: bool) -> tuple[dict | None,
     if prev.get("state") == "complete":
         if not overwrite:
             what = ", ".join(f"{x:g}" for x in prev.get("targets", []))
-            raise FileExistsError(f"output {out} already exists (a complete synthesis of sigma_rel {what}); choose "
-                                  f"another out= or pass overwrite=True (--overwrite) to replace it")
+            raise OutputExistsError(f"output {out} already exists (a complete synthesis of sigma_rel {what}); choose "
+                                    f"another out= or pass overwrite=True (--overwrite) to replace it")
     else:
         log.warning("dist-ema: %s holds the partial output left by a synthesis that did not finish (job %s, "
                     "started %s); replacing it", out, prev.get("job"), time.ctime(prev.get("created", 0)))
@@ -906,8 +918,8 @@ def _claim(top: StoreIO, marker: dict, prev: dict | None) -> None:
     try:
         top.put(MARKER, json.dumps(marker, indent=1).encode(), exclusive=prev is None)
     except FileExistsError:
-        raise FileExistsError(f"another synthesis started writing {top.url} at the same time; give each job its "
-                              f"own out=") from None
+        raise OutputExistsError(f"another synthesis started writing {top.url} at the same time; give each job its "
+                                f"own out=") from None
     if prev is not None:
         _remove_owned(top, prev["owned"])
 
@@ -937,7 +949,7 @@ def _check_owned_keys(top: StoreIO, out: str, owned: Sequence[object]) -> None:
     for key in owned:
         why = _outside_key(top, key)
         if why is not None:
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"the synthesis marker {out}/{MARKER} lists {key!r} among the keys it owns, but {why}; dist-ema "
                 f"only ever removes what lies inside out= and removed nothing. The marker was edited or damaged: "
                 f"check {out}, and remove its content by hand or choose another out="

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 
+from dist_ema.errors import CheckpointError
 from dist_ema.tracker import PostHocEMA
 
 log = logging.getLogger("dist_ema")
@@ -59,7 +60,7 @@ def attach_ema(accelerator, model, **ema_kwargs) -> PostHocEMA:
 
         path = os.path.join(input_dir, EMA_DIR)
         if not os.path.exists(os.path.join(path, ".metadata")):
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"{input_dir!r} holds no dist-ema state ({path} is missing): it was saved without attach_ema; "
                 "resume the EMA from its snapshot store instead (attach_ema(..., store=url, resume=True))"
             )

@@ -40,6 +40,7 @@ except ImportError:  # pragma: no cover - the extra is optional
             "dist_ema.integrations.lightning needs Lightning: pip install 'dist-ema[lightning]'"
         ) from e
 
+from dist_ema.errors import CheckpointError, ConfigError
 from dist_ema.tracker import PostHocEMA
 
 __all__ = ["EMA_SUFFIX", "PostHocEMACallback"]
@@ -151,10 +152,10 @@ class PostHocEMACallback(Callback):
         if not state_dict:
             return
         if self._load_path is None:
-            raise ValueError("PostHocEMACallback: a checkpoint state arrived without a checkpoint path")
+            raise ConfigError("PostHocEMACallback: a checkpoint state arrived without a checkpoint path")
         path = _ema_dir(self._load_path)
         if not os.path.exists(os.path.join(path, ".metadata")):
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"the EMA of checkpoint {self._load_path!r} is missing ({path}); copy it along with the "
                 "checkpoint, or resume the EMA from its snapshot store (store=url, resume=True)"
             )

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from dist_ema.errors import UsageError
 from dist_ema.sharding.base import UnsupportedEngineError
 
 __all__ = ["ModelParts", "as_model"]
@@ -28,7 +29,7 @@ class ModelParts(nn.Module):
         object.__setattr__(self, "parts", list(parts))  # not registered: names stay the stages' own
 
     def forward(self, *args, **kwargs):  # pragma: no cover - a view, never run
-        raise TypeError("ModelParts is a view of pipeline stages for dist-ema; run the stages themselves")
+        raise UsageError("ModelParts is a view of pipeline stages for dist-ema; run the stages themselves")
 
     def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True) -> Iterator:
         seen: set[int] = set() if memo is None else memo

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_ema.errors import ConfigError
 from dist_ema.sharding.base import ShardLayout, ShardPiece, UnsupportedEngineError, even_split
 from dist_ema.sharding.resync import make_replicated_resync
 
@@ -146,7 +147,7 @@ def replicated_layout(
         world = dist.get_world_size(process_group)
         rank = dist.get_rank(process_group)
         if rank < 0:
-            raise ValueError("this rank is not a member of the process group given to replicated_layout")
+            raise ConfigError("this rank is not a member of the process group given to replicated_layout")
     else:
         world, rank = 1, 0
 

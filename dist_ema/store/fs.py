@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from dist_ema.errors import DistEMAError
+from dist_ema.errors import ConfigError, DistEMAError
 
 __all__ = [
     "PERMANENT",
@@ -400,7 +400,7 @@ class StoreIO:
 
     def __init__(self, url: str, storage_options: dict | None = None, *, attempts: int = 6) -> None:
         if not isinstance(url, str) or not url:
-            raise ValueError(f"store url must be a non-empty string; got {url!r}")
+            raise ConfigError(f"store url must be a non-empty string; got {url!r}")
         self.url = url
         self.storage_options = dict(storage_options or {})
         self.attempts = attempts

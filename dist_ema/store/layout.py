@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from dist_ema.errors import LayoutError
 from dist_ema.store.format import (  # noqa: F401 - the format's names, importable from here too
     DEFAULT_INNER_BYTES,
     FORMAT_VERSION,
@@ -62,7 +63,7 @@ _FQN_RE = re.compile(r"^[A-Za-z0-9_.\-:\[\]]+$")
 def validate_fqn(fqn: str) -> str:
     """Parameter names are data, never paths: reject anything that could escape a prefix."""
     if not isinstance(fqn, str) or not fqn or not _FQN_RE.match(fqn) or "" in fqn.split("."):
-        raise ValueError(
+        raise LayoutError(
             f"parameter name {fqn!r} is not a valid name (letters, digits, '_', '.', '-', ':', '[]'); "
             f"rename the parameter"
         )
@@ -137,11 +138,11 @@ def canonical_piece(shape: Sequence[int], start: int, numel: int, box: Box | Non
     starts, sizes = tuple(int(x) for x in box[0]), tuple(int(x) for x in box[1])
     shape = tuple(int(x) for x in shape)
     if len(starts) != len(shape) or len(sizes) != len(shape):
-        raise ValueError(f"box {box} has {len(starts)} dimensions; the parameter has shape {shape}")
+        raise LayoutError(f"box {box} has {len(starts)} dimensions; the parameter has shape {shape}")
     if any(a < 0 or n < 0 or a + n > s for a, n, s in zip(starts, sizes, shape)):
-        raise ValueError(f"box starts {starts} sizes {sizes} lies outside a parameter of shape {shape}")
+        raise LayoutError(f"box starts {starts} sizes {sizes} lies outside a parameter of shape {shape}")
     if not 0 <= start <= start + numel <= math.prod(sizes):
-        raise ValueError(f"range [{start}, {start + numel}) outside a box of sizes {sizes}")
+        raise LayoutError(f"range [{start}, {start + numel}) outside a box of sizes {sizes}")
     blocks = flat_blocks(start, start + numel, sizes)
     if len(blocks) == 1:
         offs, bs, _, _ = blocks[0]
@@ -214,7 +215,7 @@ class Layout:
         table = tuple((validate_fqn(f), tuple(int(s) for s in shape), str(dt)) for f, shape, dt in params)
         idx = {f: i for i, (f, _, _) in enumerate(table)}
         if len(idx) != len(table):
-            raise ValueError("duplicate parameter names in the layout")
+            raise LayoutError("duplicate parameter names in the layout")
         ranks = []
         for r, pieces in enumerate(rank_pieces):
             off, out = 0, []
@@ -222,7 +223,7 @@ class Layout:
                 fqn, start, numel = piece[0], piece[1], piece[2]
                 box = piece[3] if len(piece) > 3 else None
                 if fqn not in idx:
-                    raise ValueError(f"rank {r} lists a piece of {fqn!r}, which is not in the parameter table")
+                    raise LayoutError(f"rank {r} lists a piece of {fqn!r}, which is not in the parameter table")
                 s, n, b = canonical_piece(table[idx[fqn]][1], start, numel, box)
                 out.append((idx[fqn], s, n, off, b))
                 off += n
@@ -253,23 +254,23 @@ class Layout:
             if boxed[p]:
                 blocks = [(s, z, r) for a, b, r, box in spans for s, z, _ in piece_blocks(shape, a, b - a, box)]
                 if any(b <= a for a, b, _, _ in spans):
-                    raise ValueError(f"layout lists an empty piece of {fqn!r}")
+                    raise LayoutError(f"layout lists an empty piece of {fqn!r}")
                 problem = cover_problem(shape, blocks)
                 if problem:
-                    raise ValueError(f"layout does not cover {fqn!r} (shape {shape}) exactly once: {problem}")
+                    raise LayoutError(f"layout does not cover {fqn!r} (shape {shape}) exactly once: {problem}")
                 continue
             spans.sort(key=lambda x: x[:3])
             pos = 0
             for a, b, r, _ in spans:
                 if a != pos or b > total or b <= a:
                     what = "overlap" if a < pos else "gap"
-                    raise ValueError(
+                    raise LayoutError(
                         f"layout does not cover {fqn!r} (shape {shape}) exactly once: {what} at element "
                         f"{min(a, pos)} (piece [{a}, {b}) of rank {r})"
                     )
                 pos = b
             if pos != total:
-                raise ValueError(f"layout does not cover {fqn!r} (shape {shape}): elements [{pos}, {total}) missing")
+                raise LayoutError(f"layout does not cover {fqn!r} (shape {shape}): elements [{pos}, {total}) missing")
 
     @property
     def world_size(self) -> int:
@@ -325,7 +326,7 @@ class Layout:
         for r, doc in enumerate(rank_docs):
             d = json.loads(doc)
             if d["rank"] != r:
-                raise ValueError(f"layout file of rank {r} says rank {d['rank']}")
+                raise LayoutError(f"layout file of rank {r} says rank {d['rank']}")
             rows = []
             for x in d["pieces"]:
                 if len(x) == 4:
@@ -334,7 +335,7 @@ class Layout:
                     rows.append((int(x[0]), int(x[1]), int(x[2]), int(x[3]),
                                  (tuple(int(v) for v in x[4]), tuple(int(v) for v in x[5]))))
                 else:
-                    raise ValueError(f"layout file of rank {r}: a piece of {len(x)} fields ({x!r:.80})")
+                    raise LayoutError(f"layout file of rank {r}: a piece of {len(x)} fields ({x!r:.80})")
             ranks.append(tuple(rows))
         lay = Layout(tuple((validate_fqn(f), tuple(s), d) for f, s, d in pd["params"]), tuple(ranks), pd["engine"])
         lay.validate()
@@ -364,7 +365,7 @@ class Layout:
         mine = self.fqn_index()
         missing = [f for f, _, _ in order.params if f not in mine]
         if missing:
-            raise ValueError(f"layouts of different models: parameters {missing[:3]} are not in this layout")
+            raise LayoutError(f"layouts of different models: parameters {missing[:3]} are not in this layout")
         return [out[mine[f]] for f, _, _ in order.params]
 
 
@@ -450,7 +451,7 @@ def plan_region(index: Sequence[tuple[int, int, int, int]], start: int, end: int
     order (``None``: of the whole parameter). The reads land at [0, end - start).
     """
     if start < 0 or end < start:
-        raise ValueError(f"bad region [{start}, {end})")
+        raise LayoutError(f"bad region [{start}, {end})")
     if box is not None or getattr(index, "boxes", None) is not None:
         return _plan_boxes(index, start, end, box)
     starts = index.starts if isinstance(index, ParamIndex) else [s for s, _, _, _ in index]
@@ -469,7 +470,7 @@ def plan_region(index: Sequence[tuple[int, int, int, int]], start: int, end: int
         pos += take
         i += 1
     if pos < end:
-        raise ValueError(f"region [{start}, {end}) is not covered by the layout (stops at {pos})")
+        raise LayoutError(f"region [{start}, {end}) is not covered by the layout (stops at {pos})")
     return reads
 
 
@@ -492,7 +493,7 @@ def _plan_boxes(index: ParamIndex, start: int, end: int, box: Box | None) -> lis
             _emit(reads, int(s_rank[j]), tuple(s_lo[j].tolist()), tuple((s_hi[j] - s_lo[j]).tolist()),
                   int(s_off[j]), d0, dz, dst, tuple(i0.tolist()), tuple((i1 - i0).tolist()))
     if covered != end - start:
-        raise ValueError(f"region [{start}, {end}) of box {box} is not covered exactly once by the layout "
+        raise LayoutError(f"region [{start}, {end}) of box {box} is not covered exactly once by the layout "
                          f"({covered} elements found)")
     return reads
 

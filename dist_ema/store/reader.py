@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from dist_ema.errors import ConfigError, DistEMAError, TargetError
 from dist_ema.store.format import (
     EMPTY,
     READABLE_VERSIONS,
@@ -159,7 +160,7 @@ class SnapshotStore:
         for s in snaps:
             if s.step == step:
                 return s
-        raise ValueError(f"no committed snapshot at step {step} in {self.url}; steps: {[s.step for s in snaps][-10:]}")
+        raise TargetError(f"no committed snapshot at step {step} in {self.url}; steps: {[s.step for s in snaps][-10:]}")
 
     def layout(self, snap: Snapshot) -> Layout:
         if snap.layout_id not in self._layouts:
@@ -187,8 +188,8 @@ class SnapshotStore:
         k = phema.find_gamma(snap.gammas, gamma) if gamma is not None else None
         if k is not None:
             return k
-        raise ValueError(f"snapshot {snap.id} has no profile sigma_rel={sigma_rel} gamma={gamma}; "
-                         f"it has sigma_rels {list(snap.sigma_rels)}")
+        raise TargetError(f"snapshot {snap.id} has no profile sigma_rel={sigma_rel} gamma={gamma}; "
+                          f"it has sigma_rels {list(snap.sigma_rels)}")
 
     # ------------------------------------------------------------------ reading
 
@@ -237,7 +238,7 @@ class SnapshotStore:
         """
         g = self.geometry(snap, rank)
         if not 0 <= lo <= hi <= g.numel:
-            raise ValueError(f"bad range [{lo}, {hi}) of rank {rank} ({g.numel} elements)")
+            raise ConfigError(f"bad range [{lo}, {hi}) of rank {rank} ({g.numel} elements)")
         if hi == lo:
             return 0
         chunks = g.chunks_of(lo, hi)
@@ -453,7 +454,7 @@ def _put(out: np.ndarray, at: int, stored: np.ndarray, dtype: str) -> None:
         out[at:at + n] = stored
 
 
-class UnknownParameterError(KeyError):
+class UnknownParameterError(DistEMAError, KeyError):
     """A parameter name that a snapshot does not hold; the message names the closest ones.
 
     A ``KeyError`` (what a dict lookup raises), printed as a sentence rather than a quoted key.

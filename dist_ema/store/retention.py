@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from dist_ema.errors import ConfigError
+
 __all__ = ["thin_evenly", "validate_keep"]
 
 
@@ -16,7 +18,7 @@ def validate_keep(keep: int | None) -> int | None:
     if keep is None:
         return None
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 2:
-        raise ValueError(
+        raise ConfigError(
             f"keep must be None (keep every snapshot) or an integer >= 2 (thin to that many, spread evenly over "
             f"the run); got {keep!r}"
         )
@@ -33,7 +35,7 @@ def thin_evenly(times: Sequence[float], keep: int) -> list[int]:
     if n <= keep:
         return []
     if any(b < a for a, b in zip(times, times[1:])):
-        raise ValueError("times must be sorted ascending")
+        raise ConfigError("times must be sorted ascending")
     last = times[-1]
     kept = {n - 1}
     for i in range(1, keep):
