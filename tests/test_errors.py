@@ -64,4 +64,4 @@ def test_collective_errors_are_the_same_on_every_rank(tmp_path):
     seen = [json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2)]
     for s in seen:
         assert s["step"] == ["StoreError", {"1": "PermissionError: rank 1 cannot write here"}]
-        assert s["plan"][0] == "ValueError" and "after the last snapshot" in s["plan"][1]
+        assert s["plan"][0] == "TargetError" and "after the last snapshot" in s["plan"][1]

@@ -137,8 +137,6 @@ def test_minimal_example_under_torchrun(tmp_path: Path) -> None:
     assert distance(got, want) < 0.1 * distance(brute_ema(trajectory, 0.10), want), distance(got, want)
 
 
-@pytest.mark.xfail(strict=True, reason="a start refused for a store that holds snapshots leaves its ownership record "
-                   "(dist_ema/snapshots.py _startup: _release_owner runs before self.job is set)")
 def test_a_refused_rerun_leaves_the_store_as_it_was(tmp_path: Path) -> None:
     """Rerunning an example into its old run directory is refused the same way every time.
 

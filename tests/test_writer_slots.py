@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from dist_ema.store.fs import StoreIO
+from dist_ema.store.jobs import DataJob
 from dist_ema.store.writer import SnapshotWriter, WriterSpec
 
 
@@ -21,8 +22,7 @@ def test_a_result_dropped_while_its_job_runs_gives_the_slot_back(tmp_path, mode)
             for k in range(2):
                 slot = w.acquire_slot()
                 assert slot is not None, f"round {round_}: no free slot and nothing in flight"
-                jobs.append(w.submit({"kind": "data", "snap": f"step-{round_}{k}",
-                                      "prefix": f"snapshots/step-{round_}{k}/j", "buffers": None}, slot))
+                jobs.append(w.submit(DataJob(f"step-{round_}{k}", f"snapshots/step-{round_}{k}/j"), slot))
             for jid in jobs:  # the snapshot failed elsewhere: this rank forgets it, its write still runs
                 w.pop_result(jid)
         # the next round's acquire_slot waited for those writes and got their slots back

@@ -10,9 +10,8 @@ Memory is bounded: ``slots`` staging buffers (default 2: one snapshot in flight
 beyond the one being staged). A job that needs a slot while all are busy waits for
 the oldest (backpressure), with a logged warning.
 
-Jobs and results (plain dicts over a pipe):
-    {"kind": "data", "id", "snap", "prefix", "slot", "buffers": bytes | None} -> {"id", "ok", "error", "bytes", ...}
-    {"kind": "commit", "id", "snap", "meta", "remove": [...], "owner": job | None} -> same
+Jobs and results are the frozen types of store/jobs.py (``DataJob``, ``CommitJob`` in an
+``Envelope`` with their id and slot; one ``JobResult`` each), pickled over the pipe.
 
 A data job writes only under ``prefix``, the job's own attempt folder of the snapshot.
 
@@ -58,6 +57,7 @@ import numpy as np
 from dist_ema.store.format import STORAGE_DTYPES, geometry, np_dtype
 from dist_ema.store.fs import StoreError, StoreIO
 from dist_ema.store.io import check_owner, commit_snapshot, remove_snapshot, write_buffers, write_rank_data
+from dist_ema.store.jobs import CommitJob, DataJob, Envelope, Job, JobResult
 
 __all__ = ["Heartbeat", "SnapshotWriter", "WriterSpec"]
 
@@ -147,31 +147,36 @@ def _watch(io: StoreIO, heartbeat: Heartbeat | None, parent: int | None = None, 
     return _Watch(io, heartbeat, parent, on_orphan) if heartbeat is not None or parent is not None else None
 
 
-def _execute(io: StoreIO, spec: WriterSpec, slot_buf: memoryview | None, job: dict) -> dict:
+def _execute(io: StoreIO, spec: WriterSpec, slot_buf: memoryview | None, env: Envelope) -> JobResult:
     t0 = time.perf_counter()
     nbytes = 0
-    if job["kind"] == "data":
+    job = env.job
+    if isinstance(job, DataJob):
         data = np.frombuffer(slot_buf, dtype=np_dtype(spec.dtype), count=spec.numel * spec.profiles)
         if spec.numel:
             g = geometry(spec.numel, spec.dtype, spec.inner_bytes, spec.compression)
-            nbytes += write_rank_data(io, job["prefix"], spec.rank, data.reshape(spec.profiles, spec.numel), g)
-        if job.get("buffers") is not None:
-            write_buffers(io, job["prefix"], job["buffers"])
-            nbytes += len(job["buffers"])
-    elif job["kind"] == "commit":
-        if job.get("owner"):
-            check_owner(io, job["owner"])  # fencing: a job that lost the store commits nothing
-        commit_snapshot(io, job["snap"], job["meta"])
-        for snap in job.get("remove") or []:
+            nbytes += write_rank_data(io, job.prefix, spec.rank, data.reshape(spec.profiles, spec.numel), g)
+        if job.buffers is not None:
+            write_buffers(io, job.prefix, job.buffers)
+            nbytes += len(job.buffers)
+    elif isinstance(job, CommitJob):
+        if job.owner:
+            check_owner(io, job.owner)  # fencing: a job that lost the store commits nothing
+        commit_snapshot(io, job.snap, job.meta)
+        for snap in job.remove:
             remove_snapshot(io, snap)
     else:
-        raise ValueError(f"unknown writer job {job['kind']!r}")
-    return {"id": job["id"], "ok": True, "error": None, "bytes": nbytes, "seconds": time.perf_counter() - t0}
+        raise TypeError(f"unknown writer job {type(job).__name__}")
+    return JobResult(env.id, True, bytes=nbytes, seconds=time.perf_counter() - t0)
 
 
-def _fail(job: dict, e: BaseException) -> dict:
-    return {"id": job["id"], "ok": False, "error": f"{type(e).__name__}: {e}", "bytes": 0, "seconds": 0.0,
-            "trace": traceback.format_exc(limit=8)}
+def _fail(env: Envelope, e: BaseException) -> JobResult:
+    return JobResult(env.id, False, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc(limit=8))
+
+
+def _slot_view(shms, env: Envelope, nbytes: int) -> memoryview | None:
+    """The staging slot a data job reads (None for other jobs)."""
+    return shms[env.slot].buf[:nbytes] if isinstance(env.job, DataJob) else None
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:
@@ -215,7 +220,7 @@ def _process_main(conn, io: StoreIO, spec: WriterSpec, shm_names: Sequence[str],
                 return
             buf = None
             try:
-                buf = shms[job["slot"]].buf[: spec.slot_bytes] if job["kind"] == "data" else None
+                buf = _slot_view(shms, job, spec.slot_bytes)
                 res = _execute(io, spec, buf, job)
             except BaseException as e:  # noqa: BLE001 - every failure goes back to the trainer
                 res = _fail(job, e)
@@ -308,7 +313,7 @@ class SnapshotWriter:
                 return
             buf = None
             try:
-                buf = self._shms[job["slot"]].buf[: self.spec.slot_bytes] if job["kind"] == "data" else None
+                buf = _slot_view(self._shms, job, self.spec.slot_bytes)
                 self._out.put(_execute(self.io, self.spec, buf, job))
             except BaseException as e:  # noqa: BLE001
                 self._out.put(_fail(job, e))
@@ -346,16 +351,19 @@ class SnapshotWriter:
 
     # ------------------------------------------------------------------ jobs
 
-    def submit(self, job: dict, slot: int | None = None) -> int:
+    def submit(self, job: Job, slot: int | None = None) -> int:
+        """Queue ``job`` (a data job reads staging slot ``slot``); returns its id."""
         if self._closed:
             raise StoreError("snapshot writer is closed")
+        if isinstance(job, DataJob) and slot is None:
+            raise ValueError("a data job needs the staging slot it reads")
         jid = self._next
         self._next += 1
-        job = dict(job, id=jid, slot=slot)
+        job = Envelope(jid, job, slot)
         self._job_slot[jid] = slot
         if self.mode == "sync":
             try:
-                buf = self.stage_view(slot) if job["kind"] == "data" else None
+                buf = self.stage_view(slot) if isinstance(job.job, DataJob) else None
                 self._finish(_execute(self.io, self.spec, buf, job))
             except BaseException as e:  # noqa: BLE001
                 self._finish(_fail(job, e))
@@ -366,8 +374,8 @@ class SnapshotWriter:
             self._conn.send(job)
         return jid
 
-    def _finish(self, res: dict) -> None:
-        jid = res["id"]
+    def _finish(self, res: JobResult) -> None:
+        jid = res.id
         slot = self._job_slot.get(jid)
         if slot is not None and slot not in self.free:
             self.free.append(slot)
@@ -405,7 +413,7 @@ class SnapshotWriter:
                 except queue.Empty:
                     break
 
-    def wait(self, jid: int, timeout: float | None = None) -> dict | None:
+    def wait(self, jid: int, timeout: float | None = None) -> JobResult | None:
         """Block until job ``jid`` has a result (None on timeout)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while jid not in self._results and jid in self._job_slot:  # a dropped job leaves _job_slot when done
@@ -431,11 +439,11 @@ class SnapshotWriter:
                 break
         return self._results.get(jid)
 
-    def done(self, jid: int) -> dict | None:
+    def done(self, jid: int) -> JobResult | None:
         self.poll()
         return self._results.get(jid)
 
-    def pop_result(self, jid: int) -> dict | None:
+    def pop_result(self, jid: int) -> JobResult | None:
         """Take (and forget) job ``jid``'s result; a job still running keeps its slot until it finishes."""
         if jid not in self._results and jid in self._job_slot:
             self._dropped.add(jid)  # its snapshot failed on another rank: the write still holds the slot

@@ -61,7 +61,6 @@ class Stager:
         self._registered: list[int] = []
         self._stream = None
         self._in_flight = False  # a copy was queued since the last order_update()
-        self.slots_of: object | None = None  # the writer whose slots these are (a new writer needs a new stager)
         if self.cuda:  # pragma: no cover - needs a GPU
             self._stream = torch.cuda.Stream(device)
             for i in range(slots):
