@@ -52,6 +52,10 @@ INTERNAL = {
         (1, "the pieces and the parameters come from one adapter call"),
     ("dist_ema/store/io.py", "write_shard", "ValueError"):
         (1, "the writer hands over the values its own geometry describes"),
+    ("dist_ema/store/writer.py", "_execute", "TypeError"):
+        (1, "the manager submits only the job types of store/jobs.py"),
+    ("dist_ema/store/writer.py", "SnapshotWriter.submit", "ValueError"):
+        (1, "the manager submits every data job with the slot it staged into"),
     ("dist_ema/store/fs.py", "retry", "AssertionError"):
         (1, "after the retry loop, which returns or raises"),
     ("dist_ema/store/fs.py", "StoreIO.put.do", "FileExistsError"):
@@ -61,8 +65,7 @@ INTERNAL = {
 # files (and folders, ending in "/") being rewritten elsewhere: test_pending_files_follow_the_policy lists
 # their raises
 PENDING = {"dist_ema/tracker.py", "dist_ema/swap.py", "dist_ema/load.py", "dist_ema/kernels.py",
-           "dist_ema/snapshots.py", "dist_ema/staging.py", "dist_ema/checkpoint.py", "dist_ema/store/writer.py",
-           "dist_ema/store/jobs.py", "dist_ema/snapshot/"}
+           "dist_ema/checkpoint.py"}
 
 
 def pending(rel: str) -> bool:

@@ -54,6 +54,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
+from dist_ema.errors import ConfigError
 from dist_ema.store.format import STORAGE_DTYPES, geometry, np_dtype
 from dist_ema.store.fs import StoreError, StoreIO
 from dist_ema.store.io import check_owner, commit_snapshot, remove_snapshot, write_buffers, write_rank_data
@@ -261,9 +262,9 @@ class SnapshotWriter:
     def __init__(self, io: StoreIO, spec: WriterSpec, *, mode: str = "process", slots: int = 2,
                  heartbeat: Heartbeat | None = None) -> None:
         if mode not in ("process", "thread", "sync"):
-            raise ValueError(f"writer must be 'process', 'thread' or 'sync'; got {mode!r}")
+            raise ConfigError(f"writer must be 'process', 'thread' or 'sync'; got {mode!r}")
         if slots < 1:
-            raise ValueError(f"slots must be >= 1; got {slots}")
+            raise ConfigError(f"slots must be >= 1; got {slots}")
         self.io, self.spec, self.mode, self.heartbeat = io, spec, mode, heartbeat
         self._watch: _Watch | None = None
         self._shms: list[shared_memory.SharedMemory] = []
