@@ -135,8 +135,8 @@ def test_no_builtin_raises_outside_the_listed_invariants():
         f"INTERNAL is out of date; now:\n{_listing(changed)}\nno longer raised:\n{_listing(stale)}")
 
 
-@pytest.mark.xfail(strict=True, reason="tracker.py, swap.py, kernels.py, the snapshot manager, checkpoint.py and "
-                                       "store/writer.py still raise plain ValueError/TypeError for user input")
+@pytest.mark.xfail(strict=True, reason="tracker.py, swap.py, load.py, kernels.py and checkpoint.py still raise "
+                                       "plain ValueError/TypeError for user input")
 def test_pending_files_follow_the_policy():
     hits = builtin_raises(only_pending=True)
     assert not hits, "builtin raises in files being rewritten:\n" + _listing(hits)
