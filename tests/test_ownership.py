@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from dist_ema import PostHocEMA, open_store
+from dist_ema.snapshot.ledger import SnapshotLedger
 from dist_ema.store.fs import StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,8 +133,9 @@ def test_a_commit_race_leaves_the_committed_snapshot_untouched(tmp_path):
     before = _committed_bytes(tmp_path / "s")
     b = _model(2)
     ema_b = PostHocEMA(b, store=url, resume="takeover", writer="sync")
-    ema_b.snapshots.committed_ids.clear()  # a job that has not seen the commit (another host's view)
-    ema_b.step, ema_b.snapshots.last_step = 0, None
+    # a job that has not seen the commit (another host's view): its ledger knows of no committed snapshot
+    ema_b.snapshots.ledger = SnapshotLedger([], keep=None)
+    ema_b.step = 0
     for i in range(3):
         _step(b, 50 + i)
         ema_b.update()
