@@ -578,17 +578,6 @@ class _Flat:
             raise ConfigError(f"dist_ema.store = {self.store!r}: memory:// is private to one process, so the "
                               f"ranks could never see each other's snapshots. Fix: use a local path or s3://")
 
-    def _part(self, part: type) -> dict[str, Any]:
-        return {f.name: getattr(self, _key(f)) for f in dataclasses.fields(part)}
-
-    def ema_config(self) -> EMAConfig:
-        """The tracking part of these settings."""
-        return EMAConfig(**self._part(EMAConfig))
-
-    def snapshot_config(self) -> SnapshotConfig | None:
-        """The snapshot part of these settings; None without a store."""
-        return None if self.store is None else SnapshotConfig(**self._part(SnapshotConfig))
-
     def ema_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`dist_ema.PostHocEMA` (add ``resume=`` yourself).
 

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["FusedUpdate", "adjacent", "coalesce", "compile_enabled", "foreach_update", "fused_update"]
+__all__ = ["FusedUpdate", "adjacent", "coalesce", "compile_enabled", "foreach_update"]
 
 log = logging.getLogger("dist_ema")
 
@@ -315,25 +315,3 @@ class FusedUpdate:
         self.compiled_runs = sum(len(g[1]) for g in keep)
         self.signatures = len({g[0] for g in keep})
 
-
-_PLANS: dict[tuple, FusedUpdate] = {}
-
-
-def fused_update(emas: Sequence[Sequence[torch.Tensor]], sources: Sequence[torch.Tensor],
-                 weights: Sequence[float], **plan_options) -> FusedUpdate:
-    """``emas[k][i].lerp_(sources[i], weights[k])`` for every k and i, each source read once.
-
-    Builds (and caches, keyed by the tensors' storage addresses and sizes) a
-    :class:`FusedUpdate` plan; the first call with new tensors compiles. Returns the plan.
-    Prefer holding a :class:`FusedUpdate` yourself in a training loop.
-    """
-    key = (tuple((s.data_ptr(), s.numel(), s.dtype) for s in sources),
-           tuple(tuple((e.data_ptr(), e.numel()) for e in views) for views in emas),
-           tuple(sorted(plan_options.items())))
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= 16:
-            _PLANS.clear()
-        plan = _PLANS[key] = FusedUpdate(emas, sources, **plan_options)
-    plan(weights)
-    return plan

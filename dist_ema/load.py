@@ -154,6 +154,7 @@ def load_synthesized(model_or_engine, url: str, sigma_rel: float | None = None, 
     from dist_ema.sharding.checks import verify_layout
     from dist_ema.sharding.detect import make_layout
     from dist_ema.sharding.parts import as_model
+    from dist_ema.swap import write_into_pieces
 
     model_or_engine = as_model(model_or_engine)
     layout = verify_layout(make_layout(model_or_engine))
@@ -205,10 +206,8 @@ def load_synthesized(model_or_engine, url: str, sigma_rel: float | None = None, 
                                       StoreError)
 
     # ---- load: every piece (replicas too), master and working weights, the buffers, then the engine's hook
-    for j, p in enumerate(pieces):
-        v = torch.from_numpy(acc[int(offsets[j]) : int(offsets[j + 1])])
-        for target in [p.source] + ([p.load_target] if p.load_target is not None else []):
-            target.copy_(v.to(device=target.device, dtype=target.dtype).view_as(target))
+    write_into_pieces(pieces, [torch.from_numpy(acc[int(offsets[j]) : int(offsets[j + 1])])
+                               for j in range(len(pieces))])
     for name in plan.buffers:  # full and identical on every rank holding it (pipeline stages: some ranks)
         live = layout.buffers.get(name)
         if live is None:

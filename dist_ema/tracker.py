@@ -13,11 +13,8 @@ beta = (1 - t_delta / t)^(gamma + 1), exact for any update interval.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import threading
-import weakref
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -42,7 +39,8 @@ from dist_ema.config import (
 from dist_ema.sharding.base import ShardLayout, ShardPiece
 from dist_ema.sharding.parts import as_model
 from dist_ema.sharding.watch import ModelChangedError, ModelWatch, describe_change, param_table
-from dist_ema.store.layout import flat_blocks, piece_blocks
+from dist_ema.step_counter import OptimizerSteps
+from dist_ema.store.layout import flat_blocks
 
 __all__ = ["EMAConfig", "ModelChangedError", "PostHocEMA"]
 
@@ -129,7 +127,9 @@ class PostHocEMA:
             ``resume="takeover"`` also takes the store over from another job that owns it
             (see docs/commit-protocol.md). Only True, False and "takeover" are accepted.
         layout: a hand-made :class:`~dist_ema.sharding.base.ShardLayout` (tests, benchmarks); without a
-            store, construction then runs no collective.
+            store, construction then runs no collective. Its ``after_load`` and ``step_applied`` are
+            used as they are (an engine whose working weights are full on every rank needs an
+            ``after_load`` that re-syncs them, e.g. ``sharding.resync.make_replicated_resync``).
     """
 
     def __init__(
@@ -191,8 +191,6 @@ class PostHocEMA:
         # tied parameters (head.weight = emb.weight): the engines list each once; the other names
         # are recorded so full state dicts and exported files load with a strict load_state_dict
         self.ties = _tied_names(model_or_engine, layout)
-        self._resync = _replicated_resync(model_or_engine, layout)
-        self._step_applied = _step_applied_fn(model_or_engine, layout)
         self._set_pieces(layout.pieces)
         # the model may move away from the views (model.double(), param.data = ..., a new head, a load with
         # assign=True): checked before every update, see _follow_model
@@ -204,13 +202,13 @@ class PostHocEMA:
             module.register_load_state_dict_post_hook(self._on_model_load)
         self.profiles = [self._new_profile(s, g) for s, g in zip(self.config.sigma_rels, self.config.gammas)]
         self._build_update_plan()  # staging buffers now, not in the first update (which only compiles)
-        self._hook_release = None
-        self._hold_step_counter()
+        self._optimizer_steps = OptimizerSteps()  # the process-wide optimizer step count (class docstring)
         self.clock = Clock()  # the EMA's time: owned here, read by the snapshot side
         self.skipped_steps = 0  # update() calls after which no weight had changed (AMP overflow, ...)
         self._update_calls = 0
         self._warned_skips = False
         self._odd_skips = 0
+        self.last_synthesis_error: float | None = None  # of the latest synthesized profile (swapped())
         self.snapshots = None
         if self.store_config is not None:
             from dist_ema.snapshots import SnapshotManager
@@ -234,8 +232,6 @@ class PostHocEMA:
         self.device = devices.pop() if devices else torch.device("cpu")
         self.offsets = np.cumsum([0] + [p.numel for p in self.pieces]).tolist()
         self.owned_numel = sum(p.numel for p in self.pieces if p.owner)
-        self._fp32 = [i for i, p in enumerate(self.pieces) if p.source.dtype == torch.float32]
-        self._other = [i for i, p in enumerate(self.pieces) if p.source.dtype != torch.float32]
 
     def _new_profile(self, sigma_rel: float, gamma: float) -> _Profile:
         flat = torch.empty(self.offsets[-1], dtype=torch.float32, device=self.device)
@@ -289,8 +285,6 @@ class PostHocEMA:
                 self._bind_views(prof)
             self._wrote_at = _versions(self.profiles)
         self._build_update_plan()
-        # the resync writes into the parameter tensors it was built with: rebuild it too
-        self._resync = _replicated_resync(self.model, new)
         self._watch = ModelWatch(self.model, new.engine, set(new.params), self.config.include_frozen)
         self._stale = False
         self.relisted += 1
@@ -375,21 +369,19 @@ class PostHocEMA:
         Returns True when the EMAs were updated.
         """
         self._update_calls += 1
-        if self._step_applied is not None and not self._step_applied():
+        if self.layout.step_applied is not None and not self.layout.step_applied():
             self._skip("the engine skipped the optimizer step (fp16 overflow or a gradient-accumulation micro-step)",
                        expected=True)
             return False
-        if self._hook_release is None or not self._hook_release.alive:  # closed, and updated again
-            self._hold_step_counter()
-        seen = _STEP_COUNTER.steps
-        if seen != self._opt_steps_at_init and seen == self._opt_steps_at_update:
+        seen = self._optimizer_steps.seen()  # closed, and updated again: counting again
+        if not self._optimizer_steps.stepped(seen):
             # no torch optimizer step since the previous update: torch.amp.GradScaler skipped it (inf
             # gradients), or update() runs more often than the optimizer steps. The weights did not change.
             self._skip("no optimizer step since the previous update() (GradScaler skipped it, or update() "
                        "is called more than once per step)")
             return False
         self._follow_model()  # before anything moves: a refusal leaves the EMA and its clock as they were
-        self._opt_steps_at_update = seen
+        self._optimizer_steps.updated(seen)
         self.step += 1
         # each step advances time by its own samples: a resume may change the (global) batch size
         self.t += float(self.config.batch_size or 1)
@@ -405,14 +397,6 @@ class PostHocEMA:
         if self.snapshots is not None:  # the snapshot side owns its schedule
             self.snapshots.after_update()
         return True
-
-    def _hold_step_counter(self) -> None:
-        """Take part in the process-wide optimizer step count (see :class:`_StepCounter`) until close()."""
-        _STEP_COUNTER.acquire()
-        # garbage collection without close() lets go of it too; calling the finalizer runs it once
-        self._hook_release = weakref.finalize(self, _STEP_COUNTER.release)
-        # the check applies once a torch optimizer stepped after this point
-        self._opt_steps_at_init = self._opt_steps_at_update = _STEP_COUNTER.steps
 
     def _skip(self, why: str, expected: bool = False) -> None:
         """Count a step that changed no weight: time does not advance, the EMA is not updated."""
@@ -455,7 +439,7 @@ class PostHocEMA:
         """
         if self.snapshots is not None:
             self.snapshots.close(final_snapshot=final_snapshot)
-        self._hook_release()  # the last EMA closed removes the optimizer hook
+        self._optimizer_steps.release()  # the last EMA closed removes the optimizer hook
 
     def __enter__(self) -> PostHocEMA:
         return self
@@ -468,7 +452,7 @@ class PostHocEMA:
             # it took, as at exit; several ranks take no collective, name what is lost and stop the writer
             self.snapshots.after_error(exc_type.__name__)
         if exc_type is not None:
-            self._hook_release()
+            self._optimizer_steps.release()
 
     def _build_update_plan(self) -> None:
         """The fused update over the current sources (built when the pieces change; compiles at its first call)."""
@@ -488,16 +472,9 @@ class PostHocEMA:
                 self._build_update_plan()
             self._update_plan(weights)
             return
-        self._apply_foreach(weights)
+        from dist_ema.kernels import foreach_update
 
-    def _apply_foreach(self, weights: Sequence[float]) -> None:
-        src = [self.pieces[i].source for i in self._fp32]
-        src_other = [self.pieces[i].source.float() for i in self._other]  # allocates: non-fp32 sources only
-        for prof, w in zip(self.profiles, weights):
-            if src:
-                torch._foreach_lerp_([prof.views[i] for i in self._fp32], src, w)
-            if src_other:
-                torch._foreach_lerp_([prof.views[i] for i in self._other], src_other, w)
+        foreach_update([prof.views for prof in self.profiles], [p.source for p in self.pieces], weights)
 
     # ------------------------------------------------------------------ state
 
@@ -524,77 +501,10 @@ class PostHocEMA:
 
         ``torch.save(ema.state_dict())`` per rank works too (reloaded at the same sharding).
         """
-        header = {
-            "format": _FORMAT,
-            "step": self.step,
-            "t": self.t,
-            "t_updated": self._t_updated,
-            "updates": self.updates,
-            "skipped_steps": self.skipped_steps,
-            "unit": self.config.unit,
-            "gammas": list(self.gammas),
-            "sigma_rels": list(self.sigma_rels),
-            "engine": self.layout.engine,
-        }
-        out: dict = {"dist_ema": header}
-        by = self._pieces_by_fqn()
-        if self.layout.engine == "fsdp2" and all(p.box is None for p in self.pieces) \
-                and all(len(idx) <= 1 for idx in by.values()):  # FSDP2 Shard(0): the parameters' own DTensors
-            make = self._dtensor_entries()
-        else:
-            make = self._flat_entries
-        for prof in self.profiles:
-            # torch.save writes each entry as plain flat ranges (DTensors of views do not pickle)
-            plain = {fqn: ([_range_doc(self.pieces[i]) for i in idx], [prof.views[i] for i in idx])
-                     for fqn, idx in by.items()}
-            out[_profile_key(prof.sigma_rel)] = _ProfileState(make(prof), plain)
-        return out
+        from dist_ema import checkpoint
 
-    def _pieces_by_fqn(self) -> dict[str, list[int]]:
-        by: dict[str, list[int]] = {}
-        for i, p in enumerate(self.pieces):
-            by.setdefault(p.fqn, []).append(i)
-        return by
-
-    def _flat_entries(self, prof: _Profile) -> dict[str, torch.Tensor]:
-        out = {}
-        for fqn, idx in self._pieces_by_fqn().items():
-            shape = self.layout.params[fqn][0]
-            out[fqn] = _FlatShards(shape, [(self.pieces[i].flat_start, prof.views[i], self.pieces[i].box)
-                                           for i in idx])
-        return out
-
-    def _dtensor_entries(self):
-        from torch.distributed.tensor import DTensor
-
-        from dist_ema.sharding.replicated import clean_fqn
-
-        module = _unwrap_module(self.model)
-        live = {}
-        for name, p in module.named_parameters():
-            name = clean_fqn(name)
-            if name in self.layout.params and isinstance(p, DTensor):
-                live[name] = p
-        missing = sorted(set(self.layout.params) - set(live))
-        if missing:
-            raise ValueError(f"state_dict(): the FSDP2 parameters {missing[:3]} are no longer DTensors of the model")
-        by = self._pieces_by_fqn()
-
-        def make(prof: _Profile) -> dict[str, torch.Tensor]:
-            out = {}
-            for fqn, p in live.items():
-                idx = by.get(fqn, [])
-                if len(idx) > 1:
-                    raise ValueError(f"state_dict(): {len(idx)} FSDP2 shard pieces of {fqn!r} on one rank")
-                if idx:
-                    local = prof.views[idx[0]].view(-1, *p.shape[1:])
-                else:  # this rank holds no rows of the parameter
-                    local = prof.flat.new_empty((0, *p.shape[1:]))
-                out[fqn] = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
-                                              shape=p.shape, stride=p.stride())
-            return out
-
-        return make
+        return checkpoint.state_dict(self.clock, self.layout, self.pieces, self.profiles, unit=self.config.unit,
+                                     skipped_steps=self.skipped_steps)
 
     def per_rank_state_dict(self) -> dict:
         """The previous format (``dist_ema.tracker/2``): each rank's buffers under a key of its own.
@@ -603,23 +513,9 @@ class PostHocEMA:
         e.g. ``sd = {"ema": ema.per_rank_state_dict()}; dcp.load(sd, ...); ema.load_state_dict(sd["ema"])``.
         New checkpoints use :meth:`state_dict`, which reshards.
         """
-        from dist_ema.collective import rank
+        from dist_ema import checkpoint
 
-        return {
-            "dist_ema": {
-                "format": _FORMAT_PER_RANK,
-                "step": self.step,
-                "t": self.t,
-                "t_updated": self._t_updated,
-                "updates": self.updates,
-                "unit": self.config.unit,
-                "gammas": list(self.gammas),
-            },
-            f"dist_ema_rank{rank():05d}": {
-                "pieces": json.dumps([[p.fqn, *_range_doc(p)] for p in self.pieces]),
-                **{f"p{k}": prof.flat for k, prof in enumerate(self.profiles)},
-            },
-        }
+        return checkpoint.per_rank_state_dict(self.clock, self.pieces, self.profiles, unit=self.config.unit)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` (collective: every rank calls it).
@@ -631,28 +527,18 @@ class PostHocEMA:
         older checkpoint) are retired. The previous per-rank format (``dist_ema.tracker/2``)
         loads at the same sharding.
         """
-        head = state.get("dist_ema") if isinstance(state, dict) else None
-        fmt = head.get("format") if isinstance(head, dict) else None
-        if fmt not in (_FORMAT, _FORMAT_PER_RANK):
-            raise ValueError(
-                f"not a dist-ema tracker state dict (no 'dist_ema' entry of format {_FORMAT} or "
-                f"{_FORMAT_PER_RANK}; got {fmt!r})"
-            )
-        theirs = [float(g) for g in head["gammas"]]
-        if len(theirs) != len(self.gammas) or not all(map(phema.same_gamma, theirs, self.gammas)):
-            raise ValueError(f"state dict tracks gammas {head['gammas']}, this EMA tracks {list(self.gammas)}")
-        if head["unit"] != self.config.unit:
-            raise ValueError(
-                f"state dict counts time in {head['unit']}, this EMA in {self.config.unit} (batch_size= must "
-                f"be given in both or in neither)"
-            )
+        from dist_ema import checkpoint
         from dist_ema.collective import is_distributed, run_and_check
 
-        fill = self._fill_per_rank if fmt == _FORMAT_PER_RANK else self._fill
+        fmt, head = checkpoint.check_state(state, self.gammas, self.config.unit)
 
         def check_and_fill() -> None:
-            self._refuse_kept_live_dict(state, head, fmt)
-            fill(state)
+            now = _versions(self.profiles)
+            checkpoint.refuse_kept_live_dict(state, head, fmt, self.profiles, step=self.step, updates=self.updates,
+                                             written_since=now is None or now != self._wrote_at)
+            with torch.no_grad():
+                for dst, src in checkpoint.loaded_values(state, fmt, self.pieces, self.profiles):
+                    dst.copy_(src)
             self._wrote_at = _versions(self.profiles)
 
         if is_distributed():  # a rank whose part does not fit fails every rank, before anything collective
@@ -664,75 +550,6 @@ class PostHocEMA:
         self.skipped_steps = int(head.get("skipped_steps", self.skipped_steps))
         if self.snapshots is not None:  # snapshots after a restored (older) checkpoint are retired
             self.snapshots.restored(self.step, self._t_updated)
-
-    def _refuse_kept_live_dict(self, state: dict, head: dict, fmt: str) -> None:
-        """Refuse a state dict whose tensors are this EMA's live buffers but whose clock is older.
-
-        ``state_dict()`` holds views of the EMA, not a copy (DCP loads into them in place), and a copy of
-        the clock. Kept in memory while training goes on, its values move with the EMA and its clock
-        does not: loading it would put the old step onto the new values. DCP's load writes the saved
-        values into the views first (in-place writes the tensors' version counters count) and then
-        calls this: a dict whose views were written by someone other than this EMA since its last update
-        is a loaded one and is accepted.
-        """
-        if int(head["updates"]) == self.updates or not self._holds_live_views(state, fmt):
-            return  # a copy, or values and clock from the same moment
-        now = _versions(self.profiles)
-        if now is None or now != self._wrote_at:
-            return  # written in place since this EMA last wrote them: values loaded into the views (DCP)
-        raise ValueError(
-            f"this state dict holds live views of the EMA (its values are those of now, step {self.step}, after "
-            f"{self.updates} updates) but the clock of step {head['step']} ({head['updates']} updates): loading "
-            f"it would put the old step onto the newer values. ema.state_dict() is not a copy: for an in-memory "
-            f"rollback keep a copy, copy.deepcopy(ema.state_dict()) (or torch.save it), and load that"
-        )
-
-    def _holds_live_views(self, state: dict, fmt: str) -> bool:
-        """Whether a tensor of the state dict's profile entries lies in this EMA's own buffers."""
-        spans = [(prof.flat.data_ptr(), prof.flat.data_ptr() + prof.flat.numel() * prof.flat.element_size())
-                 for prof in self.profiles if prof.flat.numel()]
-        if fmt == _FORMAT_PER_RANK:
-            tensors = [v for k, part in state.items() if k.startswith("dist_ema_rank") and isinstance(part, dict)
-                       for v in part.values() if isinstance(v, torch.Tensor)]
-        else:
-            tensors = [t for prof in self.profiles
-                       for entry in (state.get(_profile_key(prof.sigma_rel)) or {}).values()
-                       for t in _entry_tensors(entry)]
-        return any(a <= t.data_ptr() < b for t in tensors if t.numel() for a, b in spans)
-
-    @torch.no_grad()
-    def _fill(self, state: dict) -> None:
-        by = self._pieces_by_fqn()
-        for prof in self.profiles:
-            key = _profile_key(prof.sigma_rel)
-            entries = state.get(key)
-            if not isinstance(entries, dict):
-                raise ValueError(f"state dict has no entry {key!r} for the tracked profile sigma_rel={prof.sigma_rel}")
-            for fqn, idx in by.items():
-                if fqn not in entries:
-                    raise ValueError(f"state dict has no EMA of this rank's shard of {fqn!r} (profile {key}): it was "
-                                     f"saved with another sharding (world size, engine or wrapping); {_RESHARD_HINT}")
-                mine = [(self.pieces[i].flat_start, prof.views[i], self.pieces[i].box) for i in idx]
-                for (_, dst, _), src in zip(mine, _local_values(entries[fqn], mine, fqn)):
-                    if src.data_ptr() != dst.data_ptr():  # DCP loaded in place
-                        dst.copy_(src.reshape(-1))
-
-    @torch.no_grad()
-    def _fill_per_rank(self, state: dict) -> None:
-        from dist_ema.collective import rank
-
-        key = f"dist_ema_rank{rank():05d}"
-        mine = [[p.fqn, *_range_doc(p)] for p in self.pieces]
-        if key not in state or json.loads(state[key]["pieces"]) != mine:
-            raise ValueError(
-                f"state dict ({_FORMAT_PER_RANK}, per-rank buffers) was saved with a different sharding (world size "
-                "or wrapping); resume from the snapshot store instead (PostHocEMA(..., store=url, resume=True)), "
-                "which reshards, or load it at the world size and wrapping it was saved with"
-            )
-        for k, prof in enumerate(self.profiles):
-            src = state[key][f"p{k}"]
-            if src.data_ptr() != prof.flat.data_ptr():  # DCP loads in place
-                prof.flat.copy_(src)
 
     # ------------------------------------------------------------------ gather
 
@@ -773,11 +590,6 @@ class PostHocEMA:
 
     # ------------------------------------------------------------------ swap (dist_ema.swap)
 
-    def _after_load(self) -> None:
-        from dist_ema import swap
-
-        swap.after_load(self)
-
     def synthesized_shards(self, sigma_rel: float | None = None, gamma: float | None = None) -> torch.Tensor:
         """This rank's shards of the EMA for any profile at the current time, as one flat fp32 tensor.
 
@@ -786,10 +598,17 @@ class PostHocEMA:
         coefficients, solved on rank 0. Each rank reads only its own pieces: no gathers. Collective.
         See :func:`dist_ema.swap.synthesized_shards`.
         """
+        self._follow_model()
+        return self._synthesized(sigma_rel, gamma)
+
+    def _synthesized(self, sigma_rel: float | None, gamma: float | None) -> torch.Tensor:
         from dist_ema import swap
 
-        self._follow_model()
-        return swap.synthesized_shards(self, sigma_rel=sigma_rel, gamma=gamma)
+        out, error = swap.synthesized_shards(self.clock, self.profiles, self.pieces, self.snapshots,
+                                             sigma_rel=sigma_rel, gamma=gamma)
+        if error is not None:  # a synthesized profile (a tracked one is used as it is)
+            self.last_synthesis_error = error
+        return out
 
     def swapped(self, sigma_rel: float | None = None, *, gamma: float | None = None) -> AbstractContextManager[None]:
         """Load the EMA for any sigma_rel at the current time into the live (sharded) model.
@@ -806,14 +625,19 @@ class PostHocEMA:
         from dist_ema import swap
 
         self._follow_model()  # the swap writes into the sources: the model's current ones
-        return swap.swapped(self, sigma_rel=sigma_rel, gamma=gamma)
+
+        def values() -> list[torch.Tensor]:  # on entering
+            flat = self._synthesized(sigma_rel, gamma)
+            return [flat[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+        return swap.swapped_values(self.pieces, values, self.layout.after_load)
 
     def tracked_swapped(self, sigma_rel: float) -> AbstractContextManager[None]:
         """Load a *tracked* profile into the live model, restore the training weights after."""
         from dist_ema import swap
 
         self._follow_model()
-        return swap.tracked_swapped(self, sigma_rel)
+        return swap.swapped_values(self.pieces, self.profile(sigma_rel=sigma_rel).views, self.layout.after_load)
 
 
 # the clock's fields, read and written through the one record (ema.step is ema.clock.step)
@@ -821,46 +645,6 @@ PostHocEMA.step = _clock_field("step", "optimizer steps seen (applied ones)")  #
 PostHocEMA.t = _clock_field("t", "time of the EMA state, in the config's unit")  # type: ignore[assignment]
 PostHocEMA._t_updated = _clock_field("t_updated", "time of the last EMA update")  # type: ignore[assignment]
 PostHocEMA.updates = _clock_field("updates", "EMA updates so far")  # type: ignore[assignment]
-
-
-class _StepCounter:
-    """Counts the torch optimizer steps taken in this process, for update()'s skipped-step check.
-
-    It is a *global* optimizer step post hook
-    (``torch.optim.optimizer.register_optimizer_step_post_hook``): it runs after ``step()`` of
-    every torch optimizer in the process, not only the tracked model's, so it tells update()
-    whether some optimizer stepped since the previous update, nothing more. It costs one
-    integer increment per optimizer step. The first PostHocEMA installs it; it is removed
-    when the last one is closed (or garbage-collected without close); a later PostHocEMA
-    installs it again. ``steps`` only grows, across removals.
-    """
-
-    def __init__(self) -> None:
-        self.steps = 0
-        self.users = 0
-        self.handle = None  # torch's RemovableHandle while installed
-        self._lock = threading.RLock()  # release() also runs from garbage collection, in any thread
-
-    def _count(self, optimizer, args, kwargs) -> None:
-        self.steps += 1
-
-    def acquire(self) -> None:
-        with self._lock:
-            self.users += 1
-            if self.handle is None:
-                from torch.optim.optimizer import register_optimizer_step_post_hook
-
-                self.handle = register_optimizer_step_post_hook(self._count)
-
-    def release(self) -> None:
-        with self._lock:
-            self.users -= 1
-            if self.users == 0 and self.handle is not None:
-                self.handle.remove()
-                self.handle = None
-
-
-_STEP_COUNTER = _StepCounter()
 
 
 _NEW_EMA_FIX = (
@@ -1061,54 +845,6 @@ def _tied_names(model_or_engine: object, layout: ShardLayout) -> dict[str, str]:
     return ties
 
 
-def _replicated_resync(model_or_engine: object, layout: ShardLayout):
-    """Engines whose working weights are full on every rank, while each rank owns a slice.
-
-    Only for layouts without ``after_load`` (one passed in by hand): the adapters set
-    ``after_load`` themselves, and re-create it with every ``refresh``.
-    """
-    if layout.engine not in ("replicated", "zero1", "zero2") or layout.after_load is not None:
-        return None
-    from dist_ema.sharding.resync import make_replicated_resync
-
-    module = _unwrap_module(model_or_engine)
-    params = {n: p for n, p in module.named_parameters() if n in layout.params}
-    return make_replicated_resync(params, layout.pieces, layout.process_group)
-
-
-def _step_applied_fn(model_or_engine: object, layout: ShardLayout):
-    if layout.engine.startswith("zero"):
-        from dist_ema.sharding import deepspeed as ds
-
-        fn = getattr(ds, "deepspeed_step_was_applied", None)
-        if fn is not None:
-            return lambda: fn(model_or_engine)
-    return None
-
-
-# ----------------------------------------------------------------------------- checkpoint state
-
-_FORMAT = "dist_ema.tracker/3"  # profiles keyed by parameter name, laid out like the parameters (reshards)
-_FORMAT_PER_RANK = "dist_ema.tracker/2"  # each rank's flat buffers under a key of its own (same sharding only)
-_RESHARD_HINT = (
-    "load it with torch.distributed.checkpoint, which reshards (dcp.load({'ema': ema}, ...)), or resume from "
-    "the snapshot store (PostHocEMA(..., store=url, resume=True))"
-)
-
-
-def _profile_key(sigma_rel: float) -> str:
-    return f"sigma_rel_{sigma_rel:.6g}"
-
-
-def _range_doc_of(start: int, numel: int, box: tuple | None) -> list:
-    """A piece's range as plain data: ``[start, numel]``, or ``[start, numel, starts, sizes]`` of a box."""
-    return [int(start), int(numel)] if box is None else [int(start), int(numel), list(box[0]), list(box[1])]
-
-
-def _range_doc(p) -> list:
-    return _range_doc_of(p.flat_start, p.numel, p.box)
-
-
 def _place(full: torch.Tensor, shape: tuple[int, ...], start: int, values: torch.Tensor, box: tuple | None) -> None:
     """Write a piece's values into the flat full tensor of ``shape``."""
     if box is None:
@@ -1117,129 +853,3 @@ def _place(full: torch.Tensor, shape: tuple[int, ...], start: int, values: torch
     sub = full.view(shape)[tuple(slice(a, a + n) for a, n in zip(*box))]
     for offs, sizes, a, b in flat_blocks(start, start + values.numel(), box[1]):
         sub[tuple(slice(o, o + z) for o, z in zip(offs, sizes))] = values[a - start : b - start].view(sizes)
-
-
-class _ProfileState(dict):
-    """One profile's ``{fqn: tensor}`` for DCP; pickled (``torch.save``) as plain flat ranges of this rank.
-
-    DCP flattens it like any mapping and never pickles it. ``torch.save`` writes
-    ``{fqn: {"dist_ema_flat_ranges": [[start, numel], ...], "values": [1-d tensor, ...]}}``
-    (plain types: ``torch.load(..., weights_only=True)`` reads it), which
-    :meth:`PostHocEMA.load_state_dict` accepts at the same sharding.
-    """
-
-    def __init__(self, entries: dict, plain: dict[str, tuple[list, list]]) -> None:
-        super().__init__(entries)
-        self._plain = plain
-
-    def __reduce_ex__(self, protocol):
-        from collections import OrderedDict
-
-        items = [(fqn, OrderedDict([("dist_ema_flat_ranges", r), ("values", v)]))
-                 for fqn, (r, v) in self._plain.items()]
-        return (OrderedDict, (items,))
-
-
-class _FlatShards(torch.Tensor):
-    """A parameter-shaped tensor of which this rank holds some flat ranges (views of the EMA buffer).
-
-    For torch.distributed.checkpoint only: it implements DCP's checkpointable protocol
-    (``__create_write_items__``, ``__create_chunk_list__``, ``__get_tensor_shard__``) and lists
-    each range as rectangular chunks of the global shape, so DCP saves and loads them in place
-    and reshards to any other layout (world size, engine). It has no storage and supports no
-    operations. ``torch.save`` stores it as ``{"dist_ema_flat_ranges": [[start, numel], ...],
-    "values": [tensor, ...]}`` (plain types, loadable with ``weights_only=True``).
-    """
-
-    _pieces: list[tuple[int, torch.Tensor, tuple | None]]
-    _chunks: list[tuple[torch.Size, torch.Size, torch.Tensor]]
-
-    @staticmethod
-    def __new__(cls, shape: tuple[int, ...], pieces: list[tuple[int, torch.Tensor, tuple | None]]) -> _FlatShards:
-        t = torch.Tensor._make_wrapper_subclass(cls, torch.Size(shape), dtype=torch.float32,
-                                                device=pieces[0][1].device)
-        t._pieces = pieces
-        t._chunks = []
-        for start, view, box in pieces:
-            for offs, sizes, a in piece_blocks(tuple(shape), start, view.numel(), box):
-                t._chunks.append((torch.Size(offs), torch.Size(sizes), view[a : a + math.prod(sizes)].view(sizes)))
-        return t
-
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise TypeError(f"a dist-ema checkpoint shard supports no tensor operations (called {func})")
-
-    def __repr__(self) -> str:
-        ranges = [(s, s + v.numel(), b) for s, v, b in self._pieces]
-        return f"_FlatShards(shape={tuple(self.shape)}, flat_ranges={ranges})"
-
-    def __reduce_ex__(self, protocol):
-        from collections import OrderedDict
-
-        items = [("dist_ema_flat_ranges", [_range_doc_of(s, v.numel(), b) for s, v, b in self._pieces]),
-                 ("values", [v for _, v, _ in self._pieces])]
-        return (OrderedDict, (items,))
-
-    def __create_write_items__(self, fqn: str, object: object) -> list:
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
-
-        return [
-            WriteItem(index=MetadataIndex(fqn, offs, i), type=WriteItemType.SHARD,
-                      tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=offs, sizes=sizes),
-                                                  properties=TensorProperties(dtype=torch.float32),
-                                                  size=self.shape))
-            for i, (offs, sizes, _) in enumerate(self._chunks)
-        ]
-
-    def __create_chunk_list__(self) -> list:
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-
-        return [ChunkStorageMetadata(offsets=offs, sizes=sizes) for offs, sizes, _ in self._chunks]
-
-    def __get_tensor_shard__(self, index) -> torch.Tensor:
-        i = index.index
-        if i is not None and i < len(self._chunks) and self._chunks[i][0] == index.offset:
-            return self._chunks[i][2]
-        for offs, _, view in self._chunks:
-            if offs == index.offset:
-                return view
-        raise ValueError(f"no EMA chunk at offset {tuple(index.offset)} of {index.fqn!r} on this rank")
-
-
-def _entry_tensors(entry: object) -> list[torch.Tensor]:
-    """The plain tensors of one state dict entry (a _FlatShards, its torch.save'd form, a DTensor)."""
-    if isinstance(entry, _FlatShards):
-        return [v for _, v, _ in entry._pieces]
-    if isinstance(entry, dict) and "dist_ema_flat_ranges" in entry:
-        return [v for v in entry.get("values", []) if isinstance(v, torch.Tensor)]
-    if hasattr(entry, "to_local"):
-        return [entry.to_local()]
-    return [entry] if isinstance(entry, torch.Tensor) else []
-
-
-def _local_values(entry: object, mine: list[tuple[int, torch.Tensor]], fqn: str) -> list[torch.Tensor]:
-    """This rank's values of one parameter's EMA in a state dict entry, aligned with ``mine`` [(start, view)]."""
-    want = [_range_doc_of(s, v.numel(), b) for s, v, b in mine]
-    if isinstance(entry, _FlatShards):
-        got = [_range_doc_of(s, v.numel(), b) for s, v, b in entry._pieces]
-        values = [v for _, v, _ in entry._pieces]
-    elif isinstance(entry, dict) and "dist_ema_flat_ranges" in entry:  # torch.save'd _FlatShards
-        got = [[int(r[0]), int(r[1]), *([[int(x) for x in y] for y in r[2:]])] for r in entry["dist_ema_flat_ranges"]]
-        values = list(entry["values"])
-    elif hasattr(entry, "__create_chunk_list__") and hasattr(entry, "to_local"):  # DTensor (FSDP2)
-        local = entry.to_local()
-        chunks = entry.__create_chunk_list__()
-        row = math.prod(entry.shape[1:])
-        got = [[int(c.offsets[0]) * row, local.numel()] for c in chunks if local.numel()]
-        values = [local.reshape(-1)] if local.numel() else []
-    else:
-        raise ValueError(f"state dict entry of {fqn!r} is a {type(entry).__name__}, not a dist-ema EMA shard")
-    if got != want or any(v.numel() != r[1] for v, r in zip(values, got)):
-        raise ValueError(
-            f"the EMA of {fqn!r} in this state dict covers the flat ranges {got} on this rank, this EMA holds "
-            f"{want}: it was saved with another sharding (world size, engine or wrapping); {_RESHARD_HINT}"
-        )
-    return values

@@ -360,11 +360,6 @@ def test_config_parts_and_defaults_agree() -> None:
     # one constant spells the inner chunk's default
     assert DEFAULT_INNER_BYTES is store_format.DEFAULT_INNER_BYTES == 1 << 20
     assert store_layout.DEFAULT_INNER_BYTES is store_format.DEFAULT_INNER_BYTES
-    cfg = DistEMAConfig(store="runs/x", sigma_rels=(0.07,), update_every=3, compression="zstd", keep=5)
-    assert cfg.ema_config() == EMAConfig(sigma_rels=(0.07,), update_every=3)
-    assert cfg.snapshot_config() == SnapshotConfig(url="runs/x", compression="zstd", keep=5)
-    assert DistEMAConfig().snapshot_config() is None
-    assert DistEMAConfig().ema_config() == EMAConfig()
     assert DistEMAConfig().sigma_rels == EMAConfig().sigma_rels == (0.05, 0.10)
     kw = inspect.signature(PostHocEMA.__init__).parameters
     snap = {"url": "store", "dtype": "storage_dtype"}

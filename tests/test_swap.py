@@ -228,14 +228,17 @@ def test_swap_module_and_methods_agree():
             ema.update()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seen = {}
+    values = ema.synthesized_shards(sigma_rel=0.07)
+    views = [values[a:b] for a, b in zip(ema.offsets[:-1], ema.offsets[1:])]
     for name, ctx in [("method", lambda: ema.swapped(sigma_rel=0.07)),
-                      ("function", lambda: swap.swapped(ema, sigma_rel=0.07))]:
+                      ("function", lambda: swap.swapped_values(ema.pieces, views, ema.layout.after_load))]:
         with ctx():
             seen[name] = {k: v.clone() for k, v in model.state_dict().items()}
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), name
     assert all(torch.equal(seen["method"][k], seen["function"][k]) for k in before)
     assert not all(torch.equal(seen["method"][k], before[k]) for k in before)  # the EMA was in the model
-    assert torch.equal(ema.synthesized_shards(sigma_rel=0.07), swap.synthesized_shards(ema, sigma_rel=0.07))
+    direct, error = swap.synthesized_shards(ema.clock, ema.profiles, ema.pieces, ema.snapshots, sigma_rel=0.07)
+    assert torch.equal(values, direct) and error == ema.last_synthesis_error
     with ema.tracked_swapped(0.10):
         inside = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     assert torch.equal(inside, ema.profile(sigma_rel=0.10).flat)

@@ -264,10 +264,10 @@ def test_one_rule_for_the_same_profile():
 _HOOK_SCRIPT = """
 import gc, torch
 from torch.optim.optimizer import _global_optimizer_post_hooks as hooks
-from dist_ema import tracker
+from dist_ema import step_counter
 from dist_ema.tracker import PostHocEMA
 
-c = tracker._STEP_COUNTER
+c = step_counter.STEP_COUNTER
 m = torch.nn.Linear(2, 2)
 opt = torch.optim.SGD(m.parameters(), lr=0.1)
 assert c.handle is None and not hooks
@@ -322,7 +322,7 @@ def test_collectives_live_in_collective_py():
     from dist_ema import collective
 
     root = Path(__file__).resolve().parent.parent / "dist_ema"
-    for name in ("tracker.py", "swap.py"):
+    for name in ("tracker.py", "swap.py", "checkpoint.py", "step_counter.py"):
         tree = ast.parse((root / name).read_text())
         imported = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
                     and any("torch.distributed" == (getattr(n, "module", None) or a.name) for a in n.names)]

@@ -113,6 +113,14 @@ class ShardLayout:
             persistent ZeRO-3 params, and drops the unsharded copies FSDP keeps after
             forward (the root unit, ``reshard_after_forward=False``, SHARD_GRAD_OP). It
             must not write anything back into ``source``. None when nothing needs it.
+        all_params: under pipeline parallelism, every stage's parameters (set by the layout check).
+        step_applied: tells whether the engine's latest optimizer step changed the weights (False
+            on a skipped fp16-overflow step or a gradient-accumulation micro-step: DeepSpeed); the
+            tracker does not count such steps. None when every optimizer step is applied.
+        dtensor_params: returns the model's live DTensor parameters ``{fqn: DTensor}`` (FSDP2 and
+            the other DTensor engines). When every piece is a parameter's whole local shard, a DCP
+            state dict of the EMA wraps each piece into a DTensor of its parameter's mesh and
+            placements. None when the parameters are not DTensors.
     """
 
     engine: str
@@ -123,6 +131,8 @@ class ShardLayout:
     refresh: Callable[[], ShardLayout] | None = None
     after_load: Callable[[], None] | None = None
     all_params: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
+    step_applied: Callable[[], bool] | None = None
+    dtensor_params: Callable[[], dict[str, torch.Tensor]] | None = None
 
     @property
     def global_params(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -89,6 +89,7 @@ option or attribute, rather than listing possibly wrong shards.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -664,6 +665,7 @@ def _finish(
         process_group=dp_group,
         refresh=lambda: deepspeed_layout(engine, include_frozen=include_frozen),
         after_load=after_load,
+        step_applied=functools.partial(deepspeed_step_was_applied, engine),
     )
 
 

@@ -207,7 +207,13 @@ def fsdp2_layout(model: nn.Module, include_frozen: bool = True) -> ShardLayout:
         process_group=None,
         refresh=functools.partial(fsdp2_layout, model, include_frozen),
         after_load=functools.partial(reshard_all, model),
+        dtensor_params=functools.partial(dtensor_params, model),
     )
+
+
+def dtensor_params(model: nn.Module) -> dict[str, DTensor]:
+    """The model's DTensor parameters now, ``{fqn: DTensor}`` (``ShardLayout.dtensor_params``)."""
+    return {clean_fqn(name): p for name, p in model.named_parameters() if isinstance(p, DTensor)}
 
 
 def reshard_all(model: nn.Module) -> None:
