@@ -112,11 +112,10 @@ def synthesized_shards(clock: _Clock, profiles: Sequence[_Profile], pieces: Sequ
             out.add_(profiles[k].flat.double(), alpha=x)
         else:
             from dist_ema.collective import run_and_check
-            from dist_ema.snapshots import read_pieces
             from dist_ema.store.fs import StoreError
 
             # a read error on one rank (a damaged or missing object) is raised on every rank
-            vals = run_and_check(lambda i=i, k=k: read_pieces(reader, snaps[i], k, pieces, offsets),
+            vals = run_and_check(lambda i=i, k=k: reader.read_pieces(snaps[i], k, pieces, offsets)[0],
                                  f"reading snapshot {snaps[i].id} for swapped()", snapshots.group, StoreError)
             out.add_(torch.from_numpy(vals).to(live.device).double(), alpha=x)
     return out.float(), error

@@ -211,12 +211,34 @@ class PostHocEMA:
         self.last_synthesis_error: float | None = None  # of the latest synthesized profile (swapped())
         self.snapshots = None
         if self.store_config is not None:
-            from dist_ema.snapshots import SnapshotManager
+            from dist_ema.snapshot import SnapshotManager
 
             self.snapshots = SnapshotManager(self, self.store_config, resume=resume)
             if self.snapshots.resumed is not None:
-                self.clock = Clock.of_snapshot(self.snapshots.resumed)
+                self._restore(self.snapshots.resumed)
         self._wrote_at = _versions(self.profiles)  # see _refuse_kept_live_dict
+
+    @torch.no_grad()
+    def _restore(self, point) -> None:
+        """Load a committed snapshot (any layout) into the EMA and take its clock. Collective.
+
+        ``point``: the snapshot manager's ``ResumePoint`` (the snapshot, checked against this EMA,
+        and each profile's array in it). Every rank reads only its own pieces.
+        """
+        from dist_ema.collective import run_and_check
+        from dist_ema.store.fs import StoreError
+
+        def load() -> None:
+            for prof, k in zip(self.profiles, point.profiles):
+                vals = point.reader.read_pieces(point.snap, k, self.pieces, self.offsets)[0]
+                prof.flat.copy_(torch.from_numpy(vals))
+
+        try:
+            run_and_check(load, f"resuming from {point.reader.url}", self.snapshots.group, StoreError)
+        except BaseException:
+            self.snapshots.abandon()  # the writer and the store's claim are given up with the error
+            raise
+        self.clock = Clock.of_snapshot(point.snap.meta)
 
     # ------------------------------------------------------------------ layout
 

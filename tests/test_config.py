@@ -106,8 +106,7 @@ def test_every_field_has_a_docstring() -> None:
 
 
 def test_allowed_values_match_the_library() -> None:
-    from dist_ema.config import _COMPRESSIONS, _ON_ERROR, _STORAGE_DTYPES, _WHEN_BEHIND, _WRITERS
-    from dist_ema.snapshots import SnapshotConfig
+    from dist_ema.config import _COMPRESSIONS, _ON_ERROR, _STORAGE_DTYPES, _WHEN_BEHIND, _WRITERS, SnapshotConfig
     from dist_ema.store.io import COMPRESSIONS
     from dist_ema.store.layout import STORAGE_DTYPES
 
@@ -370,6 +369,6 @@ def test_config_parts_and_defaults_agree() -> None:
     for f in dataclasses.fields(SnapshotConfig):
         if f.name != "url":
             assert kw[snap.get(f.name, f.name)].default == f.default, f.name
-    from dist_ema.snapshots import SnapshotConfig as Reexported
+    from dist_ema.snapshot.manager import SnapshotConfig as Reexported
 
     assert Reexported is SnapshotConfig

@@ -37,7 +37,7 @@ def worker_train(rank, ws, out, engine, url, steps, snapshot_every=2, resume=Fal
     elif resume:
         ema.full_state_dict(sigma_rel=0.10)
     if kill_at is not None and rank == 1:
-        from dist_ema.snapshots import SnapshotManager
+        from dist_ema.snapshot import SnapshotManager
 
         orig = SnapshotManager.exchange
 

@@ -341,14 +341,18 @@ def test_defaults_and_gammas():
 
 
 def test_the_clock_has_one_owner(tmp_path):
-    """The tracker owns the clock (one record); the snapshot side reads it and owns its own schedule."""
+    """The tracker owns the clock and the EMA buffers (one writer, resume included); the snapshot side
+    reads them and owns its own schedule."""
     import re
     from pathlib import Path
 
     from dist_ema.tracker import Clock
 
-    src = (Path(__file__).parent.parent / "dist_ema" / "snapshots.py").read_text()
+    folder = Path(__file__).parent.parent / "dist_ema" / "snapshot"
+    src = "\n".join(f.read_text() for f in sorted(folder.glob("*.py")))
+    assert "class SnapshotManager" in src
     assert not re.search(r"\bema\.(step|t|_t_updated|updates|clock)\s*=[^=]", src)
+    assert not re.search(r"\.flat\.(copy_|add_|mul_|lerp_|zero_)\(", src)  # never writes the EMA buffers
     assert "every // 2" not in (Path(__file__).parent.parent / "dist_ema" / "tracker.py").read_text()
     m = torch.nn.Linear(4, 4)
     url = str(tmp_path / "s")

@@ -38,6 +38,7 @@ import atexit
 import logging
 import time
 import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -62,7 +63,7 @@ from dist_ema.store.fs import StoreError, StoreIO
 from dist_ema.store.io import retire_snapshots
 from dist_ema.store.jobs import CommitJob, DataJob
 from dist_ema.store.layout import Layout, param_mismatch, snapshot_id
-from dist_ema.store.reader import SnapshotStore
+from dist_ema.store.reader import Snapshot, SnapshotStore
 from dist_ema.store.writer import SnapshotWriter, WriterSpec
 
 __all__ = ["SnapshotConfig", "SnapshotManager"]
@@ -70,6 +71,15 @@ __all__ = ["SnapshotConfig", "SnapshotManager"]
 log = logging.getLogger("dist_ema")
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed EMA continues from: the snapshot, and each of the EMA's profiles' array in it."""
+
+    reader: SnapshotStore
+    snap: Snapshot
+    profiles: tuple[int, ...]
 
 
 class SnapshotManager:
@@ -98,12 +108,13 @@ class SnapshotManager:
         self.writer: SnapshotWriter | None = None
         self.stager: Stager | None = None  # made with the writer (a new writer gets a new stager)
         self._closed = False
-        # validate everything (store, resume) before creating the writer's process and shared memory
+        # validate everything (store, resume) before creating the writer's process and shared memory;
+        # ``resumed``: the snapshot the EMA then loads (PostHocEMA._restore), or None
         self.session = StoreSession(self.io, self.group, self.rank, config.storage_options)
         self.session.open(self.layout, resume)
         self.ledger = SnapshotLedger(self.session.committed, config.keep)
         try:
-            self.resumed = self._resume() if resume else None
+            self.resumed = self._find_resume() if resume else None
             self._start_writer()
         except BaseException:  # a refused resume (another model, ...) leaves the store to the next job
             self.session.release()
@@ -511,13 +522,16 @@ class SnapshotManager:
 
     # ------------------------------------------------------------------ resume and restore
 
-    @torch.no_grad()
-    def _resume(self) -> dict | None:
-        """Load the newest committed snapshot into the EMA (any world size). Collective. Returns its meta."""
+    def _find_resume(self) -> ResumePoint | None:
+        """The newest committed snapshot, checked against this EMA on every rank (collective).
+
+        The EMA loads it itself (:meth:`PostHocEMA._restore`: the tracker is the one writer of its
+        buffers and clock); the snapshots taken from now on come after it.
+        """
         ema = self.ema
 
-        def load() -> dict | None:
-            reader = SnapshotStore(self.io.url, io=self.io)
+        def find() -> ResumePoint | None:
+            reader = self.reader()
             snaps = reader.snapshots()
             if not snaps:
                 return None
@@ -539,20 +553,17 @@ class SnapshotManager:
                         f"snapshot {snap.id} tracks sigma_rels {list(snap.sigma_rels)}, this EMA "
                         f"{list(ema.sigma_rels)}; resume with the same profiles"
                     ) from None
-            for prof, k in zip(ema.profiles, order):
-                prof.flat.copy_(torch.from_numpy(reader.read_pieces(snap, k, ema.pieces, ema.offsets)[0]))
-            return snap.meta
+            return ResumePoint(reader, snap, tuple(order))
 
-        meta = run_and_check(load, f"resuming from {self.io.url}", self.group, StoreError)
-        if meta is None:
+        point = run_and_check(find, f"resuming from {self.io.url}", self.group, StoreError)
+        if point is None:
             log.info("dist-ema: no committed snapshot in %s; starting fresh", self.io.url)
             return None
-        # the tracker owns the clock: it restores it from this metadata (PostHocEMA.__init__)
-        self.ledger.taken(int(meta["step"]), float(meta["t"]))
+        self.ledger.taken(point.snap.step, point.snap.t)
         if self.rank == 0:
-            log.info("dist-ema: resumed EMA from snapshot step %d (t=%g %s) of %s", int(meta["step"]),
-                     float(meta["t"]), meta["unit"], self.io.url)
-        return meta
+            log.info("dist-ema: resuming the EMA from snapshot step %d (t=%g %s) of %s", point.snap.step,
+                     point.snap.t, point.snap.unit, self.io.url)
+        return point
 
     def reader(self) -> SnapshotStore:
         return SnapshotStore(self.io.url, io=self.io)
