@@ -26,6 +26,7 @@ from typing import Protocol
 import torch
 
 from dist_ema import phema
+from dist_ema.errors import StateDictError, UsageError
 from dist_ema.sharding.base import ShardLayout, ShardPiece
 from dist_ema.store.layout import piece_blocks
 
@@ -117,7 +118,7 @@ class _FlatShards(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise TypeError(f"a dist-ema checkpoint shard supports no tensor operations (called {func})")
+        raise UsageError(f"a dist-ema checkpoint shard supports no tensor operations (called {func})")
 
     def __repr__(self) -> str:
         ranges = [(s, s + v.numel(), b) for s, v, b in self._pieces]
@@ -152,7 +153,7 @@ class _FlatShards(torch.Tensor):
         for offs, _, view in self._chunks:
             if offs == index.offset:
                 return view
-        raise ValueError(f"no EMA chunk at offset {tuple(index.offset)} of {index.fqn!r} on this rank")
+        raise StateDictError(f"no EMA chunk at offset {tuple(index.offset)} of {index.fqn!r} on this rank")
 
 
 # ----------------------------------------------------------------------------- save
@@ -214,7 +215,7 @@ def _dtensor_entries(layout: ShardLayout, pieces: Sequence[ShardPiece]):
     live = {name: p for name, p in layout.dtensor_params().items() if name in layout.params}
     missing = sorted(set(layout.params) - set(live))
     if missing:
-        raise ValueError(f"state_dict(): the FSDP2 parameters {missing[:3]} are no longer DTensors of the model")
+        raise StateDictError(f"state_dict(): the FSDP2 parameters {missing[:3]} are no longer DTensors of the model")
     by = _pieces_by_fqn(pieces)
 
     def make(prof: Profile) -> dict[str, torch.Tensor]:
@@ -222,7 +223,7 @@ def _dtensor_entries(layout: ShardLayout, pieces: Sequence[ShardPiece]):
         for fqn, p in live.items():
             idx = by.get(fqn, [])
             if len(idx) > 1:
-                raise ValueError(f"state_dict(): {len(idx)} FSDP2 shard pieces of {fqn!r} on one rank")
+                raise StateDictError(f"state_dict(): {len(idx)} FSDP2 shard pieces of {fqn!r} on one rank")
             if idx:
                 local = prof.views[idx[0]].view(-1, *p.shape[1:])
             else:  # this rank holds no rows of the parameter
@@ -264,15 +265,15 @@ def check_state(state: object, gammas: Sequence[float], unit: str) -> tuple[str,
     head = state.get("dist_ema") if isinstance(state, dict) else None
     fmt = head.get("format") if isinstance(head, dict) else None
     if fmt not in (FORMAT, FORMAT_PER_RANK):
-        raise ValueError(
+        raise StateDictError(
             f"not a dist-ema tracker state dict (no 'dist_ema' entry of format {FORMAT} or "
             f"{FORMAT_PER_RANK}; got {fmt!r})"
         )
     theirs = [float(g) for g in head["gammas"]]
     if len(theirs) != len(gammas) or not all(map(phema.same_gamma, theirs, gammas)):
-        raise ValueError(f"state dict tracks gammas {head['gammas']}, this EMA tracks {list(gammas)}")
+        raise StateDictError(f"state dict tracks gammas {head['gammas']}, this EMA tracks {list(gammas)}")
     if head["unit"] != unit:
-        raise ValueError(
+        raise StateDictError(
             f"state dict counts time in {head['unit']}, this EMA in {unit} (batch_size= must "
             f"be given in both or in neither)"
         )
@@ -292,7 +293,7 @@ def refuse_kept_live_dict(state: dict, head: dict, fmt: str, profiles: Sequence[
     """
     if int(head["updates"]) == updates or not holds_live_views(state, fmt, profiles) or written_since:
         return  # a copy, values and clock from the same moment, or values loaded into the views (DCP)
-    raise ValueError(
+    raise StateDictError(
         f"this state dict holds live views of the EMA (its values are those of now, step {step}, after "
         f"{updates} updates) but the clock of step {head['step']} ({head['updates']} updates): loading "
         f"it would put the old step onto the newer values. ema.state_dict() is not a copy: for an in-memory "
@@ -329,10 +330,10 @@ def loaded_values(state: dict, fmt: str, pieces: Sequence[ShardPiece], profiles:
         key = profile_key(prof.sigma_rel)
         entries = state.get(key)
         if not isinstance(entries, dict):
-            raise ValueError(f"state dict has no entry {key!r} for the tracked profile sigma_rel={prof.sigma_rel}")
+            raise StateDictError(f"state dict has no entry {key!r} for the tracked profile sigma_rel={prof.sigma_rel}")
         for fqn, idx in by.items():
             if fqn not in entries:
-                raise ValueError(f"state dict has no EMA of this rank's shard of {fqn!r} (profile {key}): it was "
+                raise StateDictError(f"state dict has no EMA of this rank's shard of {fqn!r} (profile {key}): it was "
                                  f"saved with another sharding (world size, engine or wrapping); {_RESHARD_HINT}")
             mine = [(pieces[i].flat_start, prof.views[i], pieces[i].box) for i in idx]
             for (_, dst, _), src in zip(mine, _local_values(entries[fqn], mine, fqn)):
@@ -348,7 +349,7 @@ def _per_rank_values(state: dict, pieces: Sequence[ShardPiece], profiles: Sequen
     key = f"dist_ema_rank{rank():05d}"
     mine = [[p.fqn, *_range_doc(p)] for p in pieces]
     if key not in state or json.loads(state[key]["pieces"]) != mine:
-        raise ValueError(
+        raise StateDictError(
             f"state dict ({FORMAT_PER_RANK}, per-rank buffers) was saved with a different sharding (world size "
             "or wrapping); resume from the snapshot store instead (PostHocEMA(..., store=url, resume=True)), "
             "which reshards, or load it at the world size and wrapping it was saved with"
@@ -388,9 +389,9 @@ def _local_values(entry: object, mine: list[tuple[int, torch.Tensor, tuple | Non
         got = [[int(c.offsets[0]) * row, local.numel()] for c in chunks if local.numel()]
         values = [local.reshape(-1)] if local.numel() else []
     else:
-        raise ValueError(f"state dict entry of {fqn!r} is a {type(entry).__name__}, not a dist-ema EMA shard")
+        raise StateDictError(f"state dict entry of {fqn!r} is a {type(entry).__name__}, not a dist-ema EMA shard")
     if got != want or any(v.numel() != r[1] for v, r in zip(values, got)):
-        raise ValueError(
+        raise StateDictError(
             f"the EMA of {fqn!r} in this state dict covers the flat ranges {got} on this rank, this EMA holds "
             f"{want}: it was saved with another sharding (world size, engine or wrapping); {_RESHARD_HINT}"
         )

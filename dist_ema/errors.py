@@ -9,6 +9,7 @@
     ├── OutputExistsError (a FileExistsError)    a synthesis output that may not be written
     ├── CheckpointError (a FileNotFoundError)    a training checkpoint without the EMA state saved with it
     ├── UsageError (also a TypeError)            an object used in a way it does not support
+    ├── StateDictError (also a ValueError)       an EMA state dict that does not fit this EMA
     ├── UnknownParameterError (also a KeyError)  a parameter name a snapshot does not hold
     ├── UnsupportedEngineError (a RuntimeError)  a model/engine no adapter understands
     │   └── ShardCoverageError
@@ -71,3 +72,8 @@ class CheckpointError(DistEMAError, FileNotFoundError):
 
 class UsageError(DistEMAError, TypeError):
     """An object of dist-ema used in a way it does not support (e.g. running a ``ModelParts``)."""
+
+
+class StateDictError(DistEMAError, ValueError):
+    """An EMA state dict (DCP or ``torch.save``) that does not fit this EMA: other profiles, another
+    sharding without DCP, a newer clock than the EMA's, or an entry that is not a dist-ema EMA shard."""

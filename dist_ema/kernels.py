@@ -43,6 +43,8 @@ from collections.abc import Sequence
 
 import torch
 
+from dist_ema.errors import ConfigError
+
 __all__ = ["FusedUpdate", "adjacent", "coalesce", "compile_enabled", "foreach_update"]
 
 log = logging.getLogger("dist_ema")
@@ -158,20 +160,20 @@ class FusedUpdate:
                  compile: bool | None = None, min_numel: int = DEFAULT_MIN_NUMEL, group: int = DEFAULT_GROUP,
                  staged: bool = True) -> None:
         if not emas:
-            raise ValueError("emas is empty: give one list of EMA tensors per tracked profile")
+            raise ConfigError("emas is empty: give one list of EMA tensors per tracked profile")
         if group < 1 or min_numel < 1:
-            raise ValueError(f"group and min_numel must be >= 1; got group={group}, min_numel={min_numel}")
+            raise ConfigError(f"group and min_numel must be >= 1; got group={group}, min_numel={min_numel}")
         for k, views in enumerate(emas):
             if len(views) != len(sources):
-                raise ValueError(f"emas[{k}] has {len(views)} tensors for {len(sources)} sources; give one per source")
+                raise ConfigError(f"emas[{k}] has {len(views)} tensors for {len(sources)} sources; give one per source")
             for i, (e, s) in enumerate(zip(views, sources)):
                 if e.dtype != torch.float32 or e.dim() != 1 or s.dim() != 1 or e.numel() != s.numel():
-                    raise ValueError(
+                    raise ConfigError(
                         f"emas[{k}][{i}] must be a 1-d float32 tensor of its source's {s.numel()} elements "
                         f"(1-d); got {e.dtype} {tuple(e.shape)} for source {tuple(s.shape)}"
                     )
                 if e.device != s.device:
-                    raise ValueError(f"emas[{k}][{i}] is on {e.device}, its source on {s.device}")
+                    raise ConfigError(f"emas[{k}][{i}] is on {e.device}, its source on {s.device}")
         self.K = len(emas)
         emas_c, src_c = coalesce(emas, sources)
         self.runs = len(src_c)
@@ -265,7 +267,7 @@ class FusedUpdate:
     @torch.no_grad()
     def __call__(self, weights: Sequence[float]) -> None:
         if len(weights) != self.K:
-            raise ValueError(f"need {self.K} weights (one per profile); got {len(weights)}")
+            raise ConfigError(f"need {self.K} weights (one per profile); got {len(weights)}")
         for srcs, stage in self._stages:  # one copy of many small sources (no allocation: out=)
             torch.cat(srcs, out=stage)
         if self._groups:

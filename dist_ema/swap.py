@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from dist_ema import phema
+from dist_ema.errors import ConfigError, TargetError
 from dist_ema.sharding.base import ShardPiece
 
 __all__ = ["swapped_values", "synthesized_shards", "write_into_pieces"]
@@ -89,7 +90,7 @@ def synthesized_shards(clock: _Clock, profiles: Sequence[_Profile], pieces: Sequ
 
     _, (g,) = _targets([sigma_rel] if sigma_rel is not None else None, [gamma] if gamma is not None else None)
     if clock.updates == 0:
-        raise ValueError("no EMA yet: call update() after optimizer steps before synthesizing")
+        raise ConfigError("no EMA yet: call update() after optimizer steps before synthesizing")
     gammas = tuple(p.gamma for p in profiles)
     k = phema.find_gamma(gammas, g)
     if k is not None:
@@ -139,5 +140,5 @@ def _plan(snapshots, sources: list, t_now: float, g: float) -> tuple[list[float]
     group = snapshots.group
     box: dict = {}
     run_and_check((lambda: box.setdefault("plan", solve())) if rank(group) == 0 else (lambda: None),
-                  "planning swapped()", group, ValueError)
+                  "planning swapped()", group, TargetError)
     return broadcast_object(box.get("plan"), 0, group)  # type: ignore[return-value]

@@ -36,6 +36,7 @@ from dist_ema.config import (
     WhenBehind,
     Writer,
 )
+from dist_ema.errors import ConfigError, StateDictError
 from dist_ema.sharding.base import ShardLayout, ShardPiece
 from dist_ema.sharding.parts import as_model
 from dist_ema.sharding.watch import ModelChangedError, ModelWatch, describe_change, param_table
@@ -247,7 +248,7 @@ class PostHocEMA:
         self._update_plan = None  # built at the next update, over these sources
         devices = {p.source.device for p in self.pieces}
         if len(devices) > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"shards live on several devices {sorted(map(str, devices))}; dist-ema keeps one EMA buffer per rank "
                 f"on the shards' device: move the model's shards to one device"
             )
@@ -364,17 +365,17 @@ class PostHocEMA:
     def profile(self, sigma_rel: float | None = None, gamma: float | None = None) -> _Profile:
         """The tracked profile with this sigma_rel (or gamma); ValueError naming the tracked ones."""
         if (sigma_rel is None) == (gamma is None):
-            raise ValueError("give exactly one of sigma_rel or gamma")
+            raise ConfigError("give exactly one of sigma_rel or gamma")
         # one rule for "the same profile": phema.same_gamma
         k = phema.find_gamma(self.gammas, phema.sigma_rel_to_gamma(sigma_rel) if sigma_rel is not None else gamma)
         if k is not None:
             return self.profiles[k]
         if sigma_rel is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"sigma_rel={sigma_rel} is not tracked (tracked: {list(self.sigma_rels)}); "
                 f"use ema.swapped(sigma_rel=...) or synthesize() for other profiles"
             )
-        raise ValueError(f"gamma={gamma} is not tracked (tracked: {list(self.gammas)})")
+        raise ConfigError(f"gamma={gamma} is not tracked (tracked: {list(self.gammas)})")
 
     # ------------------------------------------------------------------ update
 
@@ -440,7 +441,7 @@ class PostHocEMA:
         Written in the background; committed once every rank finished writing.
         """
         if self.snapshots is None:
-            raise ValueError("snapshot() needs a store: PostHocEMA(..., store='runs/x/snapshots')")
+            raise ConfigError("snapshot() needs a store: PostHocEMA(..., store='runs/x/snapshots')")
         return self.snapshots.snapshot()
 
     def flush(self) -> None:
@@ -564,7 +565,7 @@ class PostHocEMA:
             self._wrote_at = _versions(self.profiles)
 
         if is_distributed():  # a rank whose part does not fit fails every rank, before anything collective
-            run_and_check(check_and_fill, "loading the EMA state dict", None, ValueError)
+            run_and_check(check_and_fill, "loading the EMA state dict", None, StateDictError)
         else:
             check_and_fill()
         self.step, self.t = int(head["step"]), float(head["t"])

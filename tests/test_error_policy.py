@@ -27,6 +27,7 @@ from dist_ema.errors import (
     DistEMAError,
     LayoutError,
     OutputExistsError,
+    StateDictError,
     TargetError,
     UsageError,
 )
@@ -64,8 +65,7 @@ INTERNAL = {
 
 # files (and folders, ending in "/") being rewritten elsewhere: test_pending_files_follow_the_policy lists
 # their raises
-PENDING = {"dist_ema/tracker.py", "dist_ema/swap.py", "dist_ema/load.py", "dist_ema/kernels.py",
-           "dist_ema/checkpoint.py"}
+PENDING: set[str] = set()
 
 
 def pending(rel: str) -> bool:
@@ -135,8 +135,6 @@ def test_no_builtin_raises_outside_the_listed_invariants():
         f"INTERNAL is out of date; now:\n{_listing(changed)}\nno longer raised:\n{_listing(stale)}")
 
 
-@pytest.mark.xfail(strict=True, reason="tracker.py, swap.py, load.py, kernels.py and checkpoint.py still raise "
-                                       "plain ValueError/TypeError for user input")
 def test_pending_files_follow_the_policy():
     hits = builtin_raises(only_pending=True)
     assert not hits, "builtin raises in files being rewritten:\n" + _listing(hits)
@@ -164,7 +162,8 @@ def test_every_error_class_is_a_builtin_too_and_in_the_tree():
     _import_all()
     public = {c for c in _all_subclasses(DistEMAError) if c.__module__.startswith("dist_ema.")
               and not c.__name__.startswith("_")}
-    assert {ConfigError, TargetError, LayoutError, OutputExistsError, CheckpointError, UsageError} <= public
+    assert {ConfigError, TargetError, LayoutError, OutputExistsError, CheckpointError, UsageError,
+            StateDictError} <= public
     for cls in public:
         assert issubclass(cls, (ValueError, RuntimeError, TypeError, OSError, KeyError)), cls
         assert cls.__name__ in errors.__doc__, f"{cls.__name__} is missing from the tree in dist_ema/errors.py"
@@ -175,7 +174,8 @@ def test_every_error_class_is_a_builtin_too_and_in_the_tree():
 
 @pytest.mark.parametrize("cls,builtin", [(ConfigError, ValueError), (TargetError, ValueError),
                                          (LayoutError, ValueError), (OutputExistsError, FileExistsError),
-                                         (CheckpointError, FileNotFoundError), (UsageError, TypeError)])
+                                         (CheckpointError, FileNotFoundError), (UsageError, TypeError),
+                                         (StateDictError, ValueError)])
 def test_new_errors_pickle_and_keep_failures(cls, builtin):
     """Errors cross processes (the writer process, collective steps): type, message and failures survive."""
     e = cls("what went wrong", failures={1: "ValueError: x"})
@@ -261,6 +261,22 @@ def test_open_store_of_a_non_store(tmp_path):
     with pytest.raises(RuntimeError, match="not a dist-ema store") as ei:
         open_store(str(tmp_path))
     _both(ei, StoreError, RuntimeError)
+
+
+def test_tracker_and_state_dict_errors():
+    from dist_ema import PostHocEMA
+
+    ema = PostHocEMA(torch.nn.Linear(3, 2), sigma_rels=(0.05, 0.10))
+    with pytest.raises(ValueError, match="give exactly one of sigma_rel or gamma") as ei:
+        ema.profile()
+    _both(ei, ConfigError, ValueError)
+    with pytest.raises(ValueError, match="needs a store") as ei:
+        ema.snapshot()
+    _both(ei, ConfigError, ValueError)
+    other = PostHocEMA(torch.nn.Linear(3, 2), sigma_rels=(0.05, 0.20)).state_dict()
+    with pytest.raises(ValueError, match="gammas") as ei:
+        ema.load_state_dict(other)
+    _both(ei, StateDictError, ValueError)
 
 
 def test_model_parts_is_not_run():
