@@ -38,13 +38,11 @@ import atexit
 import logging
 import time
 import weakref
-from dataclasses import dataclass
 
 import torch
 
 from dist_ema.collective import (
     all_gather_object,
-    broadcast_object,
     gather_to_rank0,
     raise_if_any,
     rank,
@@ -56,14 +54,13 @@ from dist_ema.config import SnapshotConfig
 from dist_ema.errors import ConfigError
 from dist_ema.snapshot.ledger import SnapshotLedger
 from dist_ema.snapshot.protocol import Decision, LocalReport, agree
-from dist_ema.snapshot.session import StoreSession
+from dist_ema.snapshot.session import ResumePoint, StoreSession
 from dist_ema.snapshot.staging import Stager, Ticket
 from dist_ema.store.format import BOX_VERSION, FORMAT_VERSION, SnapshotMeta, data_prefix, step_of
 from dist_ema.store.fs import StoreError, StoreIO
 from dist_ema.store.io import retire_snapshots
 from dist_ema.store.jobs import CommitJob, DataJob
-from dist_ema.store.layout import Layout, param_mismatch, snapshot_id
-from dist_ema.store.reader import Snapshot, SnapshotStore
+from dist_ema.store.layout import Layout, snapshot_id
 from dist_ema.store.writer import SnapshotWriter, WriterSpec
 
 __all__ = ["SnapshotConfig", "SnapshotManager"]
@@ -71,15 +68,6 @@ __all__ = ["SnapshotConfig", "SnapshotManager"]
 log = logging.getLogger("dist_ema")
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class ResumePoint:
-    """Where a resumed EMA continues from: the snapshot, and each of the EMA's profiles' array in it."""
-
-    reader: SnapshotStore
-    snap: Snapshot
-    profiles: tuple[int, ...]
 
 
 class SnapshotManager:
@@ -523,50 +511,16 @@ class SnapshotManager:
     # ------------------------------------------------------------------ resume and restore
 
     def _find_resume(self) -> ResumePoint | None:
-        """The newest committed snapshot, checked against this EMA on every rank (collective).
+        """The snapshot the EMA resumes from (checked against it on every rank; collective), or None.
 
         The EMA loads it itself (:meth:`PostHocEMA._restore`: the tracker is the one writer of its
         buffers and clock); the snapshots taken from now on come after it.
         """
         ema = self.ema
-
-        def find() -> ResumePoint | None:
-            reader = self.reader()
-            snaps = reader.snapshots()
-            if not snaps:
-                return None
-            snap = snaps[-1]
-            src = reader.layout(snap)
-            diff = param_mismatch({f: s for f, s, _ in self.layout.params}, {f: s for f, s, _ in src.params})
-            if diff is not None:
-                raise StoreError(f"store {self.io.url} holds snapshots of a different model (snapshot {snap.id}): "
-                                 f"{diff}; use a new store URL for a new model")
-            if snap.unit != ema.config.unit:
-                raise StoreError(f"snapshot {snap.id} counts time in {snap.unit}, this EMA in {ema.config.unit}; "
-                                 f"pass the same batch_size as the run that wrote it")
-            order = []
-            for prof in ema.profiles:
-                try:
-                    order.append(reader.profile_index(snap, gamma=prof.gamma))
-                except ValueError:
-                    raise StoreError(
-                        f"snapshot {snap.id} tracks sigma_rels {list(snap.sigma_rels)}, this EMA "
-                        f"{list(ema.sigma_rels)}; resume with the same profiles"
-                    ) from None
-            return ResumePoint(reader, snap, tuple(order))
-
-        point = run_and_check(find, f"resuming from {self.io.url}", self.group, StoreError)
-        if point is None:
-            log.info("dist-ema: no committed snapshot in %s; starting fresh", self.io.url)
-            return None
-        self.ledger.taken(point.snap.step, point.snap.t)
-        if self.rank == 0:
-            log.info("dist-ema: resuming the EMA from snapshot step %d (t=%g %s) of %s", point.snap.step,
-                     point.snap.t, point.snap.unit, self.io.url)
+        point = self.session.resume_point(self.layout, ema.config.unit, ema.profiles, ema.sigma_rels)
+        if point is not None:
+            self.ledger.taken(point.snap.step, point.snap.t)
         return point
-
-    def reader(self) -> SnapshotStore:
-        return SnapshotStore(self.io.url, io=self.io)
 
     def restored(self, step: int, t: float) -> list[int]:
         """The EMA was restored to ``step`` from a training checkpoint (collective). Returns retired steps.
@@ -597,27 +551,8 @@ class SnapshotManager:
     # ------------------------------------------------------------------ synthesis in training
 
     def committed_snapshots(self):
-        """Committed snapshots, listed on rank 0 and broadcast so every rank uses the same set. Collective."""
-        reader = self.reader()
-        listed = None
-        if self.rank == 0:
-            listed = run_and_check(reader.snapshots, "listing snapshots", self.group, StoreError)
-        else:
-            run_and_check(lambda: None, "listing snapshots", self.group, StoreError)
-        # retention decides what is kept: snapshots it has dropped (maybe not deleted yet) are never planned for
-        kept = {snap for snap, _ in self.ledger.committed}
-        ids = [s.id for s in listed if s.id in kept] if listed is not None else None
-        ids = broadcast_object(ids, 0, self.group)
-
-        def mine() -> list:
-            snaps = {s.id: s for s in (listed if listed is not None else reader.snapshots())}
-            missing = [i for i in ids if i not in snaps]
-            if missing:
-                raise StoreError(f"snapshots {missing[:3]} disappeared from {self.io.url} while reading")
-            return [snaps[i] for i in ids]
-
-        # every rank learns if any rank could not see the list (no rank left alone in a later collective)
-        return reader, run_and_check(mine, "reading the snapshot list", self.group, StoreError)
+        """(reader, the committed snapshots retention keeps), the same list on every rank. Collective."""
+        return self.session.committed_snapshots({snap for snap, _ in self.ledger.committed})
 
 
 # Managers not closed yet: at interpreter exit each commits (one process) or names what is lost.

@@ -13,8 +13,9 @@ import json
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 
-from dist_ema.collective import all_gather_object, run_and_check
+from dist_ema.collective import all_gather_object, broadcast_object, run_and_check
 from dist_ema.store import io as store_io
 from dist_ema.store.format import job_key
 from dist_ema.store.fs import StoreError, StoreIO, redact
@@ -27,12 +28,22 @@ from dist_ema.store.io import (
     remove_leftovers,
     write_layout,
 )
-from dist_ema.store.layout import Layout
+from dist_ema.store.layout import Layout, param_mismatch
+from dist_ema.store.reader import Snapshot, SnapshotStore
 from dist_ema.store.writer import Heartbeat
 
-__all__ = ["StoreSession"]
+__all__ = ["ResumePoint", "StoreSession"]
 
 log = logging.getLogger("dist_ema")
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed EMA continues from: the snapshot, and each of the EMA's profiles' array in it."""
+
+    reader: SnapshotStore
+    snap: Snapshot
+    profiles: tuple[int, ...]
 
 
 class StoreSession:
@@ -111,3 +122,67 @@ class StoreSession:
             release_store(self.io, self.job)
         except Exception as e:  # noqa: BLE001 - reported; the next job can still take a stale owner over
             log.warning("dist-ema: could not release the ownership of %s: %s", self.io.url, e)
+
+    # ------------------------------------------------------------------ reading the store
+
+    def reader(self) -> SnapshotStore:
+        return SnapshotStore(self.io.url, io=self.io)
+
+    def resume_point(self, layout: Layout, unit: str, profiles, sigma_rels) -> ResumePoint | None:
+        """The newest committed snapshot, checked against the EMA (model, time unit, profiles) on every
+        rank (collective); None when the store has none."""
+
+        def find() -> ResumePoint | None:
+            reader = self.reader()
+            snaps = reader.snapshots()
+            if not snaps:
+                return None
+            snap = snaps[-1]
+            src = reader.layout(snap)
+            diff = param_mismatch({f: s for f, s, _ in layout.params}, {f: s for f, s, _ in src.params})
+            if diff is not None:
+                raise StoreError(f"store {self.io.url} holds snapshots of a different model (snapshot {snap.id}): "
+                                 f"{diff}; use a new store URL for a new model")
+            if snap.unit != unit:
+                raise StoreError(f"snapshot {snap.id} counts time in {snap.unit}, this EMA in {unit}; "
+                                 f"pass the same batch_size as the run that wrote it")
+            order = []
+            for prof in profiles:
+                try:
+                    order.append(reader.profile_index(snap, gamma=prof.gamma))
+                except ValueError:
+                    raise StoreError(
+                        f"snapshot {snap.id} tracks sigma_rels {list(snap.sigma_rels)}, this EMA "
+                        f"{list(sigma_rels)}; resume with the same profiles"
+                    ) from None
+            return ResumePoint(reader, snap, tuple(order))
+
+        point = run_and_check(find, f"resuming from {self.io.url}", self.group, StoreError)
+        if point is None:
+            log.info("dist-ema: no committed snapshot in %s; starting fresh", self.io.url)
+        elif self.rank == 0:
+            log.info("dist-ema: resuming the EMA from snapshot step %d (t=%g %s) of %s", point.snap.step,
+                     point.snap.t, point.snap.unit, self.io.url)
+        return point
+
+    def committed_snapshots(self, kept: set[str]):
+        """(reader, the committed snapshots in ``kept``), listed on rank 0 and broadcast so every rank uses
+        the same set. Collective. ``kept``: what retention keeps (dropped ones may not be deleted yet)."""
+        reader = self.reader()
+        listed = None
+        if self.rank == 0:
+            listed = run_and_check(reader.snapshots, "listing snapshots", self.group, StoreError)
+        else:
+            run_and_check(lambda: None, "listing snapshots", self.group, StoreError)
+        ids = [s.id for s in listed if s.id in kept] if listed is not None else None
+        ids = broadcast_object(ids, 0, self.group)
+
+        def mine() -> list:
+            snaps = {s.id: s for s in (listed if listed is not None else reader.snapshots())}
+            missing = [i for i in ids if i not in snaps]
+            if missing:
+                raise StoreError(f"snapshots {missing[:3]} disappeared from {self.io.url} while reading")
+            return [snaps[i] for i in ids]
+
+        # every rank learns if any rank could not see the list (no rank left alone in a later collective)
+        return reader, run_and_check(mine, "reading the snapshot list", self.group, StoreError)
