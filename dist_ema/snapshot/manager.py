@@ -94,7 +94,7 @@ class SnapshotManager:
         self.bytes_written = 0
         self.stall_seconds: list[float] = []
         self.writer: SnapshotWriter | None = None
-        self.stager: Stager | None = None  # made with the writer (a new writer gets a new stager)
+        self.stager: Stager | None = None  # made at the first snapshot, for the writer's slots (see _stager)
         self._closed = False
         # validate everything (store, resume) before creating the writer's process and shared memory;
         # ``resumed``: the snapshot the EMA then loads (PostHocEMA._restore), or None
@@ -152,10 +152,20 @@ class SnapshotManager:
         return SnapshotWriter(self.io, spec, mode=cfg.writer, slots=cfg.slots, heartbeat=self.session.heartbeat())
 
     def _use_writer(self, writer: SnapshotWriter) -> None:
+        """Write with ``writer`` from now on; its slots get a new stager at the next snapshot."""
         if self.stager is not None:
             self.stager.close()
-        self.writer = writer
-        self.stager = Stager(self.ema.device, writer.stage_view, self.config.slots, _TORCH_DTYPES[self.config.dtype])
+        self.writer, self.stager = writer, None
+
+    def _stager(self) -> Stager:
+        """The stager of the current writer's slots, on the EMA's device now (the model may have moved since)."""
+        device = self.ema.device
+        moved = self.stager is not None and self.stager.device != device
+        if self.stager is None or (moved and not any(r.ticket is not None for r in self.ledger.in_flight)):
+            if self.stager is not None:
+                self.stager.close()
+            self.stager = Stager(device, self.writer.stage_view, self.config.slots, _TORCH_DTYPES[self.config.dtype])
+        return self.stager
 
     # ------------------------------------------------------------------ snapshot: plan, exchange, stage, submit
 
@@ -230,8 +240,8 @@ class SnapshotManager:
             slot = self.writer.acquire_slot()  # blocks for the oldest write if needed (backpressure)
             buffers = self._snapshot_buffers(staged) if self.rank == 0 and meta["buffers"] else []
             # a rank that owns nothing (a small model on many ranks) stages no data; it still commits with the rest
-            ticket = self.stager.start(slot, [prof.flat for prof in self.ema.profiles], self.ema.owned_numel,
-                                       buffers=buffers)
+            ticket = self._stager().start(slot, [prof.flat for prof in self.ema.profiles], self.ema.owned_numel,
+                                          buffers=buffers)
         except Exception as e:  # noqa: BLE001 - exchanged below
             err = e
         self.stall_seconds.append(time.perf_counter() - t0)
@@ -263,7 +273,7 @@ class SnapshotManager:
 
         (The owner's heartbeat is not beaten here but by the writer, on its own clock.)
         """
-        if self.ledger.in_flight:
+        if self.ledger.in_flight and self.stager is not None:
             self.stager.order_update()
             self.submit_staged()
 
