@@ -241,6 +241,9 @@ class PostHocEMA:
             self.snapshots.abandon()  # the writer and the store's claim are given up with the error
             raise
         self.clock = Clock.of_snapshot(point.snap.meta)
+        if self.snapshots.rank == 0:
+            log.info("dist-ema: resumed EMA from snapshot step %d (t=%g %s) of %s", point.snap.step, point.snap.t,
+                     point.snap.unit, point.reader.url)
 
     # ------------------------------------------------------------------ layout
 

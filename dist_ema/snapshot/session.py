@@ -160,9 +160,6 @@ class StoreSession:
         point = run_and_check(find, f"resuming from {self.io.url}", self.group, StoreError)
         if point is None:
             log.info("dist-ema: no committed snapshot in %s; starting fresh", self.io.url)
-        elif self.rank == 0:
-            log.info("dist-ema: resuming the EMA from snapshot step %d (t=%g %s) of %s", point.snap.step,
-                     point.snap.t, point.snap.unit, self.io.url)
         return point
 
     def committed_snapshots(self, kept: set[str]):
