@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -33,8 +32,10 @@ from torch import nn
 
 from tests.dist_harness import run_workers
 from tests.engines import TinyNet, batch, build
+from tests.test_topologies import SIGMAS as TOPOLOGY_SIGMAS
+from tests.test_topologies import brute_ema, reconstruct  # brute force, no dist_ema
 
-SIGMAS = (0.05, 0.10)  # tracked
+SIGMAS = TOPOLOGY_SIGMAS  # tracked (reconstruct uses the same profiles)
 TARGETS = (0.10, 0.15)  # synthesized: one tracked, one not
 STEPS, EVERY = 4, 2  # snapshots at steps 2 and 4
 E, D, H, VOCAB = 4, 6, 8, 7  # experts, model width, expert hidden width, vocabulary
@@ -164,43 +165,6 @@ def plain_fsdp2(net: nn.Module) -> None:
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter gathered (``full_tensor``), float64, on every rank."""
     return {n: p.full_tensor().detach().double().clone() for n, p in model.named_parameters()}
-
-
-# ----------------------------------------------------------------------------- brute force (no dist_ema)
-
-
-def gamma_of(sigma_rel: float) -> float:
-    """Largest real root of g^3 + 7g^2 + (16 - s^-2) g + (12 - s^-2) = 0 (EDM2)."""
-    s2 = sigma_rel ** -2
-    roots = np.roots([1.0, 7.0, 16.0 - s2, 12.0 - s2])
-    return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
-
-
-def brute_ema(traj: list[dict[str, torch.Tensor]], sigma_rel: float) -> dict[str, torch.Tensor]:
-    """EMA after len(traj) unit steps: beta_t = (1 - 1/t)^(g+1), telescoped into per-step weights."""
-    g = gamma_of(sigma_rel)
-    w = np.zeros(len(traj))
-    for t in range(1, len(traj) + 1):
-        beta = (1.0 - 1.0 / t) ** (g + 1)
-        w *= beta
-        w[t - 1] = 1.0 - beta
-    return {k: sum(float(wi) * th[k] for wi, th in zip(w, traj)) for k in traj[0]}
-
-
-def inner(ta: float, ga: float, tb: float, gb: float) -> float:
-    """<p_a, p_b> of two truncated power functions (DESIGN.md)."""
-    return (ga + 1) * (gb + 1) * min(ta, tb) ** (ga + gb + 1) / ((ga + gb + 1) * ta ** (ga + 1) * tb ** (gb + 1))
-
-
-def reconstruct(snaps: dict[int, dict[float, dict[str, torch.Tensor]]], sigma_rel: float, t: float):
-    """Least squares over every (snapshot, profile) with t_i <= t, coefficients rescaled to sum 1."""
-    basis = [(float(ti), s) for ti in sorted(snaps) if ti <= t for s in SIGMAS]
-    A = np.array([[inner(ta, gamma_of(sa), tb, gamma_of(sb)) for tb, sb in basis] for ta, sa in basis])
-    b = np.array([inner(ta, gamma_of(sa), t, gamma_of(sigma_rel)) for ta, sa in basis])
-    x = np.linalg.solve(A, b)
-    x /= x.sum()
-    return {k: sum(float(xi) * snaps[int(ti)][s][k].double() for xi, (ti, s) in zip(x, basis))
-            for k in snaps[int(basis[0][0])][SIGMAS[0]]}
 
 
 def plain_trajectory(steps: int) -> list[dict[str, torch.Tensor]]:
