@@ -123,7 +123,9 @@ def test_a_session_fails_unmarked_starts_even_when_the_test_swallows_the_refusal
     pytester.makeconftest("from tests.conftest import dist_marker_checked, pytest_runtest_makereport, "
                           "pytest_runtest_protocol  # noqa: F401\n")
     pytester.makepyfile(test_inner=textwrap.dedent(_INNER.format(flag=str(flag))))
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-W", "ignore::pytest.PytestUnknownMarkWarning")
+    # -rN: no short summary (it repeats each message in full where CI=1 keeps pytest from cutting lines)
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-rN",
+                                          "-W", "ignore::pytest.PytestUnknownMarkWarning")
     result.assert_outcomes(passed=5, failed=1, errors=1)
     out = result.stdout.str()
     assert "MissingDistMarker: test_inner.py::test_unmarked_start starts processes" in out, out
@@ -131,6 +133,6 @@ def test_a_session_fails_unmarked_starts_even_when_the_test_swallows_the_refusal
     assert out.count("without the `dist` marker") == 2, out  # each refused test says it once
     assert not flag.exists()  # neither unmarked test started its process
     # -m "not dist" runs the unmarked tests only: the marked function, class and parameter are deselected
-    quick = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-m", "not dist",
+    quick = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-rN", "-m", "not dist",
                                          "-W", "ignore::pytest.PytestUnknownMarkWarning")
     quick.assert_outcomes(passed=2, failed=1, errors=1, deselected=3)
