@@ -7,9 +7,13 @@ and raises the same error on every rank.
 
 from __future__ import annotations
 
+import pickle
+import sys
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import torch
 import torch.distributed as dist
 
 __all__ = ["all_gather_object", "gather_to_rank0", "is_distributed", "rank", "raise_if_any", "run_and_check",
@@ -57,36 +61,109 @@ def world_size(group: object | None = None) -> int:
     return dist.get_world_size(group) if is_distributed() else 1
 
 
+_RELEASE_SECONDS = 2.0  # the most a collective waits for gloo's worker thread to let go of its tensors
+
+
+def _collective(run: Callable[[], object], tensors: list) -> None:
+    """``run()`` (a blocking collective over ``tensors``), returning once the process group holds none of them.
+
+    A gloo worker thread drops its references to a collective's tensors just after the caller has
+    seen the collective complete, and that drop takes the GIL. A process that reaches interpreter
+    exit first, as a job does right after its last collective, aborts with "terminate called
+    without an active exception" (SIGABRT: the launcher reports a failed job that had finished).
+    So on CPU groups the call waits, releasing the GIL, until every tensor's reference count is
+    back where it was (a C++ holder adds one), at most ``_RELEASE_SECONDS``: microseconds in practice.
+    """
+    before = _refcounts(tensors)
+    run()
+    if tensors and tensors[0].device.type != "cpu":  # NCCL: its watchdog drops them, on its own schedule
+        return
+    deadline = time.monotonic() + _RELEASE_SECONDS
+    while _refcounts(tensors) != before and time.monotonic() < deadline:
+        time.sleep(0.0002)
+
+
+def _refcounts(tensors: list) -> list[int]:
+    return [sys.getrefcount(t) for t in tensors]  # measured the same way before and after
+
+
+def _object_device(group: object | None) -> torch.device:
+    """The device that ``group``'s object collectives use (torch's own rule: CPU for gloo, the current GPU for NCCL)."""
+    from torch.distributed.distributed_c10d import _get_object_coll_device
+
+    kind = _get_object_coll_device(group)
+    return torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)
+
+
+def _encode(obj: object, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    data = pickle.dumps(obj)
+    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    return payload, torch.tensor([len(data)], dtype=torch.int64, device=device)
+
+
+def _decode(buf: torch.Tensor, size: int) -> object:
+    return pickle.loads(buf[:size].cpu().numpy().tobytes())
+
+
+def _padded(payload: torch.Tensor, size: int) -> torch.Tensor:
+    out = torch.zeros(size, dtype=torch.uint8, device=payload.device)
+    out[: payload.numel()] = payload
+    return out
+
+
+def _stopped(e: RuntimeError) -> Exception:
+    from dist_ema.errors import CollectiveError
+
+    return CollectiveError(
+        f"a rank stopped responding in one of dist-ema's collectives (no answer within the timeout; "
+        f"{type(e).__name__}: {str(e)[:200]}). The snapshots committed so far are intact; restart the job "
+        f"with resume=True. A stuck rank inside the engine's own collectives is the process group's timeout"
+    )
+
+
 def all_gather_object(obj: object, group: object | None = None) -> list:
+    """Every rank's ``obj`` on every rank, as a list by group rank (pickled, as torch's all_gather_object)."""
     if not is_distributed():
         return [obj]
-    out: list = [None] * dist.get_world_size(group)
+    n = dist.get_world_size(group)
     try:
-        dist.all_gather_object(out, obj, group=group)
+        payload, size = _encode(obj, _object_device(group))
+        sizes = [torch.empty_like(size) for _ in range(n)]
+        _collective(lambda: dist.all_gather(sizes, size, group=group), [size, *sizes])
+        lengths = [int(s.item()) for s in sizes]
+        mine = _padded(payload, max(lengths))
+        bufs = [torch.empty_like(mine) for _ in range(n)]
+        _collective(lambda: dist.all_gather(bufs, mine, group=group), [mine, *bufs])
     except RuntimeError as e:
         if stopped_responding(e):
-            from dist_ema.errors import CollectiveError
-
-            raise CollectiveError(
-                f"a rank stopped responding in one of dist-ema's collectives (no answer within the timeout; "
-                f"{type(e).__name__}: {str(e)[:200]}). The snapshots committed so far are intact; restart the job "
-                f"with resume=True. A stuck rank inside the engine's own collectives is the process group's timeout"
-            ) from e
+            raise _stopped(e) from e
         raise
-    return out
+    return [_decode(b, k) for b, k in zip(bufs, lengths)]
 
 
 def gather_to_rank0(obj: object, group: object | None = None) -> list | None:
     """Every rank's ``obj`` on rank 0 of ``group``, as a list by group rank; None on the other ranks.
 
-    Without a process group: ``[obj]``. Collective: every rank of ``group`` calls it.
+    Without a process group: ``[obj]``. Collective: every rank of ``group`` calls it. Only the
+    lengths travel to every rank; the objects go to rank 0 alone.
     """
     if not is_distributed():
         return [obj]
-    me = dist.get_rank(group)
-    out: list | None = [None] * dist.get_world_size(group) if me == 0 else None
-    dist.gather_object(obj, out, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-    return out
+    n, me = dist.get_world_size(group), dist.get_rank(group)
+    dst = dist.get_global_rank(group, 0) if group is not None else 0
+    try:
+        payload, size = _encode(obj, _object_device(group))
+        sizes = [torch.empty_like(size) for _ in range(n)]
+        _collective(lambda: dist.all_gather(sizes, size, group=group), [size, *sizes])
+        lengths = [int(s.item()) for s in sizes]
+        mine = _padded(payload, max(lengths))
+        bufs = [torch.empty_like(mine) for _ in range(n)] if me == 0 else None
+        _collective(lambda: dist.gather(mine, bufs, dst=dst, group=group), [mine, *(bufs or [])])
+    except RuntimeError as e:
+        if stopped_responding(e):
+            raise _stopped(e) from e
+        raise
+    return [_decode(b, k) for b, k in zip(bufs, lengths)] if me == 0 else None
 
 
 def raise_if_any(
@@ -123,11 +200,19 @@ def run_and_check(fn: Callable[[], T], what: str, group: object | None = None,
 
 
 def broadcast_object(obj: object, src: int = 0, group: object | None = None) -> object:
-    """``obj`` of rank ``src`` on every rank (the object itself in one process)."""
+    """``obj`` of rank ``src`` (a group rank) on every rank (the object itself in one process)."""
     if not is_distributed():
         return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
-    return box[0]
+    root = dist.get_global_rank(group, src) if group is not None else src
+    sender = dist.get_rank(group) == src
+    device = _object_device(group)
+    try:
+        payload, size = _encode(obj, device) if sender else (None, torch.zeros(1, dtype=torch.int64, device=device))
+        _collective(lambda: dist.broadcast(size, src=root, group=group), [size])
+        buf = payload if sender else torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+        _collective(lambda: dist.broadcast(buf, src=root, group=group), [buf])
+    except RuntimeError as e:
+        if stopped_responding(e):
+            raise _stopped(e) from e
+        raise
+    return obj if sender else _decode(buf, int(size.item()))
