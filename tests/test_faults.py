@@ -289,11 +289,22 @@ def test_layout_coverage_errors():
         Layout.build([("w", (4,), "float32")], [[("w", 0, 3)], []])
 
 
+# Where unpickling is allowed, and why: nothing read from a store or a file is ever unpickled.
+PICKLE_ALLOWED = {
+    "collective.py": "objects the job's own ranks send over its process group (as torch.distributed's object "
+                     "collectives do); the module reads no file and no store",
+}
+
+
 def test_library_never_unpickles():
     pat = re.compile(r"pickle\.loads?\(|torch\.load\((?![^)]*weights_only=True)|np\.load\([^)]*allow_pickle=True")
-    hits = [f"{p}:{i}" for p in (ROOT / "dist_ema").rglob("*.py")
+    pkg = ROOT / "dist_ema"
+    hits = [f"{p.relative_to(pkg)}:{i}" for p in pkg.rglob("*.py") if str(p.relative_to(pkg)) not in PICKLE_ALLOWED
             for i, line in enumerate(p.read_text().splitlines(), 1) if pat.search(line)]
     assert hits == []
+    for name in PICKLE_ALLOWED:  # an allowed module stays one that touches no file or store
+        text = (pkg / name).read_text()
+        assert not re.search(r"\bopen\(|fsspec|dist_ema\.store|import (os|io)\b|Path\(", text), name
 
 
 # ----------------------------------------------------------------------------- secrets
