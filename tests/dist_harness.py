@@ -9,6 +9,11 @@ files under ``out_dir`` (``torch.save`` / ``np.save``); the test reads and check
 them. A worker that fails or a run past ``timeout`` kills all processes and fails
 the test with the last lines of every rank's output.
 
+Ranks are forks of one fork server per session that imported torch once (tests/rank_boot.py),
+which halves the multi-process tests' time on a 2-core machine; ``DIST_HARNESS_FORK=0`` starts
+each rank in a fresh interpreter instead (``python -c``), as torchrun does. The launcher tests
+(torchrun, the deepspeed launcher, the CLI) always start fresh interpreters.
+
 Tests that start processes carry the ``dist`` marker (``pytest -m "not dist"`` is the in-process
 tier). ``run_workers`` refuses to start ranks in a test without it, and tests/conftest.py applies
 the same rule to every other process a test starts (subprocess, multiprocessing, launchers, servers).
@@ -99,6 +104,74 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Rank:
+    """One rank started from the fork server: the subset of ``subprocess.Popen`` that run_workers uses."""
+
+    def __init__(self, proc) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.exitcode
+
+    def wait(self) -> int:
+        self.proc.join()
+        return self.proc.exitcode
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.exitcode
+
+
+class _Fresh:
+    """A rank in a fresh interpreter (``DIST_HARNESS_FORK=0``): ``python -c BOOT``, as torchrun starts one."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, *argv], env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, cwd=str(ROOT))
+        self.pid = self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self) -> int:
+        code = self.proc.wait()
+        self._log.close()
+        return code
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+
+_SERVER: list = []  # the multiprocessing context whose fork server starts the ranks (made once)
+
+
+def _start_rank(argv: list[str], env: dict[str, str], log: Path):
+    """Start one rank: a fork of a server that imported torch once (``tests/rank_boot.py``), or a fresh
+    interpreter with ``DIST_HARNESS_FORK=0``. The rank sees the same environment, directory and argv."""
+    if os.environ.get("DIST_HARNESS_FORK", "1") == "0":
+        return _Fresh(argv, env, log)
+    import multiprocessing
+
+    from tests import rank_boot
+
+    if not _SERVER:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(rank_boot.PRELOAD)
+        _SERVER.append(ctx)
+    proc = _SERVER[0].Process(target=rank_boot.main, args=(_BOOT, argv, env, str(ROOT), str(log)), daemon=False)
+    proc.start()
+    return _Rank(proc)
+
+
 def run_workers(
     spec: str,
     world_size: int,
@@ -123,12 +196,9 @@ def run_workers(
             PYTHONPATH=os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]),
         )
         e.update(env or {})
-        log = open(out_dir / f"rank{rank}.log", "w+b")
+        log = out_dir / f"rank{rank}.log"
         logs.append(log)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", _BOOT, spec, str(out_dir), json.dumps(kwargs or {})],
-            env=e, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
-        ))
+        procs.append(_start_rank([spec, str(out_dir), json.dumps(kwargs or {})], e, log))
     deadline = time.monotonic() + timeout
     failed = timed_out = False
     while any(p.poll() is None for p in procs):
@@ -145,11 +215,7 @@ def run_workers(
         if p.poll() is None:
             p.kill()
         p.wait()
-    outputs = []
-    for log in logs:
-        log.seek(0)
-        outputs.append(log.read().decode(errors="replace"))
-        log.close()
+    outputs = [log.read_bytes().decode(errors="replace") if log.exists() else "" for log in logs]
     codes = [p.returncode for p in procs]
     bad = timed_out or failed or (not expect_failure and any(c != 0 for c in codes))
     if bad:
