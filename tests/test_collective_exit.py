@@ -5,8 +5,9 @@ Were a gloo worker thread still holding the collective's tensors then, its relea
 GIL during interpreter finalization and the process would abort ("terminate called without an
 active exception", SIGABRT), failing a job that had finished. Each case runs 2 real ranks that end
 with one collective and exit normally (no ``destroy_process_group``, the main thread keeping the
-GIL as long as it can, which widens the window: torch's own ``all_gather_object`` aborts in most
-runs of this script), and checks the exchanged objects against what each rank sent (in the rank, before it exits).
+GIL as long as it can, which widens the window: torch's own ``all_gather_object`` aborts in about
+half the runs of this script), and checks the exchanged objects against what each rank sent (in
+the rank, before it exits).
 """
 
 from __future__ import annotations
@@ -62,8 +63,7 @@ def _run(which: str, tmp_path: Path) -> list[tuple[int, str]]:
 
 @pytest.mark.parametrize("which", ["all_gather_object", "gather_to_rank0", "broadcast_object"])
 def test_a_job_ending_in_a_collective_exits_cleanly(which, tmp_path):
-    for _ in range(2):  # the abort is a race: two tries per collective
-        out = _run(which, tmp_path)
-        for rank, (code, text) in enumerate(out):
-            assert code != 3, f"rank {rank}: {which} returned objects other than the ranks sent"
-            assert code == 0, f"rank {rank} exited with {code} after {which}:\n{text[-3000:]}"
+    out = _run(which, tmp_path)
+    for rank, (code, text) in enumerate(out):
+        assert code != 3, f"rank {rank}: {which} returned objects other than the ranks sent"
+        assert code == 0, f"rank {rank} exited with {code} after {which}:\n{text[-3000:]}"

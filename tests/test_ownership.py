@@ -65,7 +65,7 @@ def _committed_bytes(store_dir: Path) -> dict[str, str]:
 _JOB = textwrap.dedent("""
     import sys, time, torch
     from dist_ema import PostHocEMA
-    url, seed, hold = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    url, seed, hold = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "hold"
     torch.manual_seed(seed)
     m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 2))
     try:
@@ -80,7 +80,8 @@ _JOB = textwrap.dedent("""
             for p in m.parameters():
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
         ema.update()
-    time.sleep(hold)
+    if hold:  # alive, owning the store, until the test closes stdin
+        sys.stdin.read()
     ema.close()
     print("DONE", flush=True)
 """)
@@ -91,20 +92,20 @@ def test_two_jobs_at_once_the_second_is_refused_before_writing(tmp_path):
     """Two training processes (different seeds) started on one empty store: the second never writes."""
     url = str(tmp_path / "s")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    first = subprocess.Popen([sys.executable, "-c", _JOB, url, "1", "20"], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen([sys.executable, "-c", _JOB, url, "1", "hold"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, stdin=subprocess.PIPE, text=True)
     line = first.stdout.readline()
     assert "STARTED" in line, line + first.stdout.read()
     deadline = time.monotonic() + 60
     while not open_store(url).snapshots() and time.monotonic() < deadline:
         time.sleep(0.1)
     before = _committed_bytes(tmp_path / "s")
-    second = subprocess.run([sys.executable, "-c", _JOB, url, "2", "0"], env=env, capture_output=True, text=True,
+    second = subprocess.run([sys.executable, "-c", _JOB, url, "2", "go"], env=env, capture_output=True, text=True,
                             timeout=120)
     assert second.returncode == 3, second.stdout + second.stderr
     assert "REFUSED StoreError" in second.stdout and "owned by another job" in second.stdout
     assert url in second.stdout and "resume='takeover'" in second.stdout
-    out, _ = first.communicate(timeout=120)
+    out, _ = first.communicate(timeout=120)  # closes its stdin: the first job closes its EMA and ends
     assert first.returncode == 0 and "DONE" in out, out
     after = _committed_bytes(tmp_path / "s")
     assert {k: v for k, v in after.items() if k in before} == before  # nothing committed changed
