@@ -128,13 +128,14 @@ def test_world_size_independent_bitwise(tmp_path):
     url = str(tmp_path / "store")
     run_workers("tests.test_synthesis:worker_train", 3, tmp_path / "w",
                 kwargs=dict(engine="fsdp2", url=url, steps=8, obj=40))
-    outs = {}
-    for k in (1, 2, 3):
-        out = tmp_path / f"out{k}"
-        r = torchrun_synthesize(url, str(out), k, extra=["--format", "zarr"])
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        assert "rel. error" in r.stdout
-        outs[k] = out
+    outs = {k: tmp_path / f"out{k}" for k in (1, 2, 3)}
+    # 2 ranks: the command under torchrun; 1 and 3 ranks: the library call on the harness's ranks
+    r = torchrun_synthesize(url, str(outs[2]), 2, extra=["--format", "zarr"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "rel. error" in r.stdout
+    for k in (1, 3):
+        run_workers("tests.test_synthesis:worker_synthesize_zarr", k, tmp_path / f"s{k}",
+                    kwargs=dict(url=url, out_url=str(outs[k])))
     stores = {k: open_store(str(v)) for k, v in outs.items()}
     snap = {k: s.snapshots()[0] for k, s in stores.items()}
     for n in stores[1].params():
@@ -407,6 +408,11 @@ def test_objects_missing_under_a_marker_are_damage_not_retention(long_store, tmp
         synthesize(long_store, sigma_rels=[0.12], out=str(tmp_path / "o"), format="zarr", progress=False)
     assert "re-planning" not in caplog.text
     assert not (tmp_path / "o").exists()
+
+
+def worker_synthesize_zarr(rank, ws, out, url, out_url):
+    """``synthesize`` on this world, as ``dist-ema synthesize URL --sigma-rel 0.08 0.15 --format zarr`` does."""
+    synthesize(url, sigma_rels=[0.08, 0.15], out=out_url, format="zarr", progress=False)
 
 
 def worker_synthesize_vanish(rank, ws, out, url, victim):
