@@ -72,6 +72,6 @@ def run(quick: bool = False, threads: int = 1, world: int = 2) -> Result:
     res.notes.append(f"{ranks[0]['snapshots']} snapshots written, {owned * 8 / 2**20:.0f} MiB each (2 profiles, "
                      f"fp32, all ranks); first snapshot: {ranks[0]['objects_first_snapshot']} objects on disk.")
     res.data = {"ranks": [{k: v for k, v in d.items() if k != "layout"} for d in ranks],
-                "layout": ranks[0]["layout"], "max_object_bytes": ranks[0]["max_object_bytes"],
+                "layout": ranks[0]["layout"], "inner_chunk_bytes": ranks[0]["inner_chunk_bytes"],
                 "objects_first_snapshot": ranks[0]["objects_first_snapshot"]}
     return res

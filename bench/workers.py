@@ -190,6 +190,7 @@ def train_overhead(rank: int, world: int, out_dir: str, layers: int, width: int,
         "bytes_written": ema.snapshots.bytes_written, "writer_cpu_s": writer_cpu,
         "steps_with_ema": blocks * steps,
         "layout": {"params": [[f, list(s), d] for f, s, d in ema.snapshots.layout.params],
-                   "ranks": [list(map(list, r)) for r in ema.snapshots.layout.ranks]} if rank == 0 else None,
-        "max_object_bytes": ema.store_config.max_object_bytes,
+                   "ranks": [json.loads(ema.snapshots.layout.rank_json(r))["pieces"]  # the store's own form
+                             for r in range(len(ema.snapshots.layout.ranks))]} if rank == 0 else None,
+        "inner_chunk_bytes": ema.store_config.inner_chunk_bytes,
     })
