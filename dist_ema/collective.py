@@ -11,6 +11,7 @@ import pickle
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -111,33 +112,40 @@ def _padded(payload: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
-def _stopped(e: RuntimeError) -> Exception:
-    from dist_ema.errors import CollectiveError
+@contextmanager
+def _peers_checked():
+    """A peer that stopped responding inside the block is a CollectiveError that says what to do."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not stopped_responding(e):
+            raise
+        from dist_ema.errors import CollectiveError
 
-    return CollectiveError(
-        f"a rank stopped responding in one of dist-ema's collectives (no answer within the timeout; "
-        f"{type(e).__name__}: {str(e)[:200]}). The snapshots committed so far are intact; restart the job "
-        f"with resume=True. A stuck rank inside the engine's own collectives is the process group's timeout"
-    )
+        raise CollectiveError(
+            f"a rank stopped responding in one of dist-ema's collectives (no answer within the timeout; "
+            f"{type(e).__name__}: {str(e)[:200]}). The snapshots committed so far are intact; restart the job "
+            f"with resume=True. A stuck rank inside the engine's own collectives is the process group's timeout"
+        ) from e
+
+
+def _padded_payload(obj: object, group: object | None) -> tuple[torch.Tensor, list[int]]:
+    """This rank's pickled ``obj``, padded to the longest of the group's, and every rank's length (one all_gather)."""
+    payload, size = _encode(obj, _object_device(group))
+    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(group))]
+    _collective(lambda: dist.all_gather(sizes, size, group=group), [size, *sizes])
+    lengths = [int(s.item()) for s in sizes]
+    return _padded(payload, max(lengths)), lengths
 
 
 def all_gather_object(obj: object, group: object | None = None) -> list:
     """Every rank's ``obj`` on every rank, as a list by group rank (pickled, as torch's all_gather_object)."""
     if not is_distributed():
         return [obj]
-    n = dist.get_world_size(group)
-    try:
-        payload, size = _encode(obj, _object_device(group))
-        sizes = [torch.empty_like(size) for _ in range(n)]
-        _collective(lambda: dist.all_gather(sizes, size, group=group), [size, *sizes])
-        lengths = [int(s.item()) for s in sizes]
-        mine = _padded(payload, max(lengths))
-        bufs = [torch.empty_like(mine) for _ in range(n)]
+    with _peers_checked():
+        mine, lengths = _padded_payload(obj, group)
+        bufs = [torch.empty_like(mine) for _ in lengths]
         _collective(lambda: dist.all_gather(bufs, mine, group=group), [mine, *bufs])
-    except RuntimeError as e:
-        if stopped_responding(e):
-            raise _stopped(e) from e
-        raise
     return [_decode(b, k) for b, k in zip(bufs, lengths)]
 
 
@@ -149,20 +157,12 @@ def gather_to_rank0(obj: object, group: object | None = None) -> list | None:
     """
     if not is_distributed():
         return [obj]
-    n, me = dist.get_world_size(group), dist.get_rank(group)
+    me = dist.get_rank(group)
     dst = dist.get_global_rank(group, 0) if group is not None else 0
-    try:
-        payload, size = _encode(obj, _object_device(group))
-        sizes = [torch.empty_like(size) for _ in range(n)]
-        _collective(lambda: dist.all_gather(sizes, size, group=group), [size, *sizes])
-        lengths = [int(s.item()) for s in sizes]
-        mine = _padded(payload, max(lengths))
-        bufs = [torch.empty_like(mine) for _ in range(n)] if me == 0 else None
+    with _peers_checked():
+        mine, lengths = _padded_payload(obj, group)
+        bufs = [torch.empty_like(mine) for _ in lengths] if me == 0 else None
         _collective(lambda: dist.gather(mine, bufs, dst=dst, group=group), [mine, *(bufs or [])])
-    except RuntimeError as e:
-        if stopped_responding(e):
-            raise _stopped(e) from e
-        raise
     return [_decode(b, k) for b, k in zip(bufs, lengths)] if me == 0 else None
 
 
@@ -206,13 +206,9 @@ def broadcast_object(obj: object, src: int = 0, group: object | None = None) -> 
     root = dist.get_global_rank(group, src) if group is not None else src
     sender = dist.get_rank(group) == src
     device = _object_device(group)
-    try:
+    with _peers_checked():
         payload, size = _encode(obj, device) if sender else (None, torch.zeros(1, dtype=torch.int64, device=device))
         _collective(lambda: dist.broadcast(size, src=root, group=group), [size])
         buf = payload if sender else torch.empty(int(size.item()), dtype=torch.uint8, device=device)
         _collective(lambda: dist.broadcast(buf, src=root, group=group), [buf])
-    except RuntimeError as e:
-        if stopped_responding(e):
-            raise _stopped(e) from e
-        raise
     return obj if sender else _decode(buf, int(size.item()))
