@@ -62,9 +62,14 @@ from typing import Any, Literal, get_args
 from dist_ema import phema
 from dist_ema.errors import ConfigError
 from dist_ema.store.format import DEFAULT_INNER_BYTES
+from dist_ema.store.multipart import DEFAULT_CONCURRENCY, DEFAULT_PART_BYTES, MAX_PART_BYTES, MIN_PART_BYTES
+
+MAX_CONCURRENCY = 64  # parts in flight per rank (upload_concurrency)
 
 __all__ = [
+    "DEFAULT_CONCURRENCY",
     "DEFAULT_INNER_BYTES",
+    "DEFAULT_PART_BYTES",
     "DEFAULT_SIGMA_RELS",
     "Buffers",
     "Compression",
@@ -269,6 +274,26 @@ def check_slots(value: object, name: str = "slots") -> int:
     return _check_int(name, value, minimum=1, example="slots = 2", unit="staging buffers")
 
 
+def check_upload_part_bytes(value: object, name: str = "upload_part_bytes") -> int:
+    """S3's limits: every part but the last is 5 MiB to 5 GiB."""
+    example = f"upload_part_bytes = {DEFAULT_PART_BYTES} ({DEFAULT_PART_BYTES // 2**20} MiB)"
+    out = _check_int(name, value, minimum=MIN_PART_BYTES, example=example,
+                     unit="bytes per part; 5 MiB is S3's smallest")
+    if out > MAX_PART_BYTES:  # type: ignore[operator]
+        raise ConfigError(f"{name} must be at most {MAX_PART_BYTES} (5 GiB, S3's largest part); got {value!r}. "
+                          f"Fix: {example}")
+    return out  # type: ignore[return-value]
+
+
+def check_upload_concurrency(value: object, name: str = "upload_concurrency") -> int:
+    out = _check_int(name, value, minimum=1, example=f"upload_concurrency = {DEFAULT_CONCURRENCY}",
+                     unit="parts in flight per rank")
+    if out > MAX_CONCURRENCY:  # type: ignore[operator]
+        raise ConfigError(f"{name} must be at most {MAX_CONCURRENCY} (parts in flight per rank: each holds a part "
+                          f"in memory); got {value!r}. Fix: upload_concurrency = {DEFAULT_CONCURRENCY}")
+    return out  # type: ignore[return-value]
+
+
 def check_writer(value: object, name: str = "writer") -> str:
     return _check_choice(value, name, _WRITERS, 'writer = "process"')
 
@@ -329,6 +354,8 @@ FIELD_CHECKS: dict[str, Callable[[object, str], Any]] = {
     "keep": check_keep,
     "inner_chunk_bytes": check_inner_chunk_bytes,
     "slots": check_slots,
+    "upload_part_bytes": check_upload_part_bytes,
+    "upload_concurrency": check_upload_concurrency,
     "writer": check_writer,
     "when_behind": check_when_behind,
     "on_error": check_on_error,
@@ -515,6 +542,17 @@ class SnapshotConfig:
     that a snapshot is staged into before it is written. 2 (default): one snapshot can be in
     flight while the next is staged; more ride out a slow store longer before when_behind
     applies, at the cost of host memory."""
+
+    upload_part_bytes: int = DEFAULT_PART_BYTES
+    """Object stores (S3): bytes per part of a multipart upload (default 16 MiB; 5 MiB to 5
+    GiB). A shard of up to one part goes up in one PUT; a larger one as one multipart upload
+    (the same object, visible only once complete), its part size grown where it would need more
+    than S3's 10,000 parts. The writer holds up to upload_concurrency + 1 parts in memory."""
+
+    upload_concurrency: int = DEFAULT_CONCURRENCY
+    """Object stores (S3): parts of a multipart upload in flight at a time per rank (default 4;
+    1 to 64). Each part is retried by itself; a part that fails for good aborts the upload, so
+    no partial object is ever visible."""
 
     when_behind: WhenBehind = "block"
     """A snapshot due while the previous one is still being written on some rank: "block"

@@ -31,7 +31,7 @@ def _as_profiles(value: object) -> object:
 
 def configs_of(*, sigma_rels, gammas, update_every, batch_size, include_frozen, buffers, update_impl, store,
              snapshot_every, storage_options, storage_dtype, compression, keep, resume, inner_chunk_bytes,
-             max_object_bytes, writer, slots, when_behind, on_error,
+             max_object_bytes, writer, slots, upload_part_bytes, upload_concurrency, when_behind, on_error,
              timeout) -> tuple[EMAConfig, SnapshotConfig | None, bool | str]:
     """This rank's validated settings (local: no collective): the tracking and snapshot configs, and resume."""
     from dist_ema.config import ConfigError, check_resume, inner_chunk_bytes_of
@@ -47,7 +47,8 @@ def configs_of(*, sigma_rels, gammas, update_every, batch_size, include_frozen, 
     chunk = inner_chunk_bytes_of(inner_chunk_bytes, max_object_bytes, stacklevel=5)
     snap = SnapshotConfig(url=store, snapshot_every=snapshot_every, storage_options=storage_options,
                           dtype=storage_dtype, compression=compression, keep=keep, inner_chunk_bytes=chunk,
-                          writer=writer, slots=slots, when_behind=when_behind, on_error=on_error,
+                          writer=writer, slots=slots, upload_part_bytes=upload_part_bytes,
+                          upload_concurrency=upload_concurrency, when_behind=when_behind, on_error=on_error,
                           timeout=timeout)
     return config, snap, resume
 
@@ -57,7 +58,8 @@ def configs_of(*, sigma_rels, gammas, update_every, batch_size, include_frozen, 
 _EMA_FIELDS = ("sigma_rels", "gammas", "update_every", "batch_size", "include_frozen", "buffers", "update_impl")
 _SNAPSHOT_FIELDS = {"store": "url", "snapshot_every": "snapshot_every", "storage_dtype": "dtype",
                     "compression": "compression", "keep": "keep", "inner_chunk_bytes": "inner_chunk_bytes",
-                    "writer": "writer", "slots": "slots", "when_behind": "when_behind", "on_error": "on_error",
+                    "writer": "writer", "slots": "slots", "upload_part_bytes": "upload_part_bytes",
+                    "upload_concurrency": "upload_concurrency", "when_behind": "when_behind", "on_error": "on_error",
                     "timeout": "timeout"}
 
 

@@ -25,7 +25,9 @@ import torch
 from dist_ema import phema
 from dist_ema.collective import is_distributed
 from dist_ema.config import (
+    DEFAULT_CONCURRENCY,
     DEFAULT_INNER_BYTES,
+    DEFAULT_PART_BYTES,
     Buffers,
     Compression,
     EMAConfig,
@@ -121,7 +123,8 @@ class PostHocEMA:
         store: snapshot store URL (local path, ``file://``, ``s3://bucket/prefix``, any fsspec
             URL); None keeps the EMA in memory only.
         snapshot_every, storage_options, storage_dtype, compression, keep, inner_chunk_bytes,
-            writer, slots, when_behind, on_error, timeout: how snapshots are written, see
+            writer, slots, upload_part_bytes, upload_concurrency, when_behind, on_error, timeout: how
+            snapshots are written, see
             :class:`dist_ema.config.SnapshotConfig`.
         max_object_bytes: the old name of ``inner_chunk_bytes`` (DeprecationWarning).
         resume: restore the EMA from the newest committed snapshot in ``store`` (any world
@@ -155,6 +158,8 @@ class PostHocEMA:
         inner_chunk_bytes: int = DEFAULT_INNER_BYTES,
         writer: Writer = "process",
         slots: int = 2,
+        upload_part_bytes: int = DEFAULT_PART_BYTES,
+        upload_concurrency: int = DEFAULT_CONCURRENCY,
         when_behind: WhenBehind = "block",
         on_error: OnError = "raise",
         timeout: float = 300.0,
@@ -169,7 +174,8 @@ class PostHocEMA:
                             snapshot_every=snapshot_every, storage_options=storage_options,
                             storage_dtype=storage_dtype, compression=compression, keep=keep, resume=resume,
                             inner_chunk_bytes=inner_chunk_bytes, max_object_bytes=max_object_bytes,
-                            writer=writer, slots=slots, when_behind=when_behind, on_error=on_error,
+                            writer=writer, slots=slots, upload_part_bytes=upload_part_bytes,
+                            upload_concurrency=upload_concurrency, when_behind=when_behind, on_error=on_error,
                             timeout=timeout)
 
         mine = local_settings(settings)

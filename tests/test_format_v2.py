@@ -20,6 +20,7 @@ from dist_ema import PostHocEMA, open_store, synthesize
 from dist_ema.store.format import geometry
 from dist_ema.store.fs import StoreError, StoreIO
 from dist_ema.store.io import write_shard
+from dist_ema.store.multipart import UploadConfig
 from tests.dist_harness import run_workers
 
 
@@ -208,12 +209,7 @@ def test_large_shard_is_one_s3_object_by_multipart(s3_env):
     numel = 3 * 2**20 + 17  # 12 MiB
     vals = np.random.default_rng(0).standard_normal(numel).astype(np.float32)
     g = geometry(numel, "float32")
-    old = sio.SHARD_PART_BYTES
-    sio.SHARD_PART_BYTES = 5 * 2**20
-    try:
-        write_shard(io, "a/c/0/0", vals, g)
-    finally:
-        sio.SHARD_PART_BYTES = old
+    write_shard(io, "a/c/0/0", vals, g, upload=UploadConfig(part_bytes=5 * 2**20, concurrency=2))
     assert io.fs.ls(io.path("a/c/0"), detail=False) == [io.path("a/c/0/0")]
     assert io.fs.size(io.path("a/c/0/0")) == g.shard_bytes
     r = sio.Ranges(io)

@@ -64,6 +64,8 @@ SAMPLES: dict[str, tuple[str, list[str], object]] = {
     "inner_chunk_bytes": ("4096", ["4096"], 4096),
     "writer": ('"thread"', ["thread"], "thread"),
     "slots": ("3", ["3"], 3),
+    "upload_part_bytes": ("8388608", ["8388608"], 8388608),
+    "upload_concurrency": ("2", ["2"], 2),
     "when_behind": ('"skip"', ["skip"], "skip"),
     "on_error": ('"warn"', ["warn"], "warn"),
     "timeout": ("60.0", ["60"], 60.0),

@@ -61,6 +61,7 @@ from dist_ema.store.fs import StoreError, StoreIO
 from dist_ema.store.io import retire_snapshots
 from dist_ema.store.jobs import CommitJob, DataJob
 from dist_ema.store.layout import Layout, snapshot_id
+from dist_ema.store.multipart import UploadConfig
 from dist_ema.store.writer import SnapshotWriter, WriterSpec
 
 __all__ = ["SnapshotConfig", "SnapshotManager"]
@@ -147,7 +148,7 @@ class SnapshotManager:
     def _new_writer(self) -> SnapshotWriter:
         cfg = self.config
         spec = WriterSpec(self.rank, self.ema.owned_numel, len(self.ema.profiles), cfg.dtype, cfg.compression,
-                          cfg.inner_chunk_bytes)
+                          cfg.inner_chunk_bytes, UploadConfig(cfg.upload_part_bytes, cfg.upload_concurrency))
         # the owner's heartbeat: the writer beats it, however long training goes without update()
         return SnapshotWriter(self.io, spec, mode=cfg.writer, slots=cfg.slots, heartbeat=self.session.heartbeat())
 

@@ -45,6 +45,7 @@ from dist_ema.store.format import (
 )
 from dist_ema.store.fs import StoreError, StoreIO, retry
 from dist_ema.store.layout import Layout
+from dist_ema.store.multipart import UploadConfig, upload_pieces
 
 __all__ = [
     "COMPRESSIONS",
@@ -64,21 +65,26 @@ __all__ = [
 log = logging.getLogger("dist_ema")
 
 
-def write_shard(io: StoreIO, key: str, values: np.ndarray, g: Geometry, *, durable: bool = False) -> int:
+def write_shard(io: StoreIO, key: str, values: np.ndarray, g: Geometry, *, durable: bool = False,
+                upload: UploadConfig | None = None) -> int:
     """Write one version-2 shard (inner chunks, each with its crc32c, then the index) as ONE object.
 
     ``values``: the ``g.numel`` stored values (1-d, on-disk dtype), read in place (no copy but
-    the padded last chunk). On S3 a large shard goes up as a multipart upload. ``durable``: a
-    local file is fsynced before this returns (snapshots: the marker must never outlive its
-    data). Returns bytes.
+    the padded last chunk). On S3 a shard above one part goes up as a multipart upload with
+    ``upload.concurrency`` parts in flight (store/multipart.py; the same bytes either way).
+    ``durable``: a local file is fsynced before this returns (snapshots: the marker must never
+    outlive its data). Returns bytes.
     """
     if values.ndim != 1 or values.size != g.numel or values.dtype != np_dtype(g.dtype):
         raise ValueError(f"write_shard: need {g.numel} values of {np_dtype(g.dtype)}, got {values.dtype} "
                          f"{values.shape}")
     comp = compressor(g.compression, g.dtype)
     fill = np.array(NAN_FILL[g.dtype], dtype=np_dtype(g.dtype))
+    upload = upload or UploadConfig()
 
-    def chunks():
+    def pieces():
+        """The shard's bytes in order: each inner chunk, its crc32c; then the index."""
+        entries, off = [], 0
         for i in range(g.count):
             a, b = g.chunk_span(i)
             part = values[a:b]
@@ -87,45 +93,51 @@ def write_shard(io: StoreIO, key: str, values: np.ndarray, g: Geometry, *, durab
             raw = memoryview(np.ascontiguousarray(part)).cast("B")
             if comp is not None:
                 raw = memoryview(comp.encode(raw))
-            yield raw, crc_bytes(raw)
-
-    def write(f) -> int:
-        entries, off = [], 0
-        for raw, crc in chunks():
-            f.write(raw)
-            f.write(crc)
+            yield raw
+            yield crc_bytes(raw)
             entries.append((off, len(raw) + 4))
             off += len(raw) + 4
-        idx = encode_index(entries)
-        f.write(idx)
-        return off + len(idx)
+        yield encode_index(entries)
 
     path = io.path(key)
+    if io.protocol == "s3":
+        return upload_pieces(io, key, pieces(), _shard_bytes_bound(g), upload)
     if io.protocol == "file":
         def do() -> int:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
-                n = write(f)
+                n = sum(f.write(p) for p in pieces())
                 if durable:
                     f.flush()
                     os.fsync(f.fileno())
                 return n
     else:
         def do() -> int:
-            with io.fs.open(path, "wb", block_size=SHARD_PART_BYTES) as f:
-                return write(f)
+            n = 0
+            with io.fs.open(path, "wb", block_size=upload.part_bytes) as f:
+                for p in pieces():
+                    f.write(p)
+                    n += len(p)
+            return n
 
     return retry(do, f"write {io.url}/{key}", io.attempts)
 
 
-SHARD_PART_BYTES = 64 * 2**20  # S3 multipart part size for shards (one PUT below twice this)
+def _shard_bytes_bound(g: Geometry) -> int:
+    """At least the bytes of a shard: exact uncompressed; compressed, a chunk's worst case is its raw size plus
+    1/128 and 1 KiB (zstd's bound is 1/256 and a few hundred bytes, blosc's 16 bytes)."""
+    if g.compression is None:
+        return g.shard_bytes
+    raw = g.inner * g.itemsize
+    return g.count * (raw + raw // 128 + 1024 + 4) + g.index_bytes
 
 
-def write_rank_data(io: StoreIO, prefix: str, rank: int, data: np.ndarray, g: Geometry) -> int:
+def write_rank_data(io: StoreIO, prefix: str, rank: int, data: np.ndarray, g: Geometry,
+                    upload: UploadConfig | None = None) -> int:
     """A rank's data of every profile (``data``: [profiles, numel]): one shard per profile, then zarr.json."""
     n = 0
     for k in range(data.shape[0]):
-        n += write_shard(io, shard_key(prefix, rank, k), data[k], g, durable=True)
+        n += write_shard(io, shard_key(prefix, rank, k), data[k], g, durable=True, upload=upload)
     io.put(f"{rank_key(prefix, rank)}/zarr.json", array_doc(data.shape[0], g, {"rank": rank}))
     return n
 

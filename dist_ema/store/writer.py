@@ -59,6 +59,7 @@ from dist_ema.store.format import STORAGE_DTYPES, geometry, np_dtype
 from dist_ema.store.fs import StoreError, StoreIO
 from dist_ema.store.io import check_owner, commit_snapshot, remove_snapshot, write_buffers, write_rank_data
 from dist_ema.store.jobs import CommitJob, DataJob, Envelope, Job, JobResult
+from dist_ema.store.multipart import UploadConfig
 
 __all__ = ["Heartbeat", "SnapshotWriter", "WriterSpec"]
 
@@ -77,6 +78,7 @@ class WriterSpec:
     dtype: str
     compression: str | None
     inner_bytes: int
+    upload: UploadConfig = UploadConfig()  # how shards go to an object store (part size, parts in flight)
 
     @property
     def slot_bytes(self) -> int:
@@ -156,7 +158,8 @@ def _execute(io: StoreIO, spec: WriterSpec, slot_buf: memoryview | None, env: En
         data = np.frombuffer(slot_buf, dtype=np_dtype(spec.dtype), count=spec.numel * spec.profiles)
         if spec.numel:
             g = geometry(spec.numel, spec.dtype, spec.inner_bytes, spec.compression)
-            nbytes += write_rank_data(io, job.prefix, spec.rank, data.reshape(spec.profiles, spec.numel), g)
+            nbytes += write_rank_data(io, job.prefix, spec.rank, data.reshape(spec.profiles, spec.numel), g,
+                                      spec.upload)
         if job.buffers is not None:
             write_buffers(io, job.prefix, job.buffers)
             nbytes += len(job.buffers)

@@ -1,0 +1,213 @@
+"""One object on S3 from a stream of pieces: a single PUT, or a multipart upload with parts in flight.
+
+A version-2 shard is produced in order (inner chunks, each followed by its crc32c, then the
+index; store/io.py ``write_shard``) and sent as ONE object. Up to one part of bytes it is one
+PUT. Larger, it is a multipart upload: the pieces are copied once, in order, into reused part
+buffers (S3 takes a part's body as one buffer; a shard interleaves data and 4-byte checksums),
+up to ``concurrency`` parts are sent at a time, each retried by its own error kind
+(:func:`dist_ema.store.fs.retry`), and the upload is completed with the parts' ETags in order.
+Any failure aborts the upload: S3 shows an object only once it is completed, so a failed write
+leaves nothing visible under its key. Memory: at most ``concurrency + 1`` part buffers.
+
+The part size is planned apart from the I/O (:func:`part_bytes_for`, pure): the configured
+size, grown for objects that would need more than S3's 10,000 parts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from dist_ema.store.fs import StoreError, StoreIO, StoreUnreachableError, retry
+
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_PART_BYTES",
+    "MAX_PART_BYTES",
+    "MAX_PARTS",
+    "MIN_PART_BYTES",
+    "UploadConfig",
+    "part_bytes_for",
+    "upload_pieces",
+]
+
+log = logging.getLogger("dist_ema")
+
+MiB = 2**20
+MIN_PART_BYTES = 5 * MiB  # S3: every part but the last is at least this
+MAX_PART_BYTES = 5 * 2**30  # S3: at most this per part
+MAX_PARTS = 10_000  # S3: parts per upload
+DEFAULT_PART_BYTES = 16 * MiB  # bench/snapshot.py: 16-32 MiB parts, 4 in flight, were the fastest on moto
+DEFAULT_CONCURRENCY = 4  # parts in flight per rank
+
+
+@dataclass(frozen=True)
+class UploadConfig:
+    """How a rank sends a large object to an object store (checked by config.py's field checks)."""
+
+    part_bytes: int = DEFAULT_PART_BYTES  # bytes per part (the last one may be shorter); one PUT up to this
+    concurrency: int = DEFAULT_CONCURRENCY  # parts in flight at a time
+
+
+def part_bytes_for(size_bound: int, part_bytes: int, max_parts: int = MAX_PARTS) -> int:
+    """The part size for an object of at most ``size_bound`` bytes.
+
+    ``part_bytes``, unless the object would then need more than ``max_parts`` parts: then the
+    smallest whole number of MiB that needs at most ``max_parts``.
+
+    Example:
+        >>> part_bytes_for(300 * 2**30, 16 * 2**20)  # 300 GiB: 16 MiB parts would be 19,200 parts
+        32212254
+    """
+    if size_bound <= part_bytes * max_parts:
+        return part_bytes
+    return -(-size_bound // (max_parts * MiB)) * MiB
+
+
+class _Upload:
+    """One multipart upload of ``path``: parts sent by a thread pool, ETags collected, completed or aborted."""
+
+    def __init__(self, io: StoreIO, key: str, concurrency: int) -> None:
+        self.io, self.key = io, key
+        self.path = io.path(key)
+        self.bucket, self.object_key, _ = io.fs.split_path(self.path)
+        self.what = f"write {io.url}/{key}"
+        out = retry(lambda: io.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.object_key),
+                    self.what, io.attempts)
+        self.upload_id = out["UploadId"]
+        self.pool = cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="dist-ema-upload")
+        self.pending: dict[cf.Future, tuple[int, bytearray]] = {}
+        self.etags: dict[int, str] = {}
+        self.parts = 0
+        self.bytes = 0
+        self.failed: int | None = None  # the number of a part that failed
+
+    def _send(self, number: int, body: bytearray) -> str:
+        def do() -> Any:
+            return self.io.fs.call_s3("upload_part", Bucket=self.bucket, Key=self.object_key, UploadId=self.upload_id,
+                                      PartNumber=number, Body=body)
+
+        return retry(do, f"{self.what} (part {number})", self.io.attempts)["ETag"]
+
+    def submit(self, body: bytearray) -> None:
+        self.parts += 1
+        self.bytes += len(body)
+        self.pending[self.pool.submit(self._send, self.parts, body)] = (self.parts, body)
+
+    def wait_one(self) -> bytearray:
+        """Wait for a part in flight to finish; return its buffer for reuse (a failed part raises)."""
+        done, _ = cf.wait(self.pending, return_when=cf.FIRST_COMPLETED)
+        buf = b""
+        for f in done:
+            number, buf = self.pending.pop(f)
+            if f.exception() is not None:
+                self.failed = number
+            self.etags[number] = f.result()
+        return buf  # type: ignore[return-value]
+
+    def complete(self) -> None:
+        while self.pending:
+            self.wait_one()
+        parts = [{"PartNumber": k, "ETag": self.etags[k]} for k in range(1, self.parts + 1)]
+        tries = 0
+
+        def do() -> None:
+            nonlocal tries
+            tries += 1
+            try:
+                self.io.fs.call_s3("complete_multipart_upload", Bucket=self.bucket, Key=self.object_key,
+                                   UploadId=self.upload_id, MultipartUpload={"Parts": parts})
+            except Exception:
+                if tries > 1 and self._completed_before():
+                    return  # an earlier try completed it; its answer was lost
+                raise
+
+        retry(do, f"{self.what} (complete {self.parts} parts)", self.io.attempts)
+        self.io.fs.invalidate_cache(self.path)
+        self.pool.shutdown()
+
+    def _completed_before(self) -> bool:
+        try:
+            info = self.io.fs.info(self.path, refresh=True)
+        except Exception:  # noqa: BLE001 - not there (or not answerable): not completed
+            return False
+        return int(info.get("size", -1)) == self.bytes and str(info.get("ETag", "")).endswith(f'-{self.parts}"')
+
+    def abort(self) -> None:
+        """Stop sending, wait for the parts in flight, then abort the upload (its parts are dropped)."""
+        for f in self.pending:
+            f.cancel()
+        cf.wait(self.pending)
+        self.pool.shutdown()
+        try:
+            retry(lambda: self.io.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.object_key,
+                                             UploadId=self.upload_id), f"abort the upload of {self.io.url}/{self.key}",
+                  self.io.attempts)
+        except Exception as e:  # noqa: BLE001 - the object is not visible either way; only its parts' storage stays
+            log.warning("dist-ema: aborting the multipart upload %s of %s/%s failed (%s: %s): nothing is visible "
+                        "under that key, but the uploaded parts are stored until the upload is aborted (an S3 "
+                        "lifecycle rule for incomplete multipart uploads removes them)", self.upload_id,
+                        self.io.url, self.key, type(e).__name__, e)
+
+
+def _trim(buf: bytearray, n: int) -> bytearray:
+    if n < len(buf):
+        del buf[n:]  # in place: the buffer is not reused after this
+    return buf
+
+
+def upload_pieces(io: StoreIO, key: str, pieces: Iterable, size_bound: int, config: UploadConfig) -> int:
+    """Write the bytes of ``pieces`` (bytes-like objects, in order) as the one S3 object ``key``; returns bytes.
+
+    ``size_bound``: at least the object's size (sizes the part buffers and plans the part size,
+    see :func:`part_bytes_for`). The pieces are read once; failures are retried per request by
+    their kind. A failure after the upload started aborts it and raises a StoreError naming the
+    key (an access-denied PermissionError or StoreUnreachableError is raised as it is; both name
+    it too): no object becomes visible.
+    """
+    part = part_bytes_for(size_bound, config.part_bytes)
+    buf = bytearray(max(1, min(part, size_bound)))
+    n = 0
+    up: _Upload | None = None
+    try:
+        for piece in pieces:
+            mv = memoryview(piece).cast("B")
+            while len(mv):
+                if n == len(buf):  # full, and more bytes follow
+                    if len(buf) < part:  # the bound was low: grow to a whole part
+                        buf.extend(bytes(part - len(buf)))
+                    else:
+                        if up is None:
+                            up = _Upload(io, key, config.concurrency)
+                        up.submit(buf)
+                        # at most concurrency + 1 buffers: one being filled, the others in flight
+                        buf = bytearray(part) if len(up.pending) <= config.concurrency else up.wait_one()
+                        n = 0
+                take = min(len(mv), len(buf) - n)
+                buf[n:n + take] = mv[:take]
+                n += take
+                mv = mv[take:]
+        if up is None:  # up to one part: one PUT
+            body = _trim(buf, n)
+            path = io.path(key)
+            bucket, object_key, _ = io.fs.split_path(path)
+            retry(lambda: io.fs.call_s3("put_object", Bucket=bucket, Key=object_key, Body=body),
+                  f"write {io.url}/{key}", io.attempts)
+            io.fs.invalidate_cache(path)
+            return n
+        if n:
+            up.submit(_trim(buf, n))
+        up.complete()
+        return up.bytes
+    except BaseException as e:
+        if up is None:
+            raise
+        up.abort()
+        if isinstance(e, (PermissionError, StoreUnreachableError)) or not isinstance(e, Exception):
+            raise
+        where = f"at part {up.failed}" if up.failed is not None else f"after {up.parts} parts"
+        raise StoreError(f"write {io.url}/{key} failed {where} ({type(e).__name__}: {e}); its multipart "
+                         f"upload was aborted, so no object was written under that key") from e
