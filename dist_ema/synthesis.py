@@ -194,6 +194,8 @@ def _choose_time(snaps: list[Snapshot], t: float | None, step: int | None) -> fl
 UNIT_BYTES_MAX = 64 * 2**20  # a unit (one output rank array per target): at most this, in output bytes
 UNIT_BYTES_MIN = 1 * 2**20
 BLOCK_BYTES = 1 * 2**20  # elements per compute block, in float32 bytes: fixed, so results never depend on ranks
+PREFETCH = {"file": 1, "remote": 8}  # default ranged reads in flight per rank
+READ_BYTES = {"file": 4 * 2**20, "remote": 16 * 2**20}  # default largest ranged read
 
 
 @dataclass(frozen=True)
@@ -327,7 +329,8 @@ def synthesize(
     out_storage_options: dict | None = None,
     overwrite: bool = False,
     unit_bytes: int | None = None,
-    prefetch: int = 4,
+    prefetch: int | None = None,
+    read_bytes: int | None = None,
     max_file_bytes: int = 4 * 2**30,
     progress: bool = True,
     timeout: float = 300.0,
@@ -357,7 +360,11 @@ def synthesize(
             files that a synthesis did not write).
         unit_bytes: size of one unit of work (and of one output object). Default: the size of the
             newest snapshot's stored objects, so that every object is fetched exactly once.
-        prefetch: snapshot reads in flight per rank.
+        prefetch: ranged reads in flight per rank (default: 8 on object stores, 1 on local disk).
+        read_bytes: the largest ranged read (default: 16 MiB on object stores, 4 MiB on local
+            disk): adjacent stored chunks of a row are fetched in reads up to this size. A rank
+            holds about ``(prefetch + 8) * read_bytes`` of read buffers (more where the snapshots
+            have another layout than the newest: those rows are decoded to float64 as they are read).
         max_file_bytes: safetensors shard size.
         timeout: seconds a rank waits for another in the job's collectives before every rank fails
             with a clear error (when this call starts the process group, as under ``torchrun -m
@@ -371,8 +378,9 @@ def synthesize(
         raise ConfigError(f"format must be 'zarr' or 'safetensors'; got {format!r}")
     if not isinstance(out, str) or not out:
         raise ConfigError("out= is required: a new or empty folder (safetensors) or store URL (zarr) for the result")
-    if (unit_bytes is not None and unit_bytes < 4) or prefetch < 1:
-        raise ConfigError(f"unit_bytes must be >= 4 and prefetch >= 1; got {unit_bytes}, {prefetch}")
+    for name, v, least in (("unit_bytes", unit_bytes, 4), ("prefetch", prefetch, 1), ("read_bytes", read_bytes, 4)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+            raise ConfigError(f"{name} must be an integer >= {least} (or None for the default); got {v!r}")
     s_targets, g_targets = _targets(sigma_rels, gammas)
     if format == "safetensors":
         _check_folder_names(s_targets)
@@ -384,7 +392,8 @@ def synthesize(
     joined = _init_dist(timeout)
     try:
         return _synthesize(url, s_targets, g_targets, t, step, out, format, dtype, storage_options,
-                           out_storage_options, overwrite, unit_bytes, prefetch, max_file_bytes, progress)
+                           out_storage_options, overwrite, unit_bytes, (prefetch, read_bytes), max_file_bytes,
+                           progress)
     finally:
         if joined:
             dist.destroy_process_group()
@@ -470,7 +479,7 @@ class _Job:
 
 
 def _synthesize(url, s_targets, g_targets, t, step, out, format, dtype, storage_options, out_storage_options,
-                overwrite, unit_bytes, prefetch, max_file_bytes, progress) -> SynthesisResult:
+                overwrite, unit_bytes, reads, max_file_bytes, progress) -> SynthesisResult:
     t0 = time.perf_counter()
     rank = dist.get_rank() if is_distributed() else 0
     world = dist.get_world_size() if is_distributed() else 1
@@ -495,7 +504,7 @@ def _synthesize(url, s_targets, g_targets, t, step, out, format, dtype, storage_
                                       f"opening {url}", None, StoreError)
             run_and_check((lambda a=attempt, p=plan: _prepare(job, p, first=a == 0)) if rank == 0 else (lambda: None),
                           f"creating {store_url}", None, StoreError)
-            gone = _map(job, store, plan, prefetch, progress and rank == 0)
+            gone = _map(job, store, plan, reads, progress and rank == 0)
             if gone is None:
                 break
             if rank == 0:
@@ -594,7 +603,8 @@ def _commit(job: _Job, store: SnapshotStore, plan: SynthesisPlan) -> None:
     commit_snapshot(job.out_io, snap, meta.to_doc())
 
 
-def _map(job: _Job, store: SnapshotStore, plan: SynthesisPlan, prefetch: int, show: bool) -> str | None:
+def _map(job: _Job, store: SnapshotStore, plan: SynthesisPlan, reads: tuple[int | None, int | None],
+         show: bool) -> str | None:
     """Every rank: compute and write its units. Returns None, or why planned snapshots are gone (re-plan).
 
     Errors of any rank are raised on every rank.
@@ -603,7 +613,10 @@ def _map(job: _Job, store: SnapshotStore, plan: SynthesisPlan, prefetch: int, sh
     try:
         mine = assign_units(plan.units, job.world)[job.rank]
         where = {u: i for i, u in enumerate(plan.units)}
-        _map_units(job, store, plan, [where[u] for u in mine], prefetch, show)
+        where_ = "file" if store.io.protocol == "file" else "remote"
+        prefetch = reads[0] or PREFETCH[where_]
+        read_bytes = reads[1] or READ_BYTES[where_]
+        _map_units(job, store, plan, [where[u] for u in mine], prefetch, read_bytes, show)
     except Exception as e:  # noqa: BLE001 - exchanged below
         err = e
     everyone = all_gather_object(None if err is None else (isinstance(err, _SnapshotGone), str(err)))
@@ -638,107 +651,203 @@ class _Sources:
 
 
 ROW_GROUP = 8  # snapshot rows summed per matrix product: memory stays flat in the snapshot count
+SUB_BLOCK = 32768  # elements per matrix product, from each block's start: the rows' float64 copies stay in cache
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Adjacent compute blocks of one rank array of the newest snapshot: each row reads it at once."""
+
+    rank: int
+    lo: int
+    hi: int
+    subs: tuple[tuple[int, int, int], ...]  # (unit index, a, b): the matrix products, [a, b) from lo
+
+
+def _spans(store: SnapshotStore, plan: SynthesisPlan, mine: list[int], read_bytes: int) -> list[_Span]:
+    """This rank's units as spans of at most ``read_bytes`` of the newest snapshot (and at least four
+    spans where the units allow, so that reads overlap the compute). Blocks start at unit starts and
+    sub-blocks at block starts: every element's arithmetic is fixed by the plan, whatever the spans."""
+    blocks = []
+    for ui in mine:
+        u = plan.units[ui]
+        inner = store.geometry(plan.ref, u.rank).inner
+        step = max(1, plan.block // inner) * inner
+        blocks.extend((ui, a, min(a + step, u.start + u.numel)) for a in range(u.start, u.start + u.numel, step))
+    total = sum(hi - lo for _, lo, hi in blocks)
+    cap = max(1, min(read_bytes // STORAGE_DTYPES[plan.ref.dtype], -(-total // 4)))
+    spans: list[_Span] = []
+    cur: list[tuple[int, int, int]] = []
+
+    def close() -> None:
+        lo = cur[0][1]
+        subs = tuple((ui, a - lo, min(a + SUB_BLOCK, hi) - lo) for ui, blo, hi in cur
+                     for a in range(blo, hi, SUB_BLOCK))
+        spans.append(_Span(plan.units[cur[0][0]].rank, lo, cur[-1][2], subs))
+        cur.clear()
+
+    for ui, lo, hi in blocks:
+        if cur and (plan.units[ui].rank != plan.units[cur[0][0]].rank or cur[-1][2] != lo or hi - cur[0][1] > cap):
+            close()
+        cur.append((ui, lo, hi))
+    if cur:
+        close()
+    return spans
+
+
+class _Row:
+    """One (snapshot, profile) row's values over a span: stored bytes (decoded on the copy) or float64."""
+
+    __slots__ = ("raw", "values")
+
+    def __init__(self, raw=None, values: np.ndarray | None = None) -> None:
+        self.raw, self.values = raw, values
+
+    def copy_to(self, a: int, b: int, out: np.ndarray) -> None:
+        if self.raw is not None:
+            self.raw.copy_to(a, b, out)
+        else:
+            np.copyto(out, self.values[a:b])
+
+
+class _RowReader:
+    """Reads rows of spans into reused buffers, ``prefetch`` reads in flight, ahead of the compute.
+
+    A row of the newest snapshot's layout (uncompressed format 2) is one ranged read of its whole
+    inner chunks, kept as stored bytes and decoded by the compute thread; any other row (another
+    layout, compressed or format 1) is read and decoded here. ``slots`` sets of ROW_GROUP buffers:
+    the one being computed and the ones being filled.
+    """
+
+    def __init__(self, store: SnapshotStore, plan: SynthesisPlan, tasks: list[tuple[_Span, int, list[int]]],
+                 prefetch: int, gw: int) -> None:
+        self.store, self.plan, self.tasks = store, plan, tasks
+        self.src = _Sources(store, plan)
+        self.ahead = max(1, -(-prefetch // max(1, gw)))  # tasks in flight while one is computed
+        self.slots = [[bytearray() for _ in range(gw)] for _ in range(self.ahead + 1)]
+        self.decoded: dict[tuple[int, int], np.ndarray] = {}
+        self.pool = ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="dist-ema-read")
+        self.futures: dict[int, list] = {}
+        self.failed = False
+
+    def _row(self, t: int, j: int, row: int) -> tuple[_Row, int]:
+        if self.failed:  # no new reads once one failed: its error is what the job reports
+            raise StoreError("synthesis: an earlier read failed")
+        try:
+            return self._read_row(t, j, row)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def _read_row(self, t: int, j: int, row: int) -> tuple[_Row, int]:
+        span = self.tasks[t][0]
+        i, k = self.plan.rows[row]
+        snap = self.plan.used[i]
+        slot = t % len(self.slots)
+        buf = self.slots[slot][j]
+        if snap.layout_id == self.plan.ref.layout_id:
+            got = _guarded(self.store, snap, lambda: self.store.fetch_raw(snap, span.rank, k, span.lo, span.hi, buf))
+            if got is not None:
+                return _Row(raw=got[0]), got[1]
+        n = span.hi - span.lo
+        vals = self.decoded.get((slot, j))
+        if vals is None or vals.shape[0] < n:
+            vals = self.decoded[(slot, j)] = np.empty(n, dtype=np.float64)
+        reads = self.src.reads(snap, span.rank, span.lo, span.hi)
+        got = _guarded(self.store, snap, lambda: self.store.read_reads(snap, k, reads, vals[:n], buf))
+        return _Row(values=vals[:n]), got
+
+    def submit(self, t: int) -> None:
+        if t < len(self.tasks) and t not in self.futures:
+            self.futures[t] = [self.pool.submit(self._row, t, j, row) for j, row in enumerate(self.tasks[t][2])]
+
+    def take(self, t: int) -> tuple[list[_Row], int]:
+        """Task t's rows (waiting for them); the reads of the next tasks go out first."""
+        for n in range(t, t + self.ahead + 1):
+            self.submit(n)
+        got = [f.result() for f in self.futures.pop(t)]
+        return [r for r, _ in got], sum(n for _, n in got)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _map_units(job: _Job, store: SnapshotStore, plan: SynthesisPlan, mine: list[int], prefetch: int,
-               show: bool) -> None:
-    """Compute this rank's units, block by block, rows in fixed groups of ROW_GROUP.
+               read_bytes: int, show: bool) -> None:
+    """Compute this rank's units, span by span, rows in fixed groups of ROW_GROUP.
 
-    Per block (a run of the newest snapshot's inner chunks): for each group of rows, the reader
-    thread fills a [group, block] float64 buffer (each needed chunk fetched once, crc32c checked,
-    converted on the copy; on object stores the group's ranged reads go out concurrently), then
-    ``acc += X[:, group] @ V`` on this thread. Two buffers: the next group is read while this one
-    is computed. A finished unit is written by a writer thread while the next one is computed.
-    Block width and groups come from the plan, and the compute runs on one thread, so every
-    element's arithmetic is the same whichever rank computes it.
+    Per span (adjacent blocks of the newest snapshot's rank array, up to ``read_bytes`` per row),
+    for each group of rows: the reader threads fetch the group's rows (one ranged read each, every
+    chunk's crc32c checked), ahead of the compute; then, per sub-block of SUB_BLOCK elements, the
+    rows are converted to float64 into a small buffer and ``acc += X[:, group] @ V`` runs on this
+    thread. Finished units are written by a writer thread while the next span is computed.
+    Blocks, sub-blocks and groups come from the plan, and the compute runs on one thread, so every
+    element's arithmetic is the same whichever rank computes it and whatever the read sizes.
     """
     X = np.asarray(plan.X, dtype=np.float64)  # [rows, targets]
     live = [row for row in range(X.shape[0]) if np.any(X[row] != 0)]  # rows with a coefficient
     Xt = torch.from_numpy(np.ascontiguousarray(X[live].T))  # [targets, live rows]
     m = Xt.shape[0]
     groups = [live[g:g + ROW_GROUP] for g in range(0, len(live), ROW_GROUP)]
-    src = _Sources(store, plan)
     prefix = data_prefix(snapshot_id(plan.out_step), job.id)
-    blocks = []  # (unit index, lo, hi) in the newest snapshot's rank coordinates
-    for ui in mine:
-        u = plan.units[ui]
-        inner = store.geometry(plan.ref, u.rank).inner
-        step = max(1, plan.block // inner) * inner
-        blocks.extend((ui, a, min(a + step, u.start + u.numel)) for a in range(u.start, u.start + u.numel, step))
-    width = max((hi - lo for _, lo, hi in blocks), default=0)
-    tasks = [(b, g) for b in range(len(blocks)) for g in range(len(groups))]
+    spans = _spans(store, plan, mine, read_bytes)
+    tasks = [(s, g, grp) for s in spans for g, grp in enumerate(groups)]
     gw = min(ROW_GROUP, len(live)) if live else 1
-    bufs = [torch.empty((gw, width), dtype=torch.float64) for _ in range(2)]
-    remote = store.io.protocol != "file"
-    scratch = [[bytearray() for _ in range(gw)] for _ in range(2)]
-    acc = torch.empty((m, width), dtype=torch.float64)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-ema-read")
-    # on object stores a group's ranged GETs go out at once (local reads: the one reader thread, so
-    # that a rank uses about two cores and ranks scale)
-    rows_pool = ThreadPoolExecutor(max_workers=gw, thread_name_prefix="dist-ema-get") if remote and gw > 1 else None
+    itemsize = {i: STORAGE_DTYPES[s.dtype] for i, s in enumerate(plan.used)}
+    need = [(s.hi - s.lo) * sum(itemsize[plan.rows[row][0]] for row in grp) for s, _, grp in tasks]
+    V = torch.empty((gw, SUB_BLOCK), dtype=torch.float64)
+    Vn = V.numpy()
+    nsub = max((len(s.subs) for s in spans), default=0)
+    acc = torch.empty((nsub, m, SUB_BLOCK), dtype=torch.float64)
+    out_dtype = torch.float32 if plan.dtype == "float32" else torch.float64
+    reader = _RowReader(store, plan, tasks, prefetch, gw)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-ema-write")
     bar = None
     if show:
-        try:
+        with contextlib.suppress(ImportError):
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=sum(hi - lo for _, lo, hi in blocks), unit="elem", unit_scale=True, desc="synthesize")
-        except ImportError:  # pragma: no cover
-            bar = None
-
-    def read_row(b: int, slot: int, j: int, row: int) -> int:
-        ui, lo, hi = blocks[b]
-        i, k = plan.rows[row]
-        snap = plan.used[i]
-        reads = src.reads(snap, plan.units[ui].rank, lo, hi)
-        V = bufs[slot].numpy()
-        return _guarded(store, snap, lambda: store.read_reads(snap, k, reads, V[j, : hi - lo], scratch[slot][j]))
-
-    def fill(t: int, slot: int) -> int:
-        b, g = tasks[t]
-        if rows_pool is not None:
-            return sum(f.result() for f in [rows_pool.submit(read_row, b, slot, j, row)
-                                            for j, row in enumerate(groups[g])])
-        return sum(read_row(b, slot, j, row) for j, row in enumerate(groups[g]))
-
+            bar = tqdm(total=sum(need), unit="B", unit_scale=True, unit_divisor=1024, desc="synthesize")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one compute thread per rank: the same arithmetic whichever rank runs a block
-    out_unit: torch.Tensor | None = None
-    pending = None  # the previous unit's write
+    out_units: dict[int, torch.Tensor] = {}
+    pending: list = []  # the previous span's unit writes
     try:
-        fut = pool.submit(fill, 0, 0) if tasks else None
-        for t, (b, g) in enumerate(tasks):
-            job.bytes_read += fut.result()
-            fut = pool.submit(fill, t + 1, (t + 1) % 2) if t + 1 < len(tasks) else None
-            ui, lo, hi = blocks[b]
-            u = plan.units[ui]
-            w = hi - lo
-            if lo == u.start and g == 0:
-                out_unit = torch.empty((m, u.numel), dtype=torch.float32 if plan.dtype == "float32" else torch.float64)
-            n = len(groups[g])
-            V = bufs[t % 2][:n, :w]
+        for t, (span, g, grp) in enumerate(tasks):
+            rows, fetched = reader.take(t)
+            job.bytes_read += fetched
+            n = len(grp)
             cols = slice(g * ROW_GROUP, g * ROW_GROUP + n)
-            if g == 0:
-                torch.mm(Xt[:, cols], V, out=acc[:, :w])
-            else:
-                acc[:, :w].addmm_(Xt[:, cols], V)
-            if g == len(groups) - 1:
-                out_unit[:, lo - u.start : hi - u.start] = acc[:, :w]
-                if bar is not None:
-                    bar.update(w)
-                if hi == u.start + u.numel:
-                    if pending is not None:
-                        pending.result()  # at most one unit waits for its write
-                    pending = writer.submit(_write_unit, job.out_io, prefix, plan, ui, out_unit)
-                    out_unit = None
-        if pending is not None:
-            pending.result()
+            for si, (_, a, b) in enumerate(span.subs):
+                w = b - a
+                for j, row in enumerate(rows):
+                    row.copy_to(a, b, Vn[j, :w])
+                if g == 0:
+                    torch.mm(Xt[:, cols], V[:n, :w], out=acc[si, :, :w])
+                else:
+                    acc[si, :, :w].addmm_(Xt[:, cols], V[:n, :w])
+            del rows  # its buffers are refilled from here on
+            if bar is not None:
+                bar.update(need[t])
+            if g < len(groups) - 1:
+                continue
+            for f in pending:  # at most one span's units wait for their writes
+                f.result()
+            pending = []
+            for si, (ui, a, b) in enumerate(span.subs):
+                u = plan.units[ui]
+                if ui not in out_units:
+                    out_units[ui] = torch.empty((m, u.numel), dtype=out_dtype)
+                at = span.lo + a - u.start
+                out_units[ui][:, at:at + b - a] = acc[si, :, :b - a]
+                if at + b - a == u.numel:
+                    pending.append(writer.submit(_write_unit, job.out_io, prefix, plan, ui, out_units.pop(ui)))
+        for f in pending:
+            f.result()
     finally:
         torch.set_num_threads(threads)
-        pool.shutdown(wait=True, cancel_futures=True)
+        reader.close()
         writer.shutdown(wait=True, cancel_futures=True)
-        if rows_pool is not None:
-            rows_pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
 

@@ -333,9 +333,8 @@ def _remove_before_reading(monkeypatch, url, doomed: set[str], data_only: bool =
     from dist_ema.store.reader import SnapshotStore
 
     removed: list[str] = []
-    real = SnapshotStore.read_reads
 
-    def read_reads(self, snap, profile, reads, out, scratch=None):
+    def first_read(snap) -> None:
         if snap.id in doomed:
             doomed.discard(snap.id)
             io = StoreIO(url)
@@ -344,8 +343,18 @@ def _remove_before_reading(monkeypatch, url, doomed: set[str], data_only: bool =
             else:
                 remove_snapshot(io, snap.id)
             removed.append(snap.id)
-        return real(self, snap, profile, reads, out, scratch)
 
+    real_reads, real_raw = SnapshotStore.read_reads, SnapshotStore.fetch_raw
+
+    def read_reads(self, snap, profile, reads, out, scratch=None):
+        first_read(snap)
+        return real_reads(self, snap, profile, reads, out, scratch)
+
+    def fetch_raw(self, snap, rank, profile, lo, hi, scratch=None):  # synthesis' reads of the newest layout
+        first_read(snap)
+        return real_raw(self, snap, rank, profile, lo, hi, scratch)
+
+    monkeypatch.setattr(SnapshotStore, "fetch_raw", fetch_raw)
     monkeypatch.setattr(SnapshotStore, "read_reads", read_reads)
     return removed
 

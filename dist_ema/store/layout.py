@@ -556,15 +556,18 @@ def plan_units(layout: Layout, chunk_of_rank: Sequence[int], unit_elems: int) ->
 
 
 def assign_units(units: Sequence[Unit], world_size: int) -> list[list[Unit]]:
-    """Deterministic, size-balanced assignment of units to synthesis ranks (greedy, largest first)."""
-    loads = [0] * world_size
+    """Deterministic, size-balanced assignment of units to synthesis ranks: each rank gets one run of
+    the units in store order (rank array, then offset), so that the reads of its adjacent units
+    coalesce into large ones. A unit goes to the rank whose share ``[k, k + 1) * total / world``
+    holds the unit's middle element: a rank's load is its share to within one unit."""
+    order = sorted(units, key=lambda u: u.key)
+    total = sum(u.numel for u in order)
     out: list[list[Unit]] = [[] for _ in range(world_size)]
-    for u in sorted(units, key=lambda u: (-u.numel, u.rank, u.start)):
-        k = min(range(world_size), key=lambda i: (loads[i], i))
+    done = 0
+    for u in order:
+        k = min(world_size - 1, (2 * done + u.numel) * world_size // (2 * total)) if total else 0
         out[k].append(u)
-        loads[k] += u.numel
-    for lst in out:
-        lst.sort(key=lambda u: u.key)
+        done += u.numel
     return out
 
 

@@ -241,31 +241,18 @@ class SnapshotStore:
             raise ConfigError(f"bad range [{lo}, {hi}) of rank {rank} ({g.numel} elements)")
         if hi == lo:
             return 0
-        chunks = g.chunks_of(lo, hi)
-        isz = g.itemsize
+        run = self.fetch_raw(snap, rank, profile, lo, hi, scratch)
+        if run is not None:  # one ranged read of the chunks, back to back
+            run[0].copy_to(0, hi - lo, out)
+            return run[1]
         dt = np_dtype(g.dtype)
         codec = compressor(g.compression, g.dtype)
         key = shard_key(snap.prefix, rank, profile) if snap.version >= 2 else v1_array_key(snap.prefix, rank, profile)
-        where = f"snapshot {snap.id}: rank {rank} profile p{profile} ({self.url}/{key})"
-        try:
-            if codec is None and snap.version >= 2:  # one ranged read of the chunks, back to back
-                nbytes = len(chunks) * g.chunk_bytes
-                buf = _grow(scratch, nbytes)
-                self.ranges.read_into(key, g.dense_offset(chunks[0]), memoryview(buf)[:nbytes])
-                rows = np.frombuffer(buf, dtype=np.uint8, count=nbytes).reshape(len(chunks), g.chunk_bytes)
-                body = g.inner * isz
-                for j, c in enumerate(chunks):
-                    check_chunk(rows[j, :body], rows[j, body:], where, c)
-                vals = rows[:, :body].view(dt)  # [chunks, inner], strided over the checksums
-                fetched = nbytes
-                for j, c in enumerate(chunks):
-                    a, b = g.chunk_span(c)
-                    s0, s1 = max(a, lo), min(b, hi)
-                    _put(out, s0 - lo, vals[j, s0 - a:s1 - a], g.dtype)
-                return fetched
-            fetched = 0
+        where = self._where(snap, rank, profile, key)
+        fetched = 0
+        with self._named(where, key, g, codec):
             idx = self._index(key, g) if snap.version >= 2 else None
-            for c in chunks:
+            for c in g.chunks_of(lo, hi):
                 if idx is None:  # version 1: one object per chunk
                     obj = f"{key}/c/{c}"
                     raw = self.ranges.get(obj)
@@ -282,13 +269,50 @@ class SnapshotStore:
                 a, b = g.chunk_span(c)
                 s0, s1 = max(a, lo), min(b, hi)
                 _put(out, s0 - lo, data[s0 - a:s1 - a], g.dtype)
-            return fetched
+        return fetched
+
+    def fetch_raw(self, snap: Snapshot, rank: int, profile: int, lo: int, hi: int,
+                  scratch: bytearray | None = None) -> tuple[RawRun, int] | None:
+        """Elements [lo, hi) of one rank array as stored: one ranged read of their whole inner chunks,
+        every chunk's crc32c checked; decoded later by ``RawRun.copy_to``. Returns (the run, bytes fetched).
+
+        None where the stored bytes are not plain values (compressed chunks, format version 1): read
+        those with :meth:`read_stored`. ``scratch``: the byte buffer the run lives in (grown when too
+        small); the run is valid until the buffer is reused.
+        """
+        g = self.geometry(snap, rank)
+        if snap.version < 2 or g.compression is not None:
+            return None
+        if not 0 <= lo < hi <= g.numel:
+            raise ConfigError(f"bad range [{lo}, {hi}) of rank {rank} ({g.numel} elements)")
+        key = shard_key(snap.prefix, rank, profile)
+        where = self._where(snap, rank, profile, key)
+        with self._named(where, key, g, None):
+            chunks = g.chunks_of(lo, hi)
+            nbytes = len(chunks) * g.chunk_bytes
+            buf = _grow(scratch, nbytes)
+            self.ranges.read_into(key, g.dense_offset(chunks[0]), memoryview(buf)[:nbytes])
+            rows = np.frombuffer(buf, dtype=np.uint8, count=nbytes).reshape(len(chunks), g.chunk_bytes)
+            body = g.inner * g.itemsize
+            for j, c in enumerate(chunks):
+                check_chunk(rows[j, :body], rows[j, body:], where, c)
+            vals = rows[:, :body].view(np_dtype(g.dtype))  # [chunks, inner], strided over the checksums
+            return RawRun(vals, lo - chunks[0] * g.inner, hi - lo, g.inner, g.dtype), nbytes
+
+    def _where(self, snap: Snapshot, rank: int, profile: int, key: str) -> str:
+        return f"snapshot {snap.id}: rank {rank} profile p{profile} ({self.url}/{key})"
+
+    @contextlib.contextmanager
+    def _named(self, where: str, key: str, g: Geometry, codec):
+        """Read errors as StoreErrors named by the snapshot, rank and profile (and the object's own size)."""
+        try:
+            yield
         except FileNotFoundError as e:
             raise StoreError(f"{where}: an object is missing ({e}); the snapshot is damaged "
                              f"(run dist-ema ls --verify)") from e
         except TruncatedObjectError as e:  # named by its snapshot, rank and profile, like the other problems
             size, expected = e.size, e.expected
-            if snap.version >= 2 and e.where.endswith(key):
+            if g.version >= 2 and e.where.endswith(key):
                 with contextlib.suppress(Exception):  # the object's own size, not where the read stopped
                     size = self.ranges.size(key)
                 if codec is None:
@@ -438,10 +462,14 @@ class SnapshotStore:
 
 
 def _grow(buf: bytearray | None, n: int) -> bytearray:
+    """``buf`` when it holds ``n`` bytes, grown when it can be; a new buffer while views of it live."""
     if buf is None:
         return bytearray(n)
     if len(buf) < n:
-        buf.extend(bytes(n - len(buf)))
+        try:
+            buf.extend(bytes(n - len(buf)))
+        except BufferError:  # a run read into it earlier is still in use
+            return bytearray(n)
     return buf
 
 
@@ -452,6 +480,30 @@ def _put(out: np.ndarray, at: int, stored: np.ndarray, dtype: str) -> None:
         out[at:at + n] = (stored.astype(np.uint32) << 16).view(np.float32)
     else:
         out[at:at + n] = stored
+
+
+@dataclass(frozen=True)
+class RawRun:
+    """A run of stored elements as fetched: whole inner chunks back to back (checksums already checked).
+
+    ``vals``: [chunks, inner] in the stored dtype (a view of the fetched bytes, strided over each
+    chunk's checksum); element i of the run is ``vals.flat``-order element ``skip + i``.
+    """
+
+    vals: np.ndarray
+    skip: int  # elements of the first chunk before the run
+    numel: int
+    inner: int
+    dtype: str
+
+    def copy_to(self, a: int, b: int, out: np.ndarray) -> None:
+        """Elements [a, b) of the run into ``out[:b - a]`` (any float dtype), decoded on the copy."""
+        done = 0
+        while a + done < b:
+            j, i = divmod(self.skip + a + done, self.inner)
+            n = min(b - a - done, self.inner - i)
+            _put(out, done, self.vals[j, i:i + n], self.dtype)
+            done += n
 
 
 class UnknownParameterError(DistEMAError, KeyError):
