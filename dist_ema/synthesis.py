@@ -194,8 +194,6 @@ def _choose_time(snaps: list[Snapshot], t: float | None, step: int | None) -> fl
 UNIT_BYTES_MAX = 64 * 2**20  # a unit (one output rank array per target): at most this, in output bytes
 UNIT_BYTES_MIN = 1 * 2**20
 BLOCK_BYTES = 1 * 2**20  # elements per compute block, in float32 bytes: fixed, so results never depend on ranks
-PREFETCH = {"file": 1, "remote": 8}  # default ranged reads in flight per rank
-READ_BYTES = {"file": 4 * 2**20, "remote": 16 * 2**20}  # default largest ranged read
 
 
 @dataclass(frozen=True)
@@ -613,9 +611,7 @@ def _map(job: _Job, store: SnapshotStore, plan: SynthesisPlan, reads: tuple[int 
     try:
         mine = assign_units(plan.units, job.world)[job.rank]
         where = {u: i for i, u in enumerate(plan.units)}
-        where_ = "file" if store.io.protocol == "file" else "remote"
-        prefetch = reads[0] or PREFETCH[where_]
-        read_bytes = reads[1] or READ_BYTES[where_]
+        prefetch, read_bytes = reads[0] or store.prefetch, reads[1] or store.read_bytes
         _map_units(job, store, plan, [where[u] for u in mine], prefetch, read_bytes, show)
     except Exception as e:  # noqa: BLE001 - exchanged below
         err = e
@@ -664,10 +660,11 @@ class _Span:
     subs: tuple[tuple[int, int, int], ...]  # (unit index, a, b): the matrix products, [a, b) from lo
 
 
-def _spans(store: SnapshotStore, plan: SynthesisPlan, mine: list[int], read_bytes: int) -> list[_Span]:
-    """This rank's units as spans of at most ``read_bytes`` of the newest snapshot (and at least four
-    spans where the units allow, so that reads overlap the compute). Blocks start at unit starts and
-    sub-blocks at block starts: every element's arithmetic is fixed by the plan, whatever the spans."""
+def _spans(store: SnapshotStore, plan: SynthesisPlan, mine: list[int], read_bytes: int, groups: int) -> list[_Span]:
+    """This rank's units as spans of at most ``read_bytes`` of the newest snapshot (with one group of
+    rows, at least four spans where the units allow, so that reads overlap the compute). Blocks start
+    at unit starts and sub-blocks at block starts: every element's arithmetic is fixed by the plan,
+    whatever the spans."""
     blocks = []
     for ui in mine:
         u = plan.units[ui]
@@ -675,7 +672,9 @@ def _spans(store: SnapshotStore, plan: SynthesisPlan, mine: list[int], read_byte
         step = max(1, plan.block // inner) * inner
         blocks.extend((ui, a, min(a + step, u.start + u.numel)) for a in range(u.start, u.start + u.numel, step))
     total = sum(hi - lo for _, lo, hi in blocks)
-    cap = max(1, min(read_bytes // STORAGE_DTYPES[plan.ref.dtype], -(-total // 4)))
+    cap = max(1, read_bytes // STORAGE_DTYPES[plan.ref.dtype])
+    if groups == 1:
+        cap = min(cap, -(-total // 4))
     spans: list[_Span] = []
     cur: list[tuple[int, int, int]] = []
 
@@ -790,7 +789,7 @@ def _map_units(job: _Job, store: SnapshotStore, plan: SynthesisPlan, mine: list[
     m = Xt.shape[0]
     groups = [live[g:g + ROW_GROUP] for g in range(0, len(live), ROW_GROUP)]
     prefix = data_prefix(snapshot_id(plan.out_step), job.id)
-    spans = _spans(store, plan, mine, read_bytes)
+    spans = _spans(store, plan, mine, read_bytes, len(groups))
     tasks = [(s, g, grp) for s in spans for g, grp in enumerate(groups)]
     gw = min(ROW_GROUP, len(live)) if live else 1
     itemsize = {i: STORAGE_DTYPES[s.dtype] for i, s in enumerate(plan.used)}
