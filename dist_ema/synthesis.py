@@ -38,6 +38,7 @@ import os
 import posixpath
 import resource
 import socket
+import struct
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -1109,14 +1110,37 @@ def _pack_files(params, itemsize: int, max_file_bytes: int) -> tuple[list[list[s
     return files, names
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def safetensors_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> list:
+    """A safetensors file as buffers to write back to back: its header, then each tensor's own bytes
+    (no serialized copy of the whole file). The format: an 8-byte little-endian header size, a JSON
+    header (dtype, shape and data offsets per tensor; ``__metadata__``) padded with spaces to 8 bytes,
+    then the data, contiguous in header order."""
+    header: dict = {"__metadata__": metadata}
+    data, off = [], 0
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise ConfigError(f"{name}: dtype {t.dtype} has no safetensors code; convert it before export")
+        t = t.detach().cpu().contiguous()
+        raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + len(raw)]}
+        data.append(raw)
+        off += len(raw)
+    doc = json.dumps(header, separators=(",", ":")).encode()
+    doc += b" " * (-len(doc) % 8)
+    return [struct.pack("<Q", len(doc)) + doc, *data]
+
+
 def _export_safetensors(out_io: StoreIO, top: StoreIO, out: str, plan: SynthesisPlan, rank: int, world: int,
                         max_file_bytes: int) -> list[str]:
     """Per target, safetensors file(s) keyed by the model's parameter names; files split across ranks.
 
     Writes only the keys that ``_owned`` lists (the marker claimed them before the job began).
     """
-    from safetensors.torch import save as st_save
-
     reader = SnapshotStore(out_io.url, io=out_io)
     snap = reader.snapshot()
     params = reader.layout(snap).params
@@ -1148,7 +1172,7 @@ def _export_safetensors(out_io: StoreIO, top: StoreIO, out: str, plan: Synthesis
                 "sigma_rel": tg["sigma_rel"], "gamma": tg["gamma"], "t": tg["t"], "error": tg["error"],
                 "unit": plan.unit, "snapshots": plan.snapshot_ids, "source_store": plan.source,
                 "ties": ties})}
-            top.put(f"{target_folder(tg['sigma_rel'])}/{names[fi]}", st_save(tensors, metadata=md))
+            top.put(f"{target_folder(tg['sigma_rel'])}/{names[fi]}", safetensors_parts(tensors, md))
 
     def index() -> None:  # rank 0, after every rank wrote its files
         for tg in plan.targets:

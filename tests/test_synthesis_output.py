@@ -253,7 +253,7 @@ def test_failed_job_removes_only_its_own_output(run_dir, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save", boom)  # the export fails after the zarr store was committed
+    monkeypatch.setattr("dist_ema.synthesis.safetensors_parts", boom)  # the export fails after the zarr commit
     with pytest.raises(StoreError, match="safetensors export failed.*disk full"):
         synthesize(str(run_dir / "snapshots"), sigma_rels=[0.07], out=str(out), progress=False)
     assert out.is_dir() and list(out.iterdir()) == []  # the user's (empty) folder stays, nothing in it
@@ -288,3 +288,27 @@ def test_high_error_target_is_warned(tmp_path, caplog):
     msg = warned[0].getMessage()
     assert f"{100 * err:.1f}%" in msg and "dist-ema error" in msg and "snapshots" in msg
     assert not any("0.1000" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_safetensors_files_are_read_by_safetensors_itself(tmp_path):
+    """The export writes the format itself (header, then each tensor's bytes): safetensors reads it back."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from dist_ema.synthesis import safetensors_parts
+
+    ts = {"w": torch.randn(3, 4), "bf": torch.randn(5).to(torch.bfloat16), "steps": torch.tensor(7),
+          "empty": torch.empty(0, 3), "half": torch.randn(2, 2).half(), "mask": torch.tensor([True, False]),
+          "idx": torch.arange(5), "f64": torch.randn(2, dtype=torch.float64)}
+    path = tmp_path / "m.safetensors"
+    with open(path, "wb") as f:
+        for part in safetensors_parts(ts, {"format": "pt", "dist_ema": "{}"}):
+            f.write(part)
+    got = load_file(str(path))
+    assert got.keys() == ts.keys()
+    for k, v in ts.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt", "dist_ema": "{}"}
+    with pytest.raises(ValueError, match="no safetensors code"):
+        safetensors_parts({"c": torch.zeros(2, dtype=torch.complex64)}, {})

@@ -18,7 +18,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from dist_ema.errors import ConfigError, DistEMAError
@@ -471,8 +471,11 @@ class StoreIO:
 
     # ------------------------------------------------------------------ objects
 
-    def put(self, key: str, data: bytes, *, exclusive: bool = False, durable: bool | None = None) -> None:
+    def put(self, key: str, data: bytes | Sequence[Any], *, exclusive: bool = False,
+            durable: bool | None = None) -> None:
         """Write one object. Local writes are atomic (temp file + rename).
+
+        data: the bytes, or buffers written back to back (no copy into one object on local disk).
 
         exclusive: fail with FileExistsError if the object exists (conditional create
         where the backend supports it, e.g. S3 If-None-Match).
@@ -480,13 +483,15 @@ class StoreIO:
         commit markers and the ownership record, so that a marker never outlives its data).
         """
         path = self.path(key)
+        parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
         if self.protocol == "file":
             def local() -> None:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
                 try:
                     with open(tmp, "wb") as f:
-                        f.write(data)
+                        for part in parts:
+                            f.write(part)
                         if exclusive if durable is None else durable:
                             f.flush()
                             os.fsync(f.fileno())
@@ -512,6 +517,8 @@ class StoreIO:
                     raise
                 raise clear from e
             return
+        if len(parts) != 1:
+            data = b"".join(parts)
 
         def do() -> None:
             if exclusive:
