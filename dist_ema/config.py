@@ -544,10 +544,11 @@ class SnapshotConfig:
     applies, at the cost of host memory."""
 
     upload_part_bytes: int = DEFAULT_PART_BYTES
-    """Object stores (S3): bytes per part of a multipart upload (default 16 MiB; 5 MiB to 5
-    GiB). A shard of up to one part goes up in one PUT; a larger one as one multipart upload
-    (the same object, visible only once complete), its part size grown where it would need more
-    than S3's 10,000 parts. The writer holds up to upload_concurrency + 1 parts in memory."""
+    """Object stores (S3): the largest part of a multipart upload in bytes (default 64 MiB; 5 MiB
+    to 5 GiB). A shard of up to one part goes up in one PUT; a larger one as one multipart
+    upload of about equal parts (the same object, visible only once complete), with larger parts
+    where it would need more than S3's 10,000. The writer holds up to upload_concurrency parts
+    in memory."""
 
     upload_concurrency: int = DEFAULT_CONCURRENCY
     """Object stores (S3): parts of a multipart upload in flight at a time per rank (default 4;

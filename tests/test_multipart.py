@@ -72,6 +72,20 @@ def test_part_size_grows_to_stay_within_10000_parts() -> None:
     assert part_bytes_for(20 * MiB, 5 * MiB, max_parts=3) == 7 * MiB
 
 
+def test_parts_are_about_equal_and_never_above_the_setting() -> None:
+    """An object just above a part goes up as equal parts, not a full part and a tiny one."""
+    assert part_bytes_for(33 * MiB, 16 * MiB) == 11 * MiB  # 11 + 11 + 11, not 16 + 16 + 1
+    assert part_bytes_for(32 * MiB + 1028, 32 * MiB) == 17 * MiB  # 17 + 15, not 32 + 1028 bytes
+    assert part_bytes_for(5 * MiB + 4, 5 * MiB) == 5 * MiB  # never below S3's 5 MiB
+    rng = np.random.default_rng(0)
+    for size in rng.integers(1, 2**34, 300).tolist() + [16 * MiB * k + d for k in (1, 2, 3) for d in (-1, 0, 1)]:
+        for part in (5 * MiB, 16 * MiB, 64 * MiB):
+            p = part_bytes_for(size, part)
+            parts = math.ceil(size / p)
+            assert p >= 5 * MiB and parts <= MAX_PARTS
+            assert p <= part and parts == max(1, math.ceil(size / part)), (size, part, p)
+
+
 # ----------------------------------------------------------------------------- settings
 
 
@@ -255,13 +269,13 @@ def test_a_transient_part_failure_is_retried_by_itself(s3_backend, monkeypatch) 
 
 
 def test_the_settings_reach_the_writer_process(s3_env) -> None:
-    """upload_part_bytes = 5 MiB: the writer process sends each 6.4 MiB shard in 2 parts; 16 MiB: one PUT."""
+    """upload_part_bytes = 5 MiB: the writer process sends each 6.4 MiB shard in 2 parts; the defaults: one PUT."""
     _, bucket = s3_env
     torch.manual_seed(0)
     model = torch.nn.Linear(1600, 1000)  # 1.6M values: 6.4 MiB per profile
-    for sub, part, dash in (("a", 5 * MiB, "-2"), ("b", 16 * MiB, None)):
+    for sub, settings, dash in (("a", {"upload_part_bytes": 5 * MiB, "upload_concurrency": 2}, "-2"), ("b", {}, None)):
         url = f"s3://{bucket}/{sub}"
-        with PostHocEMA(model, sigma_rels=(0.05, 0.1), store=url, upload_part_bytes=part, upload_concurrency=2) as ema:
+        with PostHocEMA(model, sigma_rels=(0.05, 0.1), store=url, **settings) as ema:
             ema.update()
             ema.snapshot()
             want = ema.full_state_dict(sigma_rel=0.05)["weight"]
