@@ -7,7 +7,7 @@ benchmark, ratios against baselines measured in the same run, goals met or misse
 results file (each benchmark records when it ran and the machine's load).
 
 Benchmarks: update, update_gpu (run by default when CUDA is available), sharded, train, snapshot,
-synthesis, solver, scale.
+synthesis, solver, scale, many.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-NAMES = ("update", "update_models", "update_gpu", "sharded", "train", "snapshot", "synthesis", "solver", "scale")
+NAMES = ("update", "update_models", "update_gpu", "sharded", "train", "snapshot", "synthesis", "solver", "scale",
+         "many")
 
 
 def _run_one(name: str, quick: bool, threads: int, context: dict):
@@ -50,6 +51,10 @@ def _run_one(name: str, quick: bool, threads: int, context: dict):
         return solver.run(quick, threads)
     if name == "scale":
         return scale.run(quick, context)
+    if name == "many":
+        from bench import many
+
+        return many.run(quick, threads)
     raise ValueError(name)
 
 
