@@ -288,3 +288,39 @@ def test_the_settings_reach_the_writer_process(s3_env) -> None:
         for k in shards:
             etag = str(io.fs.info(k)["ETag"]).strip('"')
             assert etag.endswith(dash) if dash else "-" not in etag, (sub, k, etag)
+
+
+# ----------------------------------------------------------------------------- a writer stopped mid-upload
+
+
+def test_cleanup_of_a_torn_snapshot_aborts_the_uploads_a_stopped_writer_left(s3_backend) -> None:
+    """Parts of a killed writer's upload are stored though never visible: removing its torn attempt aborts them.
+
+    The attempt of a job that may still run keeps its upload (it may complete it yet).
+    """
+    from dist_ema.store.io import remove_torn_attempts, remove_torn_snapshot
+
+    _, _, bucket = s3_backend
+    io = StoreIO(f"s3://{bucket}/store")
+
+    def started(key: str) -> str:  # an upload with one part, never completed: what a killed writer leaves
+        _, k, _ = io.fs.split_path(io.path(key))
+        up = io.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=k)["UploadId"]
+        io.fs.call_s3("upload_part", Bucket=bucket, Key=k, UploadId=up, PartNumber=1, Body=bytes(5 * MiB))
+        return k
+
+    for attempt in ("000005/jdead", "000005/jlive", "000006/jdead2", "000007/jdone"):
+        io.put(f"snapshots/step-000000{attempt}/r00001/zarr.json", b"{}")  # another rank's data, written
+    dead = started("snapshots/step-000000000005/jdead/r00000/c/0")
+    live = started("snapshots/step-000000000005/jlive/r00000/c/0")
+    other = started("snapshots/step-000000000006/jdead2/r00000/c/0")
+    committed = started("snapshots/step-000000000007/jdone/r00000/c/0")  # the marker's own attempt: untouched
+    assert len(_uploads(io.fs, bucket)) == 4
+
+    removed, kept = remove_torn_snapshot(io, "step-000000000005", lambda job: "running" if job == "jlive" else None)
+    assert removed == ["snapshots/step-000000000005/jdead"] and list(kept) == ["snapshots/step-000000000005/jlive"]
+    assert sorted(u["Key"] for u in _uploads(io.fs, bucket)) == sorted([live, other, committed])
+    assert remove_torn_attempts(io, "step-000000000006", None)[0] == ["snapshots/step-000000000006/jdead2"]
+    assert remove_torn_attempts(io, "step-000000000007", "jdone") == ([], {})
+    assert sorted(u["Key"] for u in _uploads(io.fs, bucket)) == sorted([live, committed])
+    assert dead not in str(io.fs.find(io.path("")))

@@ -45,7 +45,7 @@ from dist_ema.store.format import (
 )
 from dist_ema.store.fs import StoreError, StoreIO, retry
 from dist_ema.store.layout import Layout
-from dist_ema.store.multipart import UploadConfig, upload_pieces
+from dist_ema.store.multipart import UploadConfig, abort_uploads, upload_pieces
 
 __all__ = [
     "COMPRESSIONS",
@@ -329,6 +329,7 @@ def remove_torn_attempts(io: StoreIO, snap: str, committed_attempt: str | None,
             kept[key] = why
             continue
         io.remove(key)
+        abort_uploads(io, key)  # a writer stopped mid-upload: its parts are stored, though never visible
         removed.append(key)
     return removed, kept
 
@@ -351,6 +352,7 @@ def remove_torn_snapshot(io: StoreIO, snap: str, may_run: Callable[[str], str | 
             kept[key] = why
             continue
         io.remove(key)
+        abort_uploads(io, key)  # a writer stopped mid-upload: its parts are stored, though never visible
         removed.append(key)
     if io.protocol == "file" and not kept:
         with contextlib.suppress(OSError):  # only when empty: a job may have started a new attempt in it

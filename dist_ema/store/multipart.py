@@ -31,6 +31,7 @@ __all__ = [
     "MAX_PARTS",
     "MIN_PART_BYTES",
     "UploadConfig",
+    "abort_uploads",
     "part_bytes_for",
     "upload_pieces",
 ]
@@ -210,3 +211,29 @@ def upload_pieces(io: StoreIO, key: str, pieces: Iterable, size_bound: int, conf
         where = f"at part {up.failed}" if up.failed is not None else f"after {up.parts} parts"
         raise StoreError(f"write {io.url}/{key} failed {where} ({type(e).__name__}: {e}); its multipart "
                          f"upload was aborted, so no object was written under that key") from e
+
+
+def abort_uploads(io: StoreIO, key: str) -> list[str]:
+    """Abort the open multipart uploads of objects under the folder ``key`` (S3; elsewhere none); returns their keys.
+
+    What a writer stopped mid-upload (killed, its machine gone) leaves behind: never visible as
+    an object, but its parts are stored until the upload is aborted. Only for folders whose
+    writer can no longer run (torn attempts at start-up): a live upload aborted fails its write.
+    """
+    if io.protocol != "s3":
+        return []
+    bucket, prefix, _ = io.fs.split_path(io.path(key))
+    prefix = prefix.rstrip("/") + "/"
+    aborted: list[str] = []
+    marker: dict = {}
+    while True:
+        page = retry(lambda m=marker: io.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **m),
+                     f"list the open uploads under {io.url}/{key}", io.attempts)
+        for u in page.get("Uploads", []):
+            retry(lambda u=u: io.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=u["Key"],
+                                            UploadId=u["UploadId"]),
+                  f"abort the upload of {io.url}/{u['Key']}", io.attempts)
+            aborted.append(u["Key"])
+        if not page.get("IsTruncated"):
+            return aborted
+        marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
