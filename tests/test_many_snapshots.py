@@ -215,3 +215,36 @@ def test_one_snapshot_is_found_without_reading_every_marker(many):
     assert counts["GetObject"] <= 12, counts
     with pytest.raises(Exception, match=r"no committed snapshot at step 40000 "):
         store.snapshot(TORN[1])  # a torn folder is not a snapshot
+
+
+def test_a_marker_read_that_fails_transiently_is_read_again(s3_env, monkeypatch):
+    """Of the markers read at once, one answered with a throttling error (503 SlowDown): read again, listed."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    _, bucket = s3_env
+    url = f"s3://{bucket}/store"
+    _make_small(url, steps=(1, 2, 3, 4))
+    store = open_store(url)
+    orig, failed = store.io.fs._cat_file, []
+
+    async def flaky(path, *a, **k):
+        if path.endswith(f"{snapshot_id(3)}/commit.json") and not failed:
+            failed.append(path)
+            raise translate_boto_error(ClientError({"Error": {"Code": "SlowDown", "Message": "slow down"},
+                                                    "ResponseMetadata": {"HTTPStatusCode": 503}}, "GetObject"))
+        return await orig(path, *a, **k)
+
+    monkeypatch.setattr(store.io.fs, "_cat_file", flaky)
+    assert [s.step for s in store.snapshots()] == [1, 2, 3, 4]
+    assert failed  # the error was raised once, and the marker read again
+
+
+def _make_small(url: str, steps: tuple[int, ...]) -> None:
+    """Snapshots at ``steps`` through the API (a 2-parameter model)."""
+    model = torch.nn.Linear(1, 1)
+    with PostHocEMA(model, sigma_rels=(0.05, 0.10), store=url, writer="sync", update_impl="foreach") as ema:
+        for step in range(1, max(steps) + 1):
+            ema.update()
+            if step in steps:
+                ema.snapshot()
