@@ -194,22 +194,19 @@ def _open_store(args: argparse.Namespace):
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     store = _open_store(args)
-    snaps = store.snapshots()
+    snaps, torn = store.listing()  # one listing: every marker read once
+    found = _verify_all(store, snaps) if args.verify else [[] for _ in snaps]
     rows = []
     problems: list[str] = []
-    for s in snaps:
-        status = ""
-        if args.verify:
-            p = store.verify(s)
-            problems += p
-            status = "ok" if not p else f"{len(p)} problem(s)"
+    for s, p in zip(snaps, found):
+        problems += p
+        status = "ok" if not p else f"{len(p)} problem(s)"
         engine = s.meta.get("engine", "?")
         rows.append([s.id, str(s.step), f"{s.t:g} {s.unit}", ",".join(f"{x:g}" for x in s.sigma_rels), s.dtype,
                      str(s.world_size), _ENGINE_NAMES.get(engine, engine), *([status] if args.verify else [])])
     headers = ["snapshot", "step", "t", "sigma_rels", "dtype", "ranks", "engine", *(["verify"] if args.verify else [])]
     if rows:
         print(_format_table(headers, rows))
-    torn = store.torn()
     extra = f"; {len(torn)} uncommitted (ignored)" if torn else ""
     print(f"{len(snaps)} committed snapshot(s) in {store.url}{extra}")
     for folder, record, gone in store.retirements():  # abandoned trajectories: kept, never synthesized
@@ -220,6 +217,31 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     for p in problems:
         print(f"PROBLEM: {p}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _verify_all(store, snaps: list) -> list[list[str]]:
+    """Each snapshot's problems (:meth:`SnapshotStore.verify`), in order.
+
+    Snapshots whose rank arrays are each one read (at most ``store.read_bytes``) are verified
+    ``store.prefetch`` at a time (on object stores the requests of many small snapshots overlap);
+    larger ones one by one, each with its reads in flight. Either way at most ``prefetch`` reads
+    of at most ``read_bytes`` are held at once.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dist_ema.store.format import STORAGE_DTYPES
+
+    small = True
+    for s in snaps:  # the layouts (one read per distinct layout) before any thread starts
+        lay = store.layout(s)
+        widest = max((lay.rank_numel(r) for r in range(lay.world_size)), default=0)
+        small = small and widest * STORAGE_DTYPES.get(s.dtype, 4) <= store.read_bytes
+    workers = min(store.prefetch, len(snaps)) if small else 1
+    if workers < 2:
+        return [store.verify(s) for s in snaps]
+    _ = store.ranges  # made once here, not by two threads at once
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dist-ema-verify") as pool:
+        return list(pool.map(store.verify, snaps))
 
 
 # engine names as stored -> as shown: "replicated" is DDP or a plain module (each rank averages 1/world)
@@ -261,7 +283,8 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
     res = synthesize(
         url, sigma_rels=args.sigma_rels, t=args.t, step=args.step, out=args.out, format=args.format,
         dtype=args.dtype, storage_options=opts, overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=not args.no_progress, prefetch=args.prefetch,
+        read_bytes=None if args.read_mib is None else int(args.read_mib * 2**20),
     )
     # synthesize() has left the process group by now: the launcher's RANK says who prints
     if int(os.environ.get("RANK", "0")) == 0:
@@ -360,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "target in <out>/sigma_rel-<s>/; zarr: the Zarr store at --out only")
     sy.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                     help="dtype of the synthesized weights (default float32; accumulation is float64 either way)")
+    sy.add_argument("--prefetch", type=int, default=None, metavar="N",
+                    help="ranged reads in flight per rank (default: 8 on object stores, 1 on local disk)")
+    sy.add_argument("--read-mib", type=float, default=None, metavar="MIB",
+                    help="the largest ranged read, in MiB (default: 16 on object stores, 4 on local disk; at "
+                    "least one compute block, 1 MiB); a rank holds about (prefetch + 8) x this in read buffers")
     sy.add_argument("--overwrite", action="store_true", help="replace an existing output")
     sy.add_argument("--no-progress", action="store_true", help="no progress bar")
     sy.set_defaults(func=_cmd_synthesize)
