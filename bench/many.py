@@ -212,9 +212,9 @@ def _rows(where: str, n: int, runs: dict[str, list[dict]]) -> list[list]:
 
 
 def _start_moto():
-    from bench.synthesis import _start_moto
+    from bench.servers import start_moto
 
-    return _start_moto()
+    return start_moto()
 
 
 def run(quick: bool = False, threads: int = 1) -> Result:

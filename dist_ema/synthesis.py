@@ -807,7 +807,7 @@ def _map_units(job: _Job, store: SnapshotStore, plan: SynthesisPlan, mine: list[
         with contextlib.suppress(ImportError):
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=sum(need), unit="B", unit_scale=True, unit_divisor=1024, desc="synthesize")
+            bar = tqdm(total=sum(need), unit="iB", unit_scale=True, unit_divisor=1024, desc="synthesize")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one compute thread per rank: the same arithmetic whichever rank runs a block
     out_units: dict[int, torch.Tensor] = {}

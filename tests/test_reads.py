@@ -173,3 +173,13 @@ def test_read_settings_are_checked(store_url, tmp_path, kwargs):
     with pytest.raises(ConfigError, match=f"{name} must be an integer"):
         synthesize(store_url, sigma_rels=[0.08], out=str(tmp_path / "o"), progress=False, **kwargs)
     assert not (tmp_path / "o").exists()
+
+
+def test_progress_bar_counts_bytes_with_an_eta(store_url, tmp_path, capsys):
+    synthesize(store_url, sigma_rels=[0.08], out=str(tmp_path / "o"), format="zarr", progress=True)
+    err = capsys.readouterr().err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    st = open_store(store_url)
+    need = sum(len(s.gammas) for s in st.snapshots()) * st.layout(st.snapshot()).total_numel * 4
+    assert last.startswith("synthesize: 100%") and "iB/s" in last and "<" in last, last  # bytes, rate, ETA
+    assert f"{need / 2**20:.1f}M/{need / 2**20:.1f}M" in last, (need, last)
