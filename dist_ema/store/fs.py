@@ -542,16 +542,32 @@ class StoreIO:
         return retry(lambda: self.fs.cat_file(path), f"read {self.url}/{key}", self.attempts)
 
     def get_many(self, keys: list[str]) -> dict[str, bytes | Exception]:
-        """Read many small objects at once (concurrently on async backends)."""
-        if not keys:
-            return {}
-        paths = [self.path(k) for k in keys]
-        res = retry(lambda: self.fs.cat(paths, on_error="return"), f"read {len(keys)} objects", self.attempts)
+        """Read many small objects at once (concurrently on async backends).
+
+        Returns {key: bytes, or the permanent error of that object (FileNotFoundError: missing)}.
+        Objects whose read failed transiently (throttling, a dropped connection) are read again,
+        together, with :func:`retry`'s backoff; one still failing after the attempts is raised.
+        """
         out: dict[str, bytes | Exception] = {}
-        for k, p in zip(keys, paths):
-            v = res.get(p, FileNotFoundError(p)) if isinstance(res, dict) else res
-            out[k] = v
-        return out
+        todo = list(keys)
+
+        def fetch() -> None:
+            paths = [self.path(k) for k in todo]
+            res = self.fs.cat(paths, on_error="return")
+            again = []
+            for k, p in zip(todo, paths):
+                v = res.get(p, FileNotFoundError(p)) if isinstance(res, dict) else res
+                if isinstance(v, Exception) and classify(v) != PERMANENT:
+                    again.append((k, v))
+                else:
+                    out[k] = v
+            todo[:] = [k for k, _ in again]
+            if again:
+                raise again[0][1]
+
+        if todo:
+            retry(fetch, f"read {len(todo)} objects", self.attempts)
+        return {k: out[k] for k in keys}
 
     def exists(self, key: str) -> bool:
         path = self.path(key)

@@ -391,7 +391,15 @@ def remove_leftovers(io: StoreIO, done: list[Committed], torn: list[str],
 
 
 def list_snapshot_dirs(io: StoreIO) -> list[str]:
-    return [n for n in io.list_dir("snapshots") if n.startswith("step-")]
+    """Snapshot folders, committed or not, oldest step first: one listing (the backend pages through it)."""
+    return sorted((n for n in io.list_dir("snapshots") if n.startswith("step-")), key=_step_key)
+
+
+def _step_key(snap: str) -> tuple[int, str]:
+    try:
+        return step_of(snap), snap
+    except ValueError:  # a folder named like no snapshot: its marker (if any) decides
+        return -1, snap
 
 
 def remove_snapshot(io: StoreIO, snap: str) -> None:
@@ -407,7 +415,11 @@ class Committed:
 
 
 def read_commits(io: StoreIO, snaps: list[str] | None = None) -> tuple[list[Committed], list[str]]:
-    """Committed snapshots (sorted by step) and the names of torn ones (no marker)."""
+    """Committed snapshots (sorted by step) and the names of torn ones (no marker).
+
+    One listing of ``snapshots/`` (none when ``snaps`` names the folders) and one concurrent read
+    of every marker.
+    """
     names = list_snapshot_dirs(io) if snaps is None else snaps
     got = io.get_many([f"snapshots/{n}/{COMMIT}" for n in names])
     done, torn = [], []
@@ -424,6 +436,29 @@ def read_commits(io: StoreIO, snaps: list[str] | None = None) -> tuple[list[Comm
                 raise StoreError(f"commit marker of {n} in {io.url} is corrupt ({e}); remove snapshots/{n}") from e
     done.sort(key=lambda c: (c.meta["step"], c.snap))
     return done, torn
+
+
+def read_commit(io: StoreIO, snap: str) -> Committed | None:
+    """The marker of one snapshot folder (None: not committed): one read, no listing."""
+    done, _ = read_commits(io, [snap])
+    return done[0] if done else None
+
+
+def newest_commit(io: StoreIO) -> Committed | None:
+    """The newest committed snapshot (None: none): one listing, then the markers from the newest folder down.
+
+    Markers are read in growing batches (1, 4, 16, ...) until a batch holds a committed one, so
+    the torn folders of snapshots still being written cost a few reads, not one per snapshot.
+    """
+    names = list_snapshot_dirs(io)
+    batch = 1
+    while names:
+        names, part = names[:-batch], names[-batch:]
+        done, _ = read_commits(io, part)
+        if done:
+            return done[-1]
+        batch = min(4 * batch, 256)
+    return None
 
 
 RETIRING = "retiring.json"  # a retirement's intent record: written create-only first, claims its folder

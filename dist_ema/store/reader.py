@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from dist_ema.store.format import (
     geometry,
     np_dtype,
     shard_key,
+    snapshot_id,
     unpack_buffers,
     v1_array_key,
     v1_buffer_key,
@@ -36,6 +38,8 @@ from dist_ema.store.io import (
     Ranges,
     TruncatedObjectError,
     ensure_store,
+    newest_commit,
+    read_commit,
     read_commits,
     read_layout,
     read_retired,
@@ -131,10 +135,15 @@ class SnapshotStore:
 
     def snapshots(self) -> list[Snapshot]:
         """Committed snapshots, oldest first. Torn ones (no commit marker) are not listed."""
-        done, torn = read_commits(self.io)
+        snaps, torn = self.listing()
         if torn:
             log.debug("dist-ema: %d uncommitted snapshot(s) in %s ignored: %s", len(torn), self.url, torn[:5])
-        return [_snapshot_from_meta(c.snap, c.meta) for c in done]
+        return snaps
+
+    def listing(self) -> tuple[list[Snapshot], list[str]]:
+        """Committed snapshots, oldest first, and the names of the torn ones, from one listing of the store."""
+        done, torn = read_commits(self.io)
+        return [_snapshot_from_meta(c.snap, c.meta) for c in done], torn
 
     def retired(self) -> list[Snapshot]:
         """Snapshots of abandoned trajectories (a restart from an older training checkpoint), oldest first.
@@ -161,7 +170,17 @@ class SnapshotStore:
         return read_commits(self.io)[1]
 
     def snapshot(self, step: int | None = None) -> Snapshot:
-        """The committed snapshot at ``step`` (default: the newest)."""
+        """The committed snapshot at ``step`` (default: the newest), found by its marker alone.
+
+        A step reads one marker; the newest, one listing and the markers from the newest folder
+        down to the first committed one. Only a step that is not there lists every snapshot (to name them).
+        """
+        if step is None:
+            c = newest_commit(self.io)
+        else:
+            c = read_commit(self.io, snapshot_id(step)) if isinstance(step, numbers.Integral) else None
+        if c is not None and (step is None or c.meta.get("step") == step):
+            return _snapshot_from_meta(c.snap, c.meta)
         snaps = self.snapshots()
         if not snaps:
             raise StoreError(f"no committed snapshot in {self.url}; train with store=... and snapshot_every=...")
