@@ -148,23 +148,30 @@ def _child(cfg: dict, env: dict) -> dict:
     return run_json_child([sys.executable, "-m", "bench.many", json.dumps(cfg)], env=env)
 
 
+# the command as `python -m dist_ema` runs it, reporting its peak RSS at exit (VmHWM: ru_maxrss of a child
+# carries the forking parent's peak across exec)
+_WITH_PEAK = ("import atexit, runpy, sys\n"
+              "def peak():\n"
+              "    for line in open('/proc/self/status'):\n"
+              "        if line.startswith('VmHWM:'):\n"
+              "            sys.stderr.write(f'BENCH-VMHWM-KB {line.split()[1]}\\n')\n"
+              "atexit.register(peak)\n"
+              "sys.argv[0] = 'dist-ema'\n"
+              "runpy.run_module('dist_ema', run_name='__main__', alter_sys=True)\n")
+
+
 def _command(args: list[str], env: dict) -> dict:
-    """``python -m dist_ema ARGS`` (the whole command): wall seconds, its own peak RSS (``os.wait4``), last line."""
+    """``python -m dist_ema ARGS`` (the whole command): wall seconds, its peak RSS, its last line."""
     t0 = time.perf_counter()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        p = subprocess.Popen([sys.executable, "-m", "dist_ema", *args], stdout=out, stderr=err, env=env,
-                             cwd=str(ROOT))
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        text, etext = out.read().decode(), err.read().decode()
+    p = subprocess.run([sys.executable, "-c", _WITH_PEAK, *args], capture_output=True, text=True, env=env,
+                       cwd=str(ROOT), timeout=900)
+    wall = time.perf_counter() - t0
     if p.returncode != 0:
-        raise RuntimeError(f"dist-ema {' '.join(args)} exit {p.returncode}:\n{etext[-2000:]}")
-    lines = text.strip().splitlines()
-    return {"seconds": wall, "peak_rss_mib": ru.ru_maxrss / 1024, "last": lines[-1] if lines else "",
-            "lines": len(lines)}
+        raise RuntimeError(f"dist-ema {' '.join(args)} exit {p.returncode}:\n{p.stderr[-2000:]}")
+    peak = [ln.split()[1] for ln in p.stderr.splitlines() if ln.startswith("BENCH-VMHWM-KB ")]
+    lines = p.stdout.strip().splitlines()
+    return {"seconds": wall, "peak_rss_mib": int(peak[-1]) / 1024 if peak else float("nan"),
+            "last": lines[-1] if lines else "", "lines": len(lines)}
 
 
 # ----------------------------------------------------------------------------- the benchmark
