@@ -8,6 +8,7 @@ object and no open upload behind.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 import threading
@@ -109,7 +110,7 @@ def test_bad_upload_settings_are_refused(tmp_path, key: str, value: object, word
 # ----------------------------------------------------------------------------- bytes on both servers
 
 
-def test_a_shard_of_several_parts_is_the_reference_encoding(s3_backend, tmp_path, monkeypatch) -> None:
+def test_a_shard_of_several_parts_is_the_reference_encoding(s3_backend, tmp_path) -> None:
     """18 MiB in 5 MiB parts, 3 in flight: one object, the same bytes as the plain encoding and the local writer."""
     _, _, bucket = s3_backend
     io = StoreIO(f"s3://{bucket}/mp")
@@ -137,9 +138,8 @@ def test_a_shard_of_several_parts_is_the_reference_encoding(s3_backend, tmp_path
             with lock:
                 flying.discard(k)
 
-    monkeypatch.setattr(io.fs, "call_s3", call)
-    n = write_shard(io, "r0/c/0", vals, g, upload=UploadConfig(part_bytes=5 * MiB, concurrency=3))
-    monkeypatch.undo()
+    with _wrapped(io.fs, call):
+        n = write_shard(io, "r0/c/0", vals, g, upload=UploadConfig(part_bytes=5 * MiB, concurrency=3))
     assert both.is_set() and most[0] == 3
     got = io.fs.cat_file(io.path("r0/c/0"))
     ref = reference_shard(vals, g.inner)
@@ -148,6 +148,11 @@ def test_a_shard_of_several_parts_is_the_reference_encoding(s3_backend, tmp_path
     local = StoreIO(str(tmp_path / "local"))
     write_shard(local, "r0/c/0", vals, g)
     assert (tmp_path / "local" / "r0" / "c" / "0").read_bytes() == got
+    # the way shards went to S3 before: through an s3fs file object (write_shard's path for other fsspec backends)
+    before = StoreIO(f"s3://{bucket}/mp")
+    before.protocol = "any-fsspec-backend"
+    write_shard(before, "r0/c/old", vals, g, upload=UploadConfig(part_bytes=5 * MiB, concurrency=3))
+    assert io.fs.cat_file(io.path("r0/c/old")) == got
     assert _etag(io, "r0/c/0").endswith(f"-{math.ceil(len(ref) / (5 * MiB))}")  # a multipart object of 4 parts
     assert _uploads(io.fs, bucket) == []
 
@@ -190,8 +195,20 @@ def test_a_shard_up_to_one_part_is_one_put(s3_backend) -> None:
 # ----------------------------------------------------------------------------- failures
 
 
-def _failing(fs, monkeypatch, fail) -> list:
-    """Wrap fs.call_s3: ``fail(method, kwargs)`` may raise; returns the calls made (method, part number)."""
+@contextlib.contextmanager
+def _wrapped(fs, call):
+    """``fs.call_s3`` is ``call`` inside the block (the filesystem instance is shared: s3fs caches it)."""
+    fs.call_s3 = call
+    try:
+        yield
+    finally:
+        del fs.call_s3  # the class's method again
+
+
+@contextlib.contextmanager
+def _failing(fs, fail):
+    """Inside the block, ``fail(method, kwargs)`` runs before every ``fs.call_s3`` and may raise; yields the calls
+    made (method, part number)."""
     real = fs.call_s3
     calls = []
 
@@ -200,11 +217,11 @@ def _failing(fs, monkeypatch, fail) -> list:
         fail(method, kwargs)
         return real(method, *args, **kwargs)
 
-    monkeypatch.setattr(fs, "call_s3", call)
-    return calls
+    with _wrapped(fs, call):
+        yield calls
 
 
-def test_a_part_that_fails_aborts_the_upload_and_names_the_key(s3_backend, monkeypatch) -> None:
+def test_a_part_that_fails_aborts_the_upload_and_names_the_key(s3_backend) -> None:
     _, _, bucket = s3_backend
     io = StoreIO(f"s3://{bucket}/fail")
 
@@ -212,13 +229,12 @@ def test_a_part_that_fails_aborts_the_upload_and_names_the_key(s3_backend, monke
         if method == "upload_part" and kw["PartNumber"] == 2:
             raise OSError(22, "refused by the test")  # permanent: not retried
 
-    calls = _failing(io.fs, monkeypatch, fail)
     vals = np.ones(4_500_001, dtype=np.float32)
-    with pytest.raises(StoreError, match=r"write s3://.*/fail/snapshots/x/c/0 failed at part 2 .*refused by the test"
-                                         r".*upload was aborted, so no object was written"):
+    with _failing(io.fs, fail) as calls, pytest.raises(
+            StoreError, match=r"write s3://.*/fail/snapshots/x/c/0 failed at part 2 .*refused by the test"
+                              r".*upload was aborted, so no object was written"):
         write_shard(io, "snapshots/x/c/0", vals, geometry(vals.size, "float32"),
                     upload=UploadConfig(part_bytes=5 * MiB, concurrency=2))
-    monkeypatch.undo()
     assert ("abort_multipart_upload", None) in calls and ("complete_multipart_upload", None) not in calls
     assert calls.count(("upload_part", 2)) == 1
     io.fs.invalidate_cache()
@@ -227,7 +243,7 @@ def test_a_part_that_fails_aborts_the_upload_and_names_the_key(s3_backend, monke
     assert _uploads(io.fs, bucket) == []
 
 
-def test_a_failed_complete_aborts_the_upload(s3_backend, monkeypatch) -> None:
+def test_a_failed_complete_aborts_the_upload(s3_backend) -> None:
     _, _, bucket = s3_backend
     io = StoreIO(f"s3://{bucket}/failc")
 
@@ -235,17 +251,15 @@ def test_a_failed_complete_aborts_the_upload(s3_backend, monkeypatch) -> None:
         if method == "complete_multipart_upload":
             raise OSError(22, "complete refused by the test")
 
-    _failing(io.fs, monkeypatch, fail)
     vals = np.ones(2_000_000, dtype=np.float32)
-    with pytest.raises(StoreError, match=r"failc/k failed after 2 parts .*complete refused"):
+    with _failing(io.fs, fail), pytest.raises(StoreError, match=r"failc/k failed after 2 parts .*complete refused"):
         write_shard(io, "k", vals, geometry(vals.size, "float32"), upload=UploadConfig(5 * MiB, 4))
-    monkeypatch.undo()
     io.fs.invalidate_cache()
     assert not io.fs.exists(io.path("k"))
     assert _uploads(io.fs, bucket) == []
 
 
-def test_a_transient_part_failure_is_retried_by_itself(s3_backend, monkeypatch) -> None:
+def test_a_transient_part_failure_is_retried_by_itself(s3_backend) -> None:
     _, _, bucket = s3_backend
     io = StoreIO(f"s3://{bucket}/retry")
     failed = []
@@ -255,11 +269,10 @@ def test_a_transient_part_failure_is_retried_by_itself(s3_backend, monkeypatch) 
             failed.append(3)
             raise ConnectionResetError(104, "connection reset by the test")  # transient: retried
 
-    calls = _failing(io.fs, monkeypatch, fail)
     vals = np.random.default_rng(3).standard_normal(4_500_001).astype(np.float32)
     g = geometry(vals.size, "float32")
-    write_shard(io, "k", vals, g, upload=UploadConfig(5 * MiB, 2))
-    monkeypatch.undo()
+    with _failing(io.fs, fail) as calls:
+        write_shard(io, "k", vals, g, upload=UploadConfig(5 * MiB, 2))
     assert [c for c in calls if c[0] == "create_multipart_upload"] == [("create_multipart_upload", None)]
     assert sorted(p for m, p in calls if m == "upload_part") == [1, 2, 3, 3, 4]  # only part 3 again
     assert io.fs.cat_file(io.path("k")) == reference_shard(vals, g.inner)
