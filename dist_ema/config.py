@@ -547,8 +547,8 @@ class SnapshotConfig:
     """Object stores (S3): the largest part of a multipart upload in bytes (default 64 MiB; 5 MiB
     to 5 GiB). A shard of up to one part goes up in one PUT; a larger one as one multipart
     upload of about equal parts (the same object, visible only once complete), with larger parts
-    where it would need more than S3's 10,000. The writer holds up to upload_concurrency parts
-    in memory."""
+    where it would need more than S3's 10,000. Memory of the writer while it sends a shard: up
+    to 2 x upload_concurrency parts (the HTTP client copies each part it sends)."""
 
     upload_concurrency: int = DEFAULT_CONCURRENCY
     """Object stores (S3): parts of a multipart upload in flight at a time per rank (default 4;

@@ -8,7 +8,9 @@ interleaves data and 4-byte checksums; ``bytes`` bodies went up ~20% faster than
 ``bytearray`` on moto), up to ``concurrency`` parts are sent at a time, each retried by its own
 error kind (:func:`dist_ema.store.fs.retry`), and the upload is completed with the parts' ETags
 in order. Any failure aborts the upload: S3 shows an object only once it is completed, so a
-failed write leaves nothing visible under its key. Memory: at most ``concurrency`` parts.
+failed write leaves nothing visible under its key. Memory: at most ``concurrency`` parts, and
+aiohttp's copy of each one being sent (tracemalloc peak for a 256 MiB shard: 142 MiB with 16 MiB
+parts x 4, 466 MiB with 52 MiB parts x 4; 201 MiB through an s3fs file object of 64 MiB blocks).
 
 The part size is planned apart from the I/O (:func:`part_bytes_for`, pure): the configured
 size, grown for objects that would need more than S3's 10,000 parts.
