@@ -147,12 +147,13 @@ def test_verify_and_piece_reads_stay_within_read_bytes(store_url, tmp_path, monk
     snap = st.snapshots()[-1]
     want = _plain(store_url, snap, 0, 1)
     full = st.read(snap.step, snap.sigma_rels[1], "weight").numpy().reshape(-1)
-    rec = _Recorder(monkeypatch)
+    rec = _Recorder(monkeypatch, delay=0.005)
     small = open_store(store_url)
-    small.read_bytes = 3 * INNER  # three chunks per read
+    small.read_bytes, small.prefetch = 3 * INNER, 3  # three chunks per read, three reads at once
     assert small.verify(snap) == []
     data = [n for key, _, n in rec.reads if "/c/" in key]
     assert data and max(data) <= 3 * (INNER + 4)
+    assert 2 <= rec.most <= 3
     assert len(data) >= 2 * -(-want.size * 4 // (3 * INNER))  # both profiles, in pieces
     got = small.read(snap.step, snap.sigma_rels[1], "weight").numpy().reshape(-1)
     np.testing.assert_array_equal(got, want)
