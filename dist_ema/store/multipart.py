@@ -4,7 +4,7 @@ A version-2 shard is produced in order (inner chunks, each followed by its crc32
 index; store/io.py ``write_shard``) and sent as ONE object. Up to one part of bytes it is one
 PUT. Larger, it is a multipart upload: a part is gathered as views of the pieces and joined
 into one ``bytes`` when it is sent (S3 takes a part's body as one buffer, and a shard
-interleaves data and 4-byte checksums; ``bytes`` bodies went up ~20% faster than a reused
+interleaves data and 4-byte checksums; a 32 MiB ``bytes`` body went up ~20% faster than a
 ``bytearray`` on moto), up to ``concurrency`` parts are sent at a time, each retried by its own
 error kind (:func:`dist_ema.store.fs.retry`), and the upload is completed with the parts' ETags
 in order. Any failure aborts the upload: S3 shows an object only once it is completed, so a
@@ -12,8 +12,8 @@ failed write leaves nothing visible under its key. Memory: at most ``concurrency
 aiohttp's copy of each one being sent (tracemalloc peak for a 256 MiB shard: 142 MiB with 16 MiB
 parts x 4, 466 MiB with 52 MiB parts x 4; 201 MiB through an s3fs file object of 64 MiB blocks).
 
-The part size is planned apart from the I/O (:func:`part_bytes_for`, pure): the configured
-size, grown for objects that would need more than S3's 10,000 parts.
+The part size is planned apart from the I/O (:func:`part_bytes_for`, pure): about equal parts
+of at most the configured size, larger for objects that would need more than S3's 10,000 parts.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ DEFAULT_CONCURRENCY = 4  # parts in flight per rank
 class UploadConfig:
     """How a rank sends a large object to an object store (checked by config.py's field checks)."""
 
-    part_bytes: int = DEFAULT_PART_BYTES  # bytes per part (the last one may be shorter); one PUT up to this
+    part_bytes: int = DEFAULT_PART_BYTES  # the largest part (see part_bytes_for); one PUT up to this
     concurrency: int = DEFAULT_CONCURRENCY  # parts in flight at a time
 
 
