@@ -141,6 +141,25 @@ def local_requests(monkeypatch):
     return counts
 
 
+def _in_flight(store, monkeypatch) -> dict | None:
+    """Track the most object reads in flight at once on an async file system (None: not async)."""
+    fs = store.io.fs
+    if not getattr(fs, "async_impl", False):
+        return None
+    orig, flight = fs._cat_file, {"now": 0, "most": 0}
+
+    async def counted(*a, **k):
+        flight["now"] += 1
+        flight["most"] = max(flight["most"], flight["now"])
+        try:
+            return await orig(*a, **k)
+        finally:
+            flight["now"] -= 1
+
+    monkeypatch.setattr(fs, "_cat_file", counted)
+    return flight
+
+
 def _markers(url: str, steps: list[int]) -> dict[int, dict]:
     """The markers of ``steps``, read plainly with fsspec (not through dist-ema's reader)."""
     import fsspec
@@ -155,15 +174,18 @@ def _pages(folders: int) -> int:
     return math.ceil((folders + 1) / 1000)  # the snapshot folders and the group's zarr.json
 
 
-def test_listing_finds_every_committed_snapshot_in_order(many):
+def test_listing_finds_every_committed_snapshot_in_order(many, monkeypatch):
     url, base, counts = many
     store = open_store(url)
+    flight = _in_flight(store, monkeypatch)
     counts.clear()
     snaps = store.snapshots()
     folders = COMMITTED + len(TORN)
     # one listing (a page per 1,000 keys on S3) and one read per marker: nothing repeated per snapshot
     assert counts["ListObjectsV2"] <= _pages(folders), counts
     assert counts["GetObject"] == folders, counts
+    # the markers are read concurrently, a bounded window at a time (memory does not grow with the snapshots)
+    assert flight is None or 8 <= flight["most"] <= StoreIO.many_in_flight, flight
     assert [s.step for s in snaps] == _steps()
     assert [s.id for s in snaps] == [snapshot_id(s) for s in _steps()]
     sample = random.Random(1).sample(range(COMMITTED), 40) + [0, 1, 2, COMMITTED - 1]

@@ -398,6 +398,8 @@ class StoreIO:
         attempts: tries per operation for transient errors.
     """
 
+    many_in_flight = 64  # get_many: reads in flight at once on async backends (s3fs)
+
     def __init__(self, url: str, storage_options: dict | None = None, *, attempts: int = 6) -> None:
         if not isinstance(url, str) or not url:
             raise ConfigError(f"store url must be a non-empty string; got {url!r}")
@@ -551,9 +553,12 @@ class StoreIO:
         out: dict[str, bytes | Exception] = {}
         todo = list(keys)
 
+        # async backends: a window of reads in flight (more only queue for the connection pool, holding memory)
+        window = {"batch_size": self.many_in_flight} if getattr(self.fs, "async_impl", False) else {}
+
         def fetch() -> None:
             paths = [self.path(k) for k in todo]
-            res = self.fs.cat(paths, on_error="return")
+            res = self.fs.cat(paths, on_error="return", **window)
             again = []
             for k, p in zip(todo, paths):
                 v = res.get(p, FileNotFoundError(p)) if isinstance(res, dict) else res
