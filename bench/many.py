@@ -138,6 +138,9 @@ def child(cfg: dict) -> dict:
     store = timed("open", lambda: open_store(url, opts))
     snaps = timed("listing", store.snapshots)
     timed("layout", lambda: store.layout(snaps[-1]))
+    import torch  # store.read returns a torch tensor: its import is not the read's
+
+    torch.set_num_threads(1)
     timed("read", lambda: store.read(cfg["step"], TRACKED[0], "b"))
     out["snapshots"] = len(snaps)
     out["steps_in_order"] = [s.step for s in snaps] == sorted(s.step for s in snaps)
@@ -314,11 +317,12 @@ def _goals(res: Result, data: dict, counts: tuple[int, ...]) -> None:
             res.goals.append(Goal(f"S3: dist-ema inspect (the newest snapshot) of a {hi}-snapshot store",
                                   f"{med([x['seconds'] for x in d[hi]['inspect']]):.2f} s, {_requests(ins)}", None,
                                   "the command prints one snapshot"))
-        rss = [med([x["peak_rss_mib"] for x in d[n][op]]) for n in (lo, hi) for op in ("listing", "ls")]
-        flat = max(rss) - min(rss) <= 16.0
-        res.goals.append(Goal(f"{label}: peak RSS of the listing and of ls flat from {lo} to {hi} snapshots "
-                              f"(within 16 MiB)", " / ".join(f"{x:.0f}" for x in rss) + " MiB", flat if hi != lo
-                              else None, "" if flat else "see the table"))
+        grew = {op: med([x["peak_rss_mib"] for x in d[hi][op]]) - med([x["peak_rss_mib"] for x in d[lo][op]])
+                for op in ("listing", "ls", "inspect")}
+        flat = max(grew.values()) <= 16.0
+        res.goals.append(Goal(f"{label}: peak RSS of the listing, ls and inspect grows by at most 16 MiB from {lo} "
+                              f"to {hi} snapshots", ", ".join(f"{op} {g:+.0f} MiB" for op, g in grew.items()),
+                              flat if hi != lo else None, "" if flat else "see the table"))
 
 
 if __name__ == "__main__":
