@@ -36,7 +36,7 @@ def top_functions(prof, rows: int = 6) -> list[str]:
 
 
 def profile_reader_threads() -> list:
-    """Profile synthesis' reader thread too (cProfile sees one thread): a profiler per pool worker."""
+    """Profile synthesis' reader threads too (cProfile sees one thread): a profiler per reader pool worker."""
     from concurrent.futures import ThreadPoolExecutor
 
     import dist_ema.synthesis as lib
@@ -49,7 +49,8 @@ def profile_reader_threads() -> list:
                 import cProfile
 
                 p = cProfile.Profile()
-                profs.append(p)
+                if "read" in k.get("thread_name_prefix", ""):  # the reader threads, not the output writer's
+                    profs.append(p)
                 p.enable()
 
             super().__init__(*a, initializer=start, **k)
