@@ -306,7 +306,7 @@ def test_uncommitted_leftover_output_is_replaced(small_store, tmp_path, monkeypa
         def export_fails(*a, **k):
             raise OSError("disk full")
 
-        mp.setattr("safetensors.torch.save", export_fails)
+        mp.setattr(syn, "safetensors_parts", export_fails)
         with pytest.raises(StoreError, match="disk full"):
             synthesize(small_store, sigma_rels=[0.1], out=str(out), progress=False)
     assert json.loads((out / syn.MARKER).read_text())["state"] == "writing"
