@@ -135,7 +135,8 @@ def _check_choice(value: object, name: str, choices: Sequence[str], fix: str, wh
 
 
 def _check_int(name: str, value: object, *, minimum: int, example: str, unit: str, optional: bool = False,
-               extra: str = "") -> int | None:
+               extra: str = "", maximum: tuple[int, str] | None = None) -> int | None:
+    """An integer >= minimum; ``maximum``: (the largest value, why) where there is one."""
     if optional and value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -143,6 +144,8 @@ def _check_int(name: str, value: object, *, minimum: int, example: str, unit: st
         leave = " or leave it out" if optional else ""
         raise ConfigError(f"{name} must be an integer >= {minimum} ({unit}){extra}; got {value!r}{hint}. "
                           f"Fix: {example}{leave}")
+    if maximum is not None and value > maximum[0]:
+        raise ConfigError(f"{name} must be at most {maximum[0]} ({maximum[1]}); got {value!r}. Fix: {example}")
     return value
 
 
@@ -277,21 +280,15 @@ def check_slots(value: object, name: str = "slots") -> int:
 def check_upload_part_bytes(value: object, name: str = "upload_part_bytes") -> int:
     """S3's limits: every part but the last is 5 MiB to 5 GiB."""
     example = f"upload_part_bytes = {DEFAULT_PART_BYTES} ({DEFAULT_PART_BYTES // 2**20} MiB)"
-    out = _check_int(name, value, minimum=MIN_PART_BYTES, example=example,
-                     unit="bytes per part; 5 MiB is S3's smallest")
-    if out > MAX_PART_BYTES:  # type: ignore[operator]
-        raise ConfigError(f"{name} must be at most {MAX_PART_BYTES} (5 GiB, S3's largest part); got {value!r}. "
-                          f"Fix: {example}")
-    return out  # type: ignore[return-value]
+    return _check_int(name, value, minimum=MIN_PART_BYTES, example=example,  # type: ignore[return-value]
+                      unit="bytes per part; 5 MiB is S3's smallest",
+                      maximum=(MAX_PART_BYTES, "5 GiB, S3's largest part"))
 
 
 def check_upload_concurrency(value: object, name: str = "upload_concurrency") -> int:
-    out = _check_int(name, value, minimum=1, example=f"upload_concurrency = {DEFAULT_CONCURRENCY}",
-                     unit="parts in flight per rank")
-    if out > MAX_CONCURRENCY:  # type: ignore[operator]
-        raise ConfigError(f"{name} must be at most {MAX_CONCURRENCY} (parts in flight per rank: each holds a part "
-                          f"in memory); got {value!r}. Fix: upload_concurrency = {DEFAULT_CONCURRENCY}")
-    return out  # type: ignore[return-value]
+    return _check_int(name, value, minimum=1, example=f"upload_concurrency = {DEFAULT_CONCURRENCY}",  # type: ignore[return-value]
+                      unit="parts in flight per rank",
+                      maximum=(MAX_CONCURRENCY, "parts in flight per rank: each holds a part in memory"))
 
 
 def check_writer(value: object, name: str = "writer") -> str:
