@@ -57,6 +57,9 @@ def _format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
+DEFAULT_TARGETS = (0.03, 0.05, 0.07, 0.10, 0.15, 0.20, 0.25)  # dist-ema error's target sigma_rels
+
+
 def _cmd_error(args: argparse.Namespace) -> int:
     from dist_ema.config import load_config
 
@@ -68,7 +71,12 @@ def _cmd_error(args: argparse.Namespace) -> int:
         args.snapshot_every = float(cfg.snapshot_every * cfg.update_every) if cfg.snapshot_every else 1000.0
     t, g = schedule_profiles(args.tracked, args.snapshot_every, args.steps)
     target_t = float(args.t) if args.t is not None else float(t.max())
-    targets = np.asarray(args.targets, dtype=np.float64)
+    betas = list(args.target_betas or [])
+    beta_t = float(args.beta_t) if args.beta_t is not None else target_t
+    from_beta = [float(x) for x in np.atleast_1d(phema.beta_to_sigma_rel(betas, beta_t))] if betas else []
+    targets = np.asarray(([] if betas and args.targets is None else list(args.targets or DEFAULT_TARGETS))
+                         + from_beta, dtype=np.float64)
+    beta_of = dict(zip(from_beta, betas))
     target_g = np.atleast_1d(phema.sigma_rel_to_gamma(targets))
     sol = phema.solve_coefficients(t, g, np.full(targets.size, target_t), target_g)
     n_snap = int(np.unique(t[t <= target_t]).size)  # snapshots of the schedule at or before the target
@@ -79,7 +87,8 @@ def _cmd_error(args: argparse.Namespace) -> int:
             "steps": args.steps, "t": target_t, "snapshots": n_snap, "snapshots_used": int(sol.used[:, 0].sum()),
             "subset": bool(sol.subset[0]),
             "targets": [
-                {"sigma_rel": float(s), "gamma": float(gg), "error": float(e), "condition": float(c)}
+                {"sigma_rel": float(s), "gamma": float(gg), "error": float(e), "condition": float(c),
+                 **({"beta": beta_of[float(s)], "beta_t": beta_t} if float(s) in beta_of else {})}
                 for s, gg, e, c in zip(targets, target_g, sol.error, sol.condition)
             ],
         }, indent=2))
@@ -92,11 +101,15 @@ def _cmd_error(args: argparse.Namespace) -> int:
             print(f"solved over a subset of {n_used} of the {n_snap} snapshots (at most {phema.MAX_ROWS} rows per "
                   f"solve: spread over the run and dense near the target, as synthesis does); the errors are "
                   f"those of the subset's coefficients")
+        if betas:
+            print(f"classic EMA betas at t = {beta_t:g}: sigma_rel = sqrt(beta) / ((1 - beta) t) "
+                  f"(dist_ema.phema.beta_to_sigma_rel)")
         rows = [
             [f"{s:.4f}", f"{gg:.3f}", f"{100 * e:.3f}%", f"{c:.3g}"]
+            + ([f"{beta_of[float(s)]:g}" if float(s) in beta_of else ""] if betas else [])
             for s, gg, e, c in zip(targets, target_g, sol.error, sol.condition)
         ]
-        print(_format_table(["sigma_rel", "gamma", "rel. error", "condition"], rows))
+        print(_format_table(["sigma_rel", "gamma", "rel. error", "condition"] + (["beta"] if betas else []), rows))
     if args.plot:
         _plot_profiles(args.plot, t, g, sol, target_t, targets, target_g)
         print(f"wrote {args.plot}")
@@ -339,9 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="snapshot interval in steps (default: --config's snapshot_every x update_every, else 1000)")
     e.add_argument("--config", metavar="FILE.toml", help="dist-ema config file: tracked profiles and interval")
     e.add_argument("--steps", type=float, default=100_000, help="training length in steps (default 100000)")
-    e.add_argument("--targets", type=float, nargs="+", default=[0.03, 0.05, 0.07, 0.10, 0.15, 0.20, 0.25],
+    e.add_argument("--targets", type=float, nargs="+", default=None,
                    metavar="SIGMA_REL", help="target sigma_rels to evaluate (default 0.03 0.05 0.07 0.1 0.15 0.2 "
-                   "0.25)")
+                   "0.25, unless --target-betas is given)")
+    e.add_argument("--target-betas", type=float, nargs="+", default=None, metavar="BETA",
+                   help="targets given as the constant beta of a classic EMA (one update per step), converted "
+                   "at --beta-t: sigma_rel = sqrt(beta) / ((1 - beta) t)")
+    e.add_argument("--beta-t", type=float, default=None, metavar="T",
+                   help="the time (steps) at which --target-betas are converted (default: the target time)")
     e.add_argument("--t", type=float, default=None, help="target time (default: end of training)")
     e.add_argument("--plot", metavar="FILE.png", help="draw target vs reconstructed profiles (needs matplotlib)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")

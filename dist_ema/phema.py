@@ -27,6 +27,8 @@ from dist_ema.errors import ConfigError, TargetError
 
 __all__ = [
     "MAX_ROWS",
+    "beta_to_sigma_rel",
+    "sigma_rel_to_beta",
     "SIGMA_REL_MAX",
     "PROFILE_RTOL",
     "Solution",
@@ -115,6 +117,48 @@ def gamma_to_sigma_rel(gamma: ArrayLike) -> float | np.ndarray:
     """Relative std of the power-function profile with exponent gamma (Eq. 3)."""
     g = validate_gamma(gamma)
     return _unwrap(np.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3))), gamma)
+
+
+def beta_to_sigma_rel(beta: ArrayLike, t: ArrayLike) -> float | np.ndarray:
+    """The sigma_rel of a classic EMA with constant ``beta`` (one update per step) at time ``t`` steps.
+
+    A classic EMA, ``ema <- beta * ema + (1 - beta) * x`` every step, weighs the value k steps back
+    by ``(1 - beta) * beta**k``: a geometric profile whose standard deviation is
+    ``sqrt(beta) / (1 - beta)`` steps. sigma_rel is a profile's standard deviation relative to its
+    time t (EDM2), so::
+
+        sigma_rel = sqrt(beta) / ((1 - beta) * t)
+
+    It depends on t: a fixed beta is a narrower profile, relative to the run, the longer the run.
+    Exact where the profile's tail before step 0 is negligible (t >> 1 / (1 - beta)). The result
+    must be a valid target (below 1/sqrt(12)); a beta too close to 1 for this t is refused.
+    Scalars or arrays (broadcast).
+    """
+    b, ts = _as_f64(beta, "beta"), _as_f64(t, "t")
+    if np.any((b <= 0) | (b >= 1)):
+        raise ConfigError(f"beta must be in (0, 1), e.g. 0.999; got {np.asarray(beta)[(b <= 0) | (b >= 1)].tolist()}")
+    if np.any(ts <= 0):
+        raise ConfigError(f"t must be > 0 (steps); got {np.asarray(t)[ts <= 0].tolist()}")
+    s = np.sqrt(b) / ((1.0 - b) * ts)
+    if np.any(s >= SIGMA_REL_MAX):
+        raise ConfigError(
+            f"beta {np.broadcast_to(b, s.shape)[s >= SIGMA_REL_MAX].tolist()} at t="
+            f"{np.broadcast_to(ts, s.shape)[s >= SIGMA_REL_MAX].tolist()} averages over more than the run so far "
+            f"(sigma_rel >= {SIGMA_REL_MAX:.4f}); no power-function profile matches it: use a smaller beta or a "
+            f"later t")
+    return float(s) if s.ndim == 0 else s
+
+
+def sigma_rel_to_beta(sigma_rel: ArrayLike, t: ArrayLike) -> float | np.ndarray:
+    """The constant beta of the classic EMA with the spread of ``sigma_rel`` at time ``t`` steps (the
+    inverse of :func:`beta_to_sigma_rel`): with s = sigma_rel * t, sqrt(beta) = (sqrt(1 + 4 s^2) - 1) / (2 s)."""
+    sr, ts = validate_sigma_rel(sigma_rel), _as_f64(t, "t")
+    if np.any(ts <= 0):
+        raise ConfigError(f"t must be > 0 (steps); got {np.asarray(t)[ts <= 0].tolist()}")
+    s = sr * ts
+    x = 2.0 * s / (np.sqrt(1.0 + 4.0 * s * s) + 1.0)  # (sqrt(1 + 4 s^2) - 1) / (2 s), without the cancellation
+    out = x * x
+    return float(out) if out.ndim == 0 else out
 
 
 def same_gamma(a: float, b: float) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import mpmath as mp
@@ -246,3 +247,59 @@ def test_step_weights_errors():
         phema.step_weights(1.0, [1, 1, 2])
     with pytest.raises(ValueError, match="increasing"):
         phema.step_weights(1.0, [])
+
+
+# ----------------------------------------------------------------------------- classic EMA betas
+
+
+@pytest.mark.parametrize("beta,t", [(0.99, 20_000), (0.999, 200_000), (0.9995, 400_000)])
+def test_beta_to_sigma_rel_is_the_spread_of_the_classic_emas_weights(beta, t):
+    """Brute force: the weights a classic EMA gives every past step at step t, their std relative to t."""
+    k = np.arange(t, dtype=np.float64)  # steps back
+    w = (1 - beta) * beta**k
+    w = np.append(w, beta**t)  # the initial value, at time 0
+    tau = np.append(t - k, 0.0)
+    mean = np.sum(w * tau) / np.sum(w)
+    std = np.sqrt(np.sum(w * (tau - mean) ** 2) / np.sum(w))
+    assert phema.beta_to_sigma_rel(beta, t) == pytest.approx(std / t, rel=1e-6)
+
+
+def test_sigma_rel_to_beta_inverts_it_and_broadcasts():
+    betas = np.array([0.9, 0.99, 0.999, 0.9999, 0.99999])
+    ts = np.array([1e3, 1e4, 1e5, 1e6, 1e7])
+    s = phema.beta_to_sigma_rel(betas, ts)
+    np.testing.assert_allclose(phema.sigma_rel_to_beta(s, ts), betas, rtol=1e-12)
+    assert phema.sigma_rel_to_beta(0.1, 100_000) == pytest.approx(0.9999, abs=1e-8)  # sqrt(b)/(1-b) = 1e4
+    assert isinstance(phema.beta_to_sigma_rel(0.999, 1e5), float)
+    # the same beta is a narrower profile (relative to the run) later in the run
+    assert phema.beta_to_sigma_rel(0.9999, 2e5) == pytest.approx(phema.beta_to_sigma_rel(0.9999, 1e5) / 2)
+
+
+@pytest.mark.parametrize("call,words", [
+    (lambda: phema.beta_to_sigma_rel(1.0, 1e5), r"beta must be in \(0, 1\)"),
+    (lambda: phema.beta_to_sigma_rel(0.0, 1e5), r"beta must be in \(0, 1\)"),
+    (lambda: phema.beta_to_sigma_rel(0.999, 0), r"t must be > 0"),
+    (lambda: phema.beta_to_sigma_rel(0.9999, 1000), r"averages over more than the run so far.*smaller beta"),
+    (lambda: phema.sigma_rel_to_beta(0.3, 1e5), r"sigma_rel must be in \(0, 0.2887\)"),
+    (lambda: phema.sigma_rel_to_beta(0.1, -1), r"t must be > 0"),
+])
+def test_classic_beta_conversions_refuse_bad_input(call, words):
+    with pytest.raises(ValueError, match=words):
+        call()
+
+
+def test_dist_ema_error_takes_targets_as_betas(capsys):
+    from dist_ema.cli import main
+
+    assert main(["error", "--target-betas", "0.9999", "--steps", "100000", "--snapshot-every", "1000",
+                 "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["targets"]
+    assert [x["beta"] for x in got] == [0.9999] and got[0]["beta_t"] == 100000.0
+    assert got[0]["sigma_rel"] == pytest.approx(np.sqrt(0.9999) / (1e-4 * 1e5), rel=1e-9)
+    assert main(["error", "--targets", str(got[0]["sigma_rel"]), "--steps", "100000", "--snapshot-every", "1000",
+                 "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)["targets"][0]
+    assert same["error"] == pytest.approx(got[0]["error"], rel=1e-9, abs=1e-15)
+    assert main(["error", "--target-betas", "0.999", "--beta-t", "50000", "--targets", "0.1", "--steps", "100000"]) == 0
+    out = capsys.readouterr().out
+    assert "sigma_rel = sqrt(beta) / ((1 - beta) t)" in out and "0.999" in out and "0.1000" in out

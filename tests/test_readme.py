@@ -155,7 +155,8 @@ TEXT = {
     "weights        tracked recon. error": "test_readme_demo_block_is_the_demos_output",
     "<url>/dist_ema.json": "a diagram",
     "dist_ema/phema.py        the math": "a diagram",
-    "schedule: tracked sigma_rel 0.05, 0.1": "test_readme_error_block_prints_its_output",
+    "target t = 100000\nsigma_rel": "test_readme_error_block_prints_its_output",
+    "classic EMA betas at t = 100000": "test_readme_error_block_with_betas_prints_its_output",
     "[dist_ema]\nsigma_rels": "test_readme_toml_block_is_the_shipped_config",
 }
 # Blocks that are run, by the test named
@@ -173,7 +174,8 @@ RUN = {
     "launch/accelerate_train.py": "test_readme_accelerate_example",
     "deepspeed.initialize": "test_readme_deepspeed_block",
     "load_config(\"configs/dist_ema.toml\")": "test_readme_config_block",
-    "dist-ema error --sigma-rels": "test_readme_error_block_prints_its_output",
+    "--plot profiles.png": "test_readme_error_block_prints_its_output",
+    "--target-betas 0.9995": "test_readme_error_block_with_betas_prints_its_output",
     "# single node (the demo uses": "test_readme_underlying_commands",
 }
 
@@ -319,11 +321,18 @@ RUN_KEYS = {
 
 @pytest.mark.dist
 def test_readme_error_block_prints_its_output(tmp_path):
-    (cmd,) = _commands(_block("dist-ema error --sigma-rels"))
+    (cmd,) = _commands(_block("--plot profiles.png"))
     r = _shell(cmd, tmp_path)
     printed = [x for x in r.stdout.splitlines() if not x.startswith("wrote ")]
-    assert printed == _block("schedule: tracked sigma_rel 0.05, 0.1").splitlines()
+    assert printed == _block("target t = 100000\nsigma_rel").splitlines()
     assert (tmp_path / "profiles.png").is_file()
+
+
+@pytest.mark.dist
+def test_readme_error_block_with_betas_prints_its_output(tmp_path):
+    (cmd,) = _commands(_block("--target-betas 0.9995"))
+    r = _shell(cmd, tmp_path)
+    assert r.stdout.splitlines() == _block("classic EMA betas at t = 100000").splitlines()
 
 
 def test_readme_toml_block_is_the_shipped_config():
