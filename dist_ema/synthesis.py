@@ -8,12 +8,13 @@ A job in named phases, the way torch.distributed.checkpoint names its steps:
    arrays into units of work at stored chunk boundaries: a frozen :class:`SynthesisPlan`.
    The units depend on the store only, never on the synthesis world size.
 2. **prepare** (rank 0): claim the output with its marker, write the output store's skeleton.
-3. **map** (every rank): its units (a deterministic, size-balanced split). Per block of a
-   unit, every needed inner chunk of every snapshot with a non-zero coefficient is read ONCE
-   into reused buffers (checksums checked), converted to float64 on that copy, and all
-   targets are accumulated in one matrix product; a reader thread fetches the next block
-   while the current one is computed. Each unit is one output rank array: the rank that
-   computed it writes it (one shard per target).
+3. **map** (every rank): its units (one run of adjacent units, a deterministic split by
+   size), read in spans of adjacent blocks: every needed inner chunk of every snapshot with a
+   non-zero coefficient is fetched ONCE, a row of a span in one ranged read of up to
+   ``read_bytes``, ``prefetch`` reads in flight ahead of the compute (checksums checked as
+   they arrive); the compute thread converts each row to float64 per sub-block and
+   accumulates all targets in one matrix product per group of rows. Each unit is one output
+   rank array: the rank that computed it writes it (one shard per target).
 4. **commit** (rank 0, after every rank succeeded): the output's metadata, then its marker.
 5. **export** (every rank): safetensors files, split across ranks.
 On any failure every rank raises and the output is removed.
@@ -23,9 +24,9 @@ what a marked synthesis wrote is ever removed or replaced (see ``_check_output``
 snapshot that disappears while it is read (retention of a running training job) makes
 every rank re-plan from a fresh listing, for the same target time (``REPLANS`` times).
 
-A unit's result depends only on the unit, never on which rank computed it (the compute
-runs on one thread per rank, in blocks fixed by the plan), so the output is bitwise
-identical for any synthesis world size.
+A unit's result depends only on the unit, never on which rank computed it or how it was
+read (the compute runs on one thread per rank, in blocks and sub-blocks fixed by the plan),
+so the output is bitwise identical for any synthesis world size and read settings.
 """
 
 from __future__ import annotations
