@@ -270,10 +270,10 @@ class SnapshotStore:
             raise ConfigError(f"bad range [{lo}, {hi}) of rank {rank} ({g.numel} elements)")
         if hi == lo:
             return 0
-        run = self.fetch_raw(snap, rank, profile, lo, hi, scratch)
-        if run is not None:  # one ranged read of the chunks, back to back
-            run[0].copy_to(0, hi - lo, out)
-            return run[1]
+        if snap.version >= 2 and g.compression is None:  # one ranged read of the chunks, back to back
+            run, nbytes = self._raw_run(snap, g, rank, profile, lo, hi, scratch)
+            run.copy_to(0, hi - lo, out)
+            return nbytes
         dt = np_dtype(g.dtype)
         codec = compressor(g.compression, g.dtype)
         key = shard_key(snap.prefix, rank, profile) if snap.version >= 2 else v1_array_key(snap.prefix, rank, profile)
@@ -314,6 +314,10 @@ class SnapshotStore:
             return None
         if not 0 <= lo < hi <= g.numel:
             raise ConfigError(f"bad range [{lo}, {hi}) of rank {rank} ({g.numel} elements)")
+        return self._raw_run(snap, g, rank, profile, lo, hi, scratch)
+
+    def _raw_run(self, snap: Snapshot, g: Geometry, rank: int, profile: int, lo: int, hi: int,
+                 scratch: bytearray | None) -> tuple[RawRun, int]:
         key = shard_key(snap.prefix, rank, profile)
         where = self._where(snap, rank, profile, key)
         with self._named(where, key, g, None):
