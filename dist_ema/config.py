@@ -325,6 +325,12 @@ def check_include_frozen(value: object, name: str = "include_frozen") -> bool:
     return value
 
 
+def check_offload(value: object, name: str = "offload") -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false; got {value!r}. Fix: {name} = true (no quotes)")
+    return value
+
+
 def check_resume(value: object, name: str = "resume") -> bool | str:
     """True, False or "takeover" exactly: a typo ("takeovr") must not pass as a true value."""
     if value is True or value is False or (isinstance(value, str) and value == "takeover"):
@@ -343,6 +349,7 @@ FIELD_CHECKS: dict[str, Callable[[object, str], Any]] = {
     "include_frozen": check_include_frozen,
     "buffers": check_buffers,
     "update_impl": check_update_impl,
+    "offload": check_offload,
     "snapshot_every": check_snapshot_every,
     "store": check_store,
     "storage_options": check_storage_options,
@@ -465,6 +472,13 @@ class EMAConfig:
     (compiled once per process; if compile is unavailable or fails it is logged once and
     foreach is used). "fused": also compile the small runs. "foreach": one
     ``torch._foreach_lerp_`` per profile."""
+
+    offload: bool = False
+    """Keep the EMA buffers in host memory (pinned on CUDA) instead of beside the shards: no
+    accelerator memory per profile. Each update copies the shard to a host staging buffer (on
+    a side stream on CUDA) and runs on a worker thread, overlapped with the next steps; at most
+    one update is in flight (the next update() waits for it, and so does anything that reads
+    the EMA). The results are bitwise those of offload=false on the same hardware."""
 
     def __post_init__(self) -> None:
         if self.sigma_rels is not None and self.gammas is not None:

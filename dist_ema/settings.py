@@ -29,7 +29,7 @@ def _as_profiles(value: object) -> object:
         return value
 
 
-def configs_of(*, sigma_rels, gammas, update_every, batch_size, include_frozen, buffers, update_impl, store,
+def configs_of(*, sigma_rels, gammas, update_every, batch_size, include_frozen, buffers, update_impl, offload, store,
              snapshot_every, storage_options, storage_dtype, compression, keep, resume, inner_chunk_bytes,
              max_object_bytes, writer, slots, upload_part_bytes, upload_concurrency, when_behind, on_error,
              timeout) -> tuple[EMAConfig, SnapshotConfig | None, bool | str]:
@@ -37,7 +37,8 @@ def configs_of(*, sigma_rels, gammas, update_every, batch_size, include_frozen, 
     from dist_ema.config import ConfigError, check_resume, inner_chunk_bytes_of
 
     config = EMAConfig(sigma_rels=_as_profiles(sigma_rels), gammas=_as_profiles(gammas), update_every=update_every,
-                       batch_size=batch_size, include_frozen=include_frozen, buffers=buffers, update_impl=update_impl)
+                       batch_size=batch_size, include_frozen=include_frozen, buffers=buffers, update_impl=update_impl,
+                       offload=offload)
     resume = check_resume(resume)
     if store is None:
         if snapshot_every is not None or resume:
@@ -55,7 +56,8 @@ def configs_of(*, sigma_rels, gammas, update_every, batch_size, include_frozen, 
 
 # the settings every rank must share, by the keyword users spell them with. storage_options are left out:
 # credentials and endpoints may differ per host, and they must not travel to other ranks' error messages.
-_EMA_FIELDS = ("sigma_rels", "gammas", "update_every", "batch_size", "include_frozen", "buffers", "update_impl")
+_EMA_FIELDS = ("sigma_rels", "gammas", "update_every", "batch_size", "include_frozen", "buffers", "update_impl",
+               "offload")
 _SNAPSHOT_FIELDS = {"store": "url", "snapshot_every": "snapshot_every", "storage_dtype": "dtype",
                     "compression": "compression", "keep": "keep", "inner_chunk_bytes": "inner_chunk_bytes",
                     "writer": "writer", "slots": "slots", "upload_part_bytes": "upload_part_bytes",

@@ -116,7 +116,7 @@ class PostHocEMA:
     tree only after something was registered.
 
     Args:
-        sigma_rels / gammas / update_every / batch_size / include_frozen / buffers / update_impl: what to
+        sigma_rels / gammas / update_every / batch_size / include_frozen / buffers / update_impl / offload: what to
             track, see :class:`EMAConfig` (defaults: sigma_rels (0.05, 0.10), every step, time
             in steps, frozen parameters tracked, buffers copied into snapshots). A single number
             (``sigma_rels=0.05``) is one profile.
@@ -148,6 +148,7 @@ class PostHocEMA:
         include_frozen: bool = True,
         buffers: Buffers = "copy",
         update_impl: UpdateImpl = "auto",
+        offload: bool = False,
         store: str | None = None,
         snapshot_every: int | None = None,
         storage_options: dict | None = None,
@@ -170,7 +171,8 @@ class PostHocEMA:
         # before anything is written: a mismatch would commit wrong snapshots or put collectives out of step
         def settings() -> tuple[EMAConfig, SnapshotConfig | None, bool | str]:
             return configs_of(sigma_rels=sigma_rels, gammas=gammas, update_every=update_every, batch_size=batch_size,
-                            include_frozen=include_frozen, buffers=buffers, update_impl=update_impl, store=store,
+                            include_frozen=include_frozen, buffers=buffers, update_impl=update_impl, offload=offload,
+                            store=store,
                             snapshot_every=snapshot_every, storage_options=storage_options,
                             storage_dtype=storage_dtype, compression=compression, keep=keep, resume=resume,
                             inner_chunk_bytes=inner_chunk_bytes, max_object_bytes=max_object_bytes,

@@ -55,6 +55,7 @@ SAMPLES: dict[str, tuple[str, list[str], object]] = {
     "include_frozen": ("false", [], False),  # the flag is --no-include-frozen
     "buffers": ('"ignore"', ["ignore"], "ignore"),
     "update_impl": ('"foreach"', ["foreach"], "foreach"),
+    "offload": ("true", [], True),
     "store": (f'"{STORE}"', [STORE], STORE),
     "snapshot_every": ("3", ["3"], 3),
     "storage_options": ("{auto_mkdir = true}", ['{"auto_mkdir": true}'], {"auto_mkdir": True}),
