@@ -211,6 +211,7 @@ class PostHocEMA:
         if isinstance(module, torch.nn.Module):
             module.register_load_state_dict_post_hook(self._on_model_load)
         self.profiles = [self._new_profile(s, g) for s, g in zip(self.config.sigma_rels, self.config.gammas)]
+        self._host = None  # offload=True: the host update (dist_ema.offload.HostUpdate), made with the plan
         self._build_update_plan()  # staging buffers now, not in the first update (which only compiles)
         self._optimizer_steps = OptimizerSteps()  # the process-wide optimizer step count (class docstring)
         self.clock = Clock()  # the EMA's time: owned here, read by the snapshot side
@@ -265,11 +266,18 @@ class PostHocEMA:
                 f"on the shards' device: move the model's shards to one device"
             )
         self.device = devices.pop() if devices else torch.device("cpu")
+        # where the EMA buffers live: beside the shards, or in host memory (offload=True)
+        self.buffer_device = torch.device("cpu") if self.config.offload else self.device
         self.offsets = np.cumsum([0] + [p.numel for p in self.pieces]).tolist()
         self.owned_numel = sum(p.numel for p in self.pieces if p.owner)
 
     def _new_profile(self, sigma_rel: float, gamma: float) -> _Profile:
-        flat = torch.empty(self.offsets[-1], dtype=torch.float32, device=self.device)
+        if self.config.offload:
+            from dist_ema.offload import host_buffer
+
+            flat = host_buffer(self.offsets[-1], torch.float32, self.device)
+        else:
+            flat = torch.empty(self.offsets[-1], dtype=torch.float32, device=self.device)
         prof = _Profile(sigma_rel, gamma, flat)
         self._bind_views(prof)
         # at t = 0 the EMA is the initial parameter (overwritten by the first update, beta = 0)
@@ -294,6 +302,7 @@ class PostHocEMA:
         """
         if self.layout.refresh is None:
             return
+        self.wait_update()
         new = self.layout.refresh()
         old_pieces, old_device = self.pieces, self.device
         keys = {(*p.key, p.owner) for p in old_pieces}
@@ -314,7 +323,7 @@ class PostHocEMA:
             )
         self.layout = new
         self._set_pieces(new.pieces)
-        if self.device != old_device:  # model.to(device): the EMA follows its shards (one copy per profile)
+        if self.device != old_device and not self.config.offload:  # model.to(device): the EMA follows its shards
             for prof in self.profiles:
                 prof.flat = prof.flat.to(self.device)
                 self._bind_views(prof)
@@ -472,8 +481,11 @@ class PostHocEMA:
         ``final_snapshot=False`` skips it. Example: ``snapshot_every=10`` and 65 updates give
         snapshots at steps 10, 20, ..., 60 and 65.
         """
+        self.wait_update()
         if self.snapshots is not None:
             self.snapshots.close(final_snapshot=final_snapshot)
+        if self._host is not None:  # its worker thread stops; an update() after close() starts it again
+            self._host.close()
         self._optimizer_steps.release()  # the last EMA closed removes the optimizer hook
 
     def __enter__(self) -> PostHocEMA:
@@ -490,8 +502,20 @@ class PostHocEMA:
             self._optimizer_steps.release()
 
     def _build_update_plan(self) -> None:
-        """The fused update over the current sources (built when the pieces change; compiles at its first call)."""
+        """The fused update over the current sources (built when the pieces change; compiles at its first call).
+
+        With offload=True: the host update (:class:`~dist_ema.offload.HostUpdate`: host mirrors of the
+        sources, a worker thread), replacing the previous one after its update in flight finished.
+        """
         self._update_plan = None
+        if self.config.offload:
+            from dist_ema.offload import HostUpdate
+
+            if self._host is not None:
+                self._host.close()
+            self._host = HostUpdate([prof.views for prof in self.profiles], [p.source for p in self.pieces],
+                                    self.device, self.config.update_impl)
+            return
         if self.config.update_impl == "foreach" or not self.pieces:
             return
         from dist_ema.kernels import DEFAULT_MIN_NUMEL, FusedUpdate
@@ -502,6 +526,9 @@ class PostHocEMA:
 
     def _apply(self, t: float, t_delta: float) -> None:
         weights = [1.0 - phema.power_beta(prof.gamma, t, t_delta) for prof in self.profiles]  # host floats: no sync
+        if self._host is not None:  # offload=True: staged to host, applied by the worker thread
+            self._host.submit(weights)
+            return
         if self.config.update_impl != "foreach" and self.pieces:
             if self._update_plan is None:
                 self._build_update_plan()
@@ -510,6 +537,16 @@ class PostHocEMA:
         from dist_ema.kernels import foreach_update
 
         foreach_update([prof.views for prof in self.profiles], [p.source for p in self.pieces], weights)
+
+    def wait_update(self) -> None:
+        """Wait until the update in flight finished (``offload=True``; a no-op otherwise).
+
+        Everything that reads or writes the EMA buffers calls it first (snapshots, swaps, state dicts,
+        synthesis); call it before reading ``ema.profiles`` yourself. Re-raises an error of that update.
+        """
+        host = self._host
+        if host is not None and host.wait():
+            self._wrote_at = _versions(self.profiles)  # the worker wrote after update() returned
 
     # ------------------------------------------------------------------ state
 
@@ -538,6 +575,7 @@ class PostHocEMA:
         """
         from dist_ema import checkpoint
 
+        self.wait_update()
         return checkpoint.state_dict(self.clock, self.layout, self.pieces, self.profiles, unit=self.config.unit,
                                      skipped_steps=self.skipped_steps)
 
@@ -550,6 +588,7 @@ class PostHocEMA:
         """
         from dist_ema import checkpoint
 
+        self.wait_update()
         return checkpoint.per_rank_state_dict(self.clock, self.pieces, self.profiles, unit=self.config.unit)
 
     def load_state_dict(self, state: dict) -> None:
@@ -566,6 +605,7 @@ class PostHocEMA:
         from dist_ema.collective import is_distributed, run_and_check
 
         fmt, head = checkpoint.check_state(state, self.gammas, self.config.unit)
+        self.wait_update()
 
         def check_and_fill() -> None:
             now = _versions(self.profiles)
@@ -597,6 +637,7 @@ class PostHocEMA:
         For small models, tests and debugging: it materializes the whole model on rank 0.
         """
         prof = self.profile(sigma_rel=sigma_rel, gamma=gamma)
+        self.wait_update()
         mine = [
             (p.fqn, p.flat_start, prof.views[i].detach().cpu().clone(), p.box)
             for i, p in enumerate(self.pieces)
@@ -639,6 +680,7 @@ class PostHocEMA:
     def _synthesized(self, sigma_rel: float | None, gamma: float | None) -> torch.Tensor:
         from dist_ema import swap
 
+        self.wait_update()
         out, error = swap.synthesized_shards(self.clock, self.profiles, self.pieces, self.snapshots,
                                              sigma_rel=sigma_rel, gamma=gamma)
         if error is not None:  # a synthesized profile (a tracked one is used as it is)
@@ -672,6 +714,7 @@ class PostHocEMA:
         from dist_ema import swap
 
         self._follow_model()
+        self.wait_update()
         return swap.swapped_values(self.pieces, self.profile(sigma_rel=sigma_rel).views, self.layout.after_load)
 
 

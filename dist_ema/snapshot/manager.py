@@ -159,8 +159,9 @@ class SnapshotManager:
         self.writer, self.stager = writer, None
 
     def _stager(self) -> Stager:
-        """The stager of the current writer's slots, on the EMA's device now (the model may have moved since)."""
-        device = self.ema.device
+        """The stager of the current writer's slots, on the EMA buffers' device now (the model may have moved
+        since; host memory with offload=True)."""
+        device = self.ema.buffer_device
         moved = self.stager is not None and self.stager.device != device
         if self.stager is None or (moved and not any(r.ticket is not None for r in self.ledger.in_flight)):
             if self.stager is not None:
@@ -238,6 +239,7 @@ class SnapshotManager:
         ticket, err = None, None
         staged = self._stage_buffers_of_stages() if meta["buffers"] else {}
         try:
+            self.ema.wait_update()  # offload=True: the update in flight finished (its error is exchanged below)
             slot = self.writer.acquire_slot()  # blocks for the oldest write if needed (backpressure)
             buffers = self._snapshot_buffers(staged) if self.rank == 0 and meta["buffers"] else []
             # a rank that owns nothing (a small model on many ranks) stages no data; it still commits with the rest
