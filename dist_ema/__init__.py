@@ -20,6 +20,7 @@ __all__ = [
     "StoreError",
     "__version__",
     "gamma_to_sigma_rel",
+    "import_run",
     "load_synthesized",
     "open_store",
     "sigma_rel_to_gamma",
@@ -35,6 +36,7 @@ _LAZY = {
     "ModelChangedError": ("dist_ema.sharding.watch", "ModelChangedError"),
     "synthesize": ("dist_ema.synthesis", "synthesize"),
     "load_synthesized": ("dist_ema.load", "load_synthesized"),
+    "import_run": ("dist_ema.importers", "import_run"),
 }
 
 

@@ -310,6 +310,24 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    from dist_ema.importers import import_run
+
+    res = import_run(args.kind, args.src, args.store_url, sigma_rels=args.sigma_rels, update_every=args.update_every,
+                     update_after_step=args.update_after_step, step_size_correction=args.step_size_correction,
+                     storage_dtype=args.storage_dtype, average_buffers=args.average_buffers,
+                     storage_options=_storage_options(args))
+    print(f"imported {len(res.steps)} snapshot(s) of {res.kind} into {res.url}: steps {res.steps[0]}..{res.steps[-1]}, "
+          f"t {res.t[0]:g}..{res.t[-1]:g} steps, sigma_rels {' '.join(f'{s:g}' for s in res.sigma_rels)}, "
+          f"update_every {res.update_every}" + ("" if res.exact else " (NOT the nominal profiles: see the warning)"))
+    rows = [[f"{c.sigma_rel:.4f}", f"{100 * c.error:.3f}%",
+             "-" if c.applied_error is None else f"{100 * c.applied_error:.3f}%",
+             "-" if c.library_error is None else f"{100 * c.library_error:.3f}%"] for c in res.targets]
+    print(f"reconstruction error at step {res.steps[-1]} (t = {res.t[-1]:g}):")
+    print(_format_table(["sigma_rel", "synthesis", "as applied", f"{res.kind}'s own"], rows))
+    return 0
+
+
 def _error_prefix(command: str | None) -> str:
     """``dist-ema ls: error:``; for the ``error`` command ``dist-ema error:`` (not ``error: error:``)."""
     if not command:
@@ -410,6 +428,32 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--no-progress", action="store_true", help="no progress bar")
     sy.set_defaults(func=_cmd_synthesize)
     p.subcommands = {"error": e, "ls": ls, "inspect": ins, "synthesize": sy}  # type: ignore[attr-defined]
+
+    im = sub.add_parser("import", parents=[verbose],
+                        help="turn a checkpoint folder of ema-pytorch, nitrous-ema or pytorch-posthoc-ema into a store",
+                        description="Write the EMA files of a single-GPU post-hoc EMA library's run "
+                        "(<profile>.<step>.pt) as a dist-ema store that ls, synthesize and load_synthesized use "
+                        "like any other.")
+    im.add_argument("kind", help="the library that wrote SRC: ema-pytorch, nitrous-ema or posthoc-ema")
+    im.add_argument("src", help="the checkpoint folder the library wrote")
+    im.add_argument("store_url", metavar="store", help="the new store's URL (local path, s3://..., ...); no snapshots")
+    im.add_argument("--sigma-rels", dest="sigma_rels", type=float, nargs="+", required=True, metavar="SIGMA_REL",
+                    help="the run's profiles, in the library's order (the files do not record them)")
+    im.add_argument("--update-every", type=int, default=None, metavar="K",
+                    help="the run's update_every (default: the library's, 100 for ema-pytorch and nitrous-ema, 10 "
+                    "for posthoc-ema); above 1 the files do not hold the nominal profiles (warned)")
+    im.add_argument("--update-after-step", type=int, default=None, metavar="N",
+                    help="posthoc-ema's update_after_step (default: read from the files)")
+    im.add_argument("--step-size-correction", action="store_true",
+                    help="nitrous-ema's KarrasEMA ran with step_size_correction=True")
+    im.add_argument("--storage-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="dtype of the stored snapshots (default float32)")
+    im.add_argument("--average-buffers", action="store_true",
+                    help="store norm layers' running statistics as averaged tensors (synthesized like weights) "
+                    "instead of snapshot buffers")
+    im.add_argument(flag_of("storage_options"), metavar="JSON", help="fsspec options of the store as JSON")
+    im.set_defaults(func=_cmd_import)
+    p.subcommands["import"] = im  # type: ignore[attr-defined]
     return p
 
 
