@@ -220,6 +220,7 @@ class PostHocEMA:
         self._warned_skips = False
         self._odd_skips = 0
         self.last_synthesis_error: float | None = None  # of the latest synthesized profile (swapped())
+        self.switches = 0  # switch() calls: times the EMA was written into the training weights
         self.snapshots = None
         if self.store_config is not None:
             from dist_ema.snapshot import SnapshotManager
@@ -675,9 +676,10 @@ class PostHocEMA:
         See :func:`dist_ema.swap.synthesized_shards`.
         """
         self._follow_model()
-        return self._synthesized(sigma_rel, gamma)
+        return self._synthesized(sigma_rel, gamma)[0]
 
-    def _synthesized(self, sigma_rel: float | None, gamma: float | None) -> torch.Tensor:
+    def _synthesized(self, sigma_rel: float | None, gamma: float | None) -> tuple[torch.Tensor, float | None]:
+        """(this rank's flat EMA for the profile, its reconstruction error: None for a tracked profile)."""
         from dist_ema import swap
 
         self.wait_update()
@@ -685,7 +687,7 @@ class PostHocEMA:
                                              sigma_rel=sigma_rel, gamma=gamma)
         if error is not None:  # a synthesized profile (a tracked one is used as it is)
             self.last_synthesis_error = error
-        return out
+        return out, error
 
     def swapped(self, sigma_rel: float | None = None, *, gamma: float | None = None) -> AbstractContextManager[None]:
         """Load the EMA for any sigma_rel at the current time into the live (sharded) model.
@@ -704,10 +706,43 @@ class PostHocEMA:
         self._follow_model()  # the swap writes into the sources: the model's current ones
 
         def values() -> list[torch.Tensor]:  # on entering
-            flat = self._synthesized(sigma_rel, gamma)
+            flat = self._synthesized(sigma_rel, gamma)[0]
             return [flat[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
 
         return swap.swapped_values(self.pieces, values, self.layout.after_load)
+
+    def switch(self, sigma_rel: float | None = None, *, gamma: float | None = None) -> float | None:
+        """Write the EMA for ``sigma_rel`` into the training weights for good ("Switch EMA", arXiv 2402.09240).
+
+        A tracked profile is written as it is; another is synthesized at the current time from every
+        snapshot taken so far (committed first) and the live EMA state, as in :meth:`swapped`. The values
+        go into each shard and, where the engine keeps them, its working copy and fp32 master (as a swap
+        does, without the restore), and the engine re-syncs its working weights (the layout's
+        ``after_load``). The optimizer state (moments, step counts) is left as it is, and the tracked EMAs
+        go on from where they are: the next ``update()`` averages the switched weights into them.
+        Collective: call on every rank, right after an optimizer step (before the next forward).
+        Returns the synthesized profile's reconstruction error (None for a tracked profile); logged on rank 0.
+
+        Example:
+            >>> if step % 1000 == 0:
+            ...     ema.switch(sigma_rel=0.10)
+        """
+        from dist_ema import swap
+        from dist_ema.collective import rank
+
+        self._follow_model()  # writes into the model's current sources
+        flat, error = self._synthesized(sigma_rel, gamma)  # a copy of a tracked profile
+        swap.write_into_pieces(self.pieces, [flat[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])])
+        if self.layout.after_load is not None:
+            self.layout.after_load()
+        self.switches += 1
+        what = f"sigma_rel={sigma_rel:g}" if sigma_rel is not None else f"gamma={gamma:g}"
+        if rank() == 0:
+            log.info("dist-ema: switched the training weights to the EMA %s (%s) at step %d (t=%g); the optimizer "
+                     "state and the tracked EMAs go on from here", what,
+                     "tracked" if error is None else f"synthesized, reconstruction error {error:.3g}", self.step,
+                     self.t)
+        return error
 
     def tracked_swapped(self, sigma_rel: float) -> AbstractContextManager[None]:
         """Load a *tracked* profile into the live model, restore the training weights after."""

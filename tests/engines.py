@@ -64,6 +64,7 @@ class Setup:
     step: Callable[[], None]
     full_params: Callable[[], dict[str, torch.Tensor]]
     steps_done: int = 0
+    optimizer: object = None  # the torch optimizer (under DeepSpeed: the one its ZeRO optimizer wraps)
 
 
 def _mesh(mesh_shape: tuple[int, int] | None):
@@ -119,7 +120,7 @@ def build(engine: str, seed: int = 0, lr: float = 0.05, grad_accum: int = 1,
 
             return {n: safe_get_full_fp32_param(p).detach().double().clone() for n, p in eng.module.named_parameters()}
 
-        return Setup(engine, eng.module, eng, step, full)
+        return Setup(engine, eng.module, eng, step, full, optimizer=getattr(eng.optimizer, "optimizer", opt))
 
     if engine in ("fsdp2", "fsdp2_bf16", "fsdp2_keep", "fsdp2_hsdp"):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -189,7 +190,7 @@ def build(engine: str, seed: int = 0, lr: float = 0.05, grad_accum: int = 1,
         opt.step()
         opt.zero_grad()
 
-    return Setup(engine, model, model, step, full)
+    return Setup(engine, model, model, step, full, optimizer=opt)
 
 
 def _build_nd(engine: str, net: TinyNet, lr: float, mesh_shape, counter: dict) -> Setup:
@@ -250,7 +251,7 @@ def _build_nd(engine: str, net: TinyNet, lr: float, mesh_shape, counter: dict) -
         def full() -> dict[str, torch.Tensor]:
             return {n: p.full_tensor().detach().double().clone() for n, p in model.named_parameters()}
 
-        return Setup(engine, model, model, step, full)
+        return Setup(engine, model, model, step, full, optimizer=opt)
 
     # pipeline: stage modules keep the full model's names (the other stages' modules deleted)
     mesh = init_device_mesh("cpu", tuple(mesh_shape), mesh_dim_names=("pp", "dp"))
@@ -295,4 +296,4 @@ def _build_nd(engine: str, net: TinyNet, lr: float, mesh_shape, counter: dict) -
         dist.all_gather_object(everyone, mine)
         return {k: v for part in everyone for k, v in part.items()}
 
-    return Setup(engine, stages[0], stages, step, full)
+    return Setup(engine, stages[0], stages, step, full, optimizer=opt)
