@@ -11,9 +11,12 @@ trajectory: the file holds the weight of every step directly.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shlex
 import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -287,21 +290,22 @@ def _one_hot_run(kind: str, folder: str, n: int, k: int, u: int = 1, **kw) -> No
         update()
 
 
-@pytest.mark.parametrize("kind,k,u", [("ema-pytorch", 1, 1), ("nitrous-ema", 1, 1), ("posthoc-ema", 1, 4),
-                                      ("ema-pytorch", 3, 1), ("posthoc-ema", 4, 2)])
-def test_applied_weights_are_the_library_own(kind, k, u, tmp_path):
+@pytest.mark.parametrize("kind,k,u,corr", [("ema-pytorch", 1, 1, False), ("nitrous-ema", 1, 1, False),
+                                           ("posthoc-ema", 1, 4, False), ("ema-pytorch", 3, 1, False),
+                                           ("posthoc-ema", 4, 2, False), ("nitrous-ema", 2, 1, True)])
+def test_applied_weights_are_the_library_own(kind, k, u, corr, tmp_path):
     """What profiles.py says each library applied is what the library applied (its own one-hot run); with
     update_every 1 that is the power-function profile at t = (the EMA's calls) + 1, the first step's weights
     on [0, 2]: the time every imported snapshot gets."""
     n = 14
-    _one_hot_run(kind, str(tmp_path), n, k, u)
+    _one_hot_run(kind, str(tmp_path), n, k, u, **({"step_size_correction": True} if corr else {}))
     for p, s in enumerate(SIGMA_RELS):
         g = _gamma(s)
         for step in (u + 3, n):
             sd = torch.load(tmp_path / f"{p}.{step}.pt", weights_only=True)
             (w,) = [v.double().numpy() for key, v in sd.items() if torch.is_tensor(v) and v.numel() == n]
             calls = step - u + 1
-            upd, applied = profiles.applied_weights(g, calls, k)
+            upd, applied = profiles.applied_weights(g, calls, k, corr)
             want = np.zeros(n)
             want[upd + u - 2] = applied
             np.testing.assert_allclose(w, want, rtol=1e-5, atol=1e-7)
@@ -439,6 +443,11 @@ def test_mixed_folders_are_refused(folder, tmp_path, capsys):
     os.remove(os.path.join(src, "model.pt"))
     shutil.copy(os.path.join(src, "0.5.pt"), os.path.join(src, "3.5.pt"))
     _refused(capsys, ["ema-pytorch", src, str(tmp_path / "s3"), *sr], "profile indices", "[0, 1, 3]")
+    os.remove(os.path.join(src, "3.5.pt"))
+    for k in (0, 1):  # files renamed to another step: their own step entry (15) says otherwise
+        os.rename(os.path.join(src, f"{k}.15.pt"), os.path.join(src, f"{k}.20.pt"))
+    _refused(capsys, ["ema-pytorch", src, str(tmp_path / "s4"), *sr], "0.20.pt", "says 15 EMA calls, its name 20")
+    assert open_store(str(tmp_path / "s4")).snapshots() == []
 
 
 def test_a_failed_import_commits_nothing(folder, tmp_path, capsys):
@@ -455,8 +464,55 @@ def test_a_failed_import_commits_nothing(folder, tmp_path, capsys):
     assert os.listdir(os.path.join(store, "snapshots")) == ["zarr.json"]
     assert not os.path.exists(os.path.join(store, "owner.json"))  # the claim is released
     shutil.copy(os.path.join(folder, "1.15.pt"), os.path.join(src, "1.15.pt"))
+    # and an import killed mid-way: its claim (a process gone on this host) and its uncommitted data
+    dead = {"job": "j20000101T000000Z-dead", "host": socket.gethostname(), "pid": 2**22 + 12345, "started": 0.0}
+    with open(os.path.join(store, "owner.json"), "w") as f:
+        json.dump(dead, f)
+    os.makedirs(os.path.join(store, "snapshots", "step-000000000005", dead["job"], "r00000"))
     assert cli.main(["import", "ema-pytorch", src, store, *sr]) == 0
     assert [s.step for s in open_store(store).snapshots()] == [5, 10, 15]
+    assert not os.path.exists(os.path.join(store, "snapshots", "step-000000000005", dead["job"]))
+    assert not os.path.exists(os.path.join(store, "owner.json"))
+
+
+def test_import_into_s3(folder, s3_env):
+    """The store is any fsspec URL: here a real S3 protocol server (moto, in this process)."""
+    _, bucket = s3_env
+    url = f"s3://{bucket}/imported"
+    res = dist_ema.import_run("ema-pytorch", folder, url, sigma_rels=SIGMA_RELS, update_every=1)
+    assert res.steps == (5, 10, 15)
+    snaps = open_store(url).snapshots()
+    assert [s.t for s in snaps] == [6.0, 11.0, 16.0]
+    w = open_store(url).read(15, 0.05, "fc.weight")
+    want = torch.load(os.path.join(folder, "0.15.pt"), weights_only=True)["ema_model.fc.weight"]
+    assert torch.equal(w, want.float())
+
+
+# the README's block (README.md, "Importing runs of other post-hoc EMA libraries"): run here
+README_BLOCK = """\
+# a run of ema-pytorch: PostHocEMA(model, sigma_rels=(0.05, 0.10), update_every=1, checkpoint_folder="ckpts")
+dist-ema import ema-pytorch ckpts runs/old/snapshots --sigma-rels 0.05 0.10 --update-every 1
+dist-ema ls runs/old/snapshots
+dist-ema synthesize runs/old/snapshots --sigma-rels 0.15 --out runs/old/synth
+"""
+
+
+def test_readme_import_block(folder, tmp_path, monkeypatch, capsys):
+    """The README block's commands, in process, on a real ema-pytorch folder named as there; the README holds
+    this block once the section is in it."""
+    readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
+    with open(readme) as f:
+        text = f.read()
+    if "dist-ema import ema-pytorch" in text:
+        assert README_BLOCK in text, "the README's import block differs from tests/test_import.py README_BLOCK"
+    shutil.copytree(folder, tmp_path / "ckpts")
+    monkeypatch.chdir(tmp_path)
+    for line in README_BLOCK.splitlines():
+        if line.startswith("dist-ema "):
+            assert cli.main(shlex.split(line)[1:]) == 0, line
+    out = capsys.readouterr().out
+    assert "imported 3 snapshot(s) of ema-pytorch" in out and "3 committed snapshot(s)" in out
+    assert (tmp_path / "runs/old/synth/sigma_rel-0.1500/model.safetensors").exists()
 
 
 @pytest.mark.parametrize("run", ["posthoc-ema"], indirect=True)

@@ -141,19 +141,20 @@ def _check_apart(src: str, store: str) -> None:
         raise ConfigError(f"the store {store} is inside the checkpoint folder {src}; give a store outside it")
 
 
-def _update_after_step(lib: Library, first_step: int, ema_step: float | None, given: int | None) -> int:
+def _update_after_step(lib: Library, first_step: int, ema_step: tuple[float | None, bool], given: int | None) -> int:
     """pytorch-posthoc-ema's update_after_step: from the files (their own step entry counts the EMA's calls)."""
     if lib.update_after_step == 1:
         if given not in (None, 1):
             raise ConfigError(f"update_after_step is a pytorch-posthoc-ema option; {lib.kind} updates from the "
                               f"first step")
         return 1
-    exact = ema_step is not None and math.isfinite(ema_step) and ema_step == round(ema_step) and ema_step <= 2048
-    derived = int(first_step - ema_step + 1) if exact else None
+    value, exact = ema_step
+    exact = value is not None and math.isfinite(value) and value == round(value) and (exact or value <= 2048)
+    derived = int(first_step - value + 1) if exact else None
     if given is not None:
         if derived is not None and derived != given:
-            raise ConfigError(f"update_after_step={given}, but the files say {derived} (file {first_step} holds the "
-                              f"EMA's call {int(ema_step)}); leave it out to use the files'")
+            raise ConfigError(f"update_after_step={given}, but the files say {derived} (the files of step {first_step} "
+                              f"hold the EMA's call {int(value)}); leave it out to use the files'")
         return int(given)
     if derived is None:
         log.warning("dist-ema: import: the files do not say %s's update_after_step exactly; assuming its default "

@@ -99,7 +99,7 @@ class Contents:
     buffers: tuple[str, ...]
     ties: dict
     file_dtype: str
-    ema_step: float | None  # the library's own step entry of the first file (float16 in ema-pytorch's files)
+    ema_step: tuple[float | None, bool]  # the library's own step entry of the first file, and whether it is exact
 
     @property
     def numel(self) -> int:
@@ -130,12 +130,15 @@ def split_entries(lib: Library, sd: dict, where: str) -> tuple[dict[str, torch.T
     return tensors, state
 
 
-def _file_step(lib: Library, state: dict) -> float | None:
-    """The library's own step entry (the EMA's calls), as a float, or None where it has none."""
+def _file_step(lib: Library, state: dict) -> tuple[float | None, bool]:
+    """The library's own step entry (the EMA's calls) as a float, or None where it has none; and whether it is
+    exact (an integer; not a float16 cast as ema-pytorch's, or any checkpoint_dtype cast)."""
     v = state.get("_extra_state", {}).get("step") if lib.kind == "nitrous-ema" else state.get("step")
     if v is None:
-        return None
-    return float(v.item()) if torch.is_tensor(v) else float(v)
+        return None, False
+    if torch.is_tensor(v):
+        return float(v.item()), not v.is_floating_point()
+    return float(v), isinstance(v, int)
 
 
 def probe(lib: Library, src: str, scan: Scan, average_buffers: bool) -> Contents:
@@ -242,11 +245,13 @@ def _buffers(tensors: dict[str, torch.Tensor], names: tuple[str, ...], where: st
     return b"".join(parts), records
 
 
-def check_step(lib: Library, plan_calls: int, value: float | None, where: str) -> None:
-    """The library's own step entry agrees with the file name (float16 steps: within rounding; inf: unknown)."""
+def check_step(plan_calls: int, step: tuple[float | None, bool], where: str) -> None:
+    """The library's own step entry agrees with the file name (a float cast: within float16 rounding; inf: not
+    checked)."""
+    value, exact = step
     if value is None or not np.isfinite(value):
         return
-    tol = max(0.5, abs(plan_calls) * 2.0**-10) if lib.kind == "ema-pytorch" else 0.5
+    tol = 0.5 if exact else max(0.5, abs(plan_calls) * 2.0**-10)
     if abs(value - plan_calls) > tol:
         raise ConfigError(f"{where}: the file's own step entry says {value:g} EMA calls, its name {plan_calls}: a "
                           f"renamed file or a wrong update_after_step; import the files as the library wrote them")
@@ -261,7 +266,13 @@ def write_store(io: StoreIO, src: str, plan: ImportPlan, contents: Contents, sto
     layout = Layout.build(list(contents.params), [[(n, 0, int(np.prod(s))) for n, s, _ in contents.params]], engine)
     g = geometry(contents.numel, storage_dtype, DEFAULT_INNER_BYTES, None)
     session = StoreSession(io, None, 0, storage_options)
-    session.open(layout, resume=False)  # claims the store: refused when another job owns it or it has snapshots
+    # claims the store as a training job does: refused while another job owns it; resume=True takes over the
+    # claim of a job shown to be dead (an import that was killed) and removes its leftovers
+    session.open(layout, resume=True)
+    if session.committed:  # committed since check_store_empty: another job wrote it meanwhile
+        session.release()
+        raise StoreError(f"{io.url} holds {len(session.committed)} committed snapshot(s): dist-ema import writes a "
+                         f"new store; give an empty or new STORE")
     written: list[str] = []
     committed: list[str] = []
     nbytes = 0
@@ -276,7 +287,7 @@ def write_store(io: StoreIO, src: str, plan: ImportPlan, contents: Contents, sto
             for k, name in enumerate(st.files):
                 path = os.path.join(src, name)
                 tensors, state = split_entries(plan.library, load_file(path), path)
-                check_step(plan.library, st.calls, _file_step(plan.library, state), path)
+                check_step(st.calls, _file_step(plan.library, state), path)
                 nbytes += write_shard(io, shard_key(prefix, 0, k), _values(tensors, contents, storage_dtype, path), g,
                                       durable=True)
                 if k == plan.buffers_profile and contents.buffers:

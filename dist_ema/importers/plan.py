@@ -33,7 +33,8 @@ __all__ = ["ImportPlan", "Scan", "SourceStep", "TargetCheck", "plan_import", "sc
 
 CHECK_TARGETS = (0.10, 0.15)  # targets whose reconstruction error an import reports, with the tracked sigma_rels
 PROFILE_WARN = 0.01  # an applied profile further than this (relative L2) from the nominal one is warned about
-MAX_ANALYSIS_UPDATES = 5_000_000  # updates the applied-profile analysis walks at most (beyond: left out, logged)
+MAX_ANALYSIS_UPDATES = 5_000_000  # updates the applied-profile analysis walks at most (beyond: not measured)
+MAX_LIBRARY_ROWS = 2048  # files whose library coefficients are solved (dense, as the library does) at most
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class TargetCheck:
     the same for the library's own ``synthesize_ema_model`` coefficients (its t = file step,
     not normalized); ``full_run_error``: ``error`` with files at the same interval over the
     whole run (only when the folder lacks the run's early files). None: not measured (runs of
-    more than MAX_ANALYSIS_UPDATES updates).
+    more than MAX_ANALYSIS_UPDATES updates; the library's: more than MAX_LIBRARY_ROWS files).
     """
 
     sigma_rel: float
@@ -226,16 +227,18 @@ def _analyse(plan: ImportPlan, scan: Scan, targets: Sequence[float]) -> ImportPl
     if analyse:
         last = [x.updates - 1 for x in steps]  # each snapshot's last update, 0-based
         edges = profiles.bin_edges(np.arange(n_upd, dtype=np.int64) * k + 1)
-        lib_x = _library_coefficients(plan, scan, tg_g)
+        lib_rows = len(scan.steps) * g.size <= MAX_LIBRARY_ROWS
+        lib_x = _library_coefficients(plan, scan, tg_g) if lib_rows else None
         lib_last = [(plan.library.ema_calls(st, plan.update_after_step) - 1) // k for st in scan.steps]
         for j in range(tg_s.size):
             target = profiles.nominal_weights(tg_g[j], edges)
             x = sol.coefficients[:, j].reshape(t.size, g.size)
             w = sum(profiles.combined_weights(g[p], k, corr, last, x[:, p], n_upd) for p in range(g.size))
             applied[j] = profiles.relative_l2(w, target, edges)
-            xl = lib_x[:, j].reshape(len(scan.steps), g.size)
-            wl = sum(profiles.combined_weights(g[p], k, corr, lib_last, xl[:, p], n_upd) for p in range(g.size))
-            library[j] = profiles.relative_l2(wl, target, edges)
+            if lib_x is not None:
+                xl = lib_x[:, j].reshape(len(scan.steps), g.size)
+                wl = sum(profiles.combined_weights(g[p], k, corr, lib_last, xl[:, p], n_upd) for p in range(g.size))
+                library[j] = profiles.relative_l2(wl, target, edges)
         if k > 1 or corr:
             eff = np.stack([profiles.effective_sigma_rels(g[p], k, corr, [x.calls for x in steps])
                             for p in range(g.size)], axis=1)  # => [steps, profiles]
