@@ -7,7 +7,7 @@ benchmark, ratios against baselines measured in the same run, goals met or misse
 results file (each benchmark records when it ran and the machine's load).
 
 Benchmarks: update, update_gpu (run by default when CUDA is available), sharded, train, snapshot,
-synthesis, solver, scale, many.
+synthesis, solver, scale, many, offload.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 NAMES = ("update", "update_models", "update_gpu", "sharded", "train", "snapshot", "synthesis", "solver", "scale",
-         "many")
+         "many", "offload")
 
 
 def _run_one(name: str, quick: bool, threads: int, context: dict):
@@ -55,6 +55,10 @@ def _run_one(name: str, quick: bool, threads: int, context: dict):
         from bench import many
 
         return many.run(quick, threads)
+    if name == "offload":
+        from bench import offload
+
+        return offload.run(quick, threads)
     raise ValueError(name)
 
 

@@ -27,7 +27,8 @@ def test_every_benchmark_runs_quick(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     doc = json.loads((tmp_path / "quick.json").read_text())
     names = [res["name"] for res in doc["results"]]
-    for want in ("update", "update_models", "sharded", "train", "snapshot", "synthesis", "solver", "scale", "many"):
+    for want in ("update", "update_models", "sharded", "train", "snapshot", "synthesis", "solver", "scale", "many",
+                 "offload"):
         assert want in names, names
     for res in doc["results"]:
         assert res["error"] is None, f"benchmark {res['name']} failed:\n{res['error']}"
