@@ -61,7 +61,12 @@ _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_file(path: str) -> dict:
     """A checkpoint file's dict, with ``torch.load(weights_only=True)`` (never unpickling code), memory-mapped."""
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # a file of torch.save's legacy format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError, ValueError) as e:
         if path.endswith(".pkl"):
             raise ConfigError(f"{path}: {EDM2_REFUSAL}") from None

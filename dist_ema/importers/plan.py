@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -209,8 +209,6 @@ def plan_import(scan: Scan, sigma_rels: Sequence[float], update_every: int | Non
 
 def _analyse(plan: ImportPlan, scan: Scan, targets: Sequence[float]) -> ImportPlan:
     """The plan with its measurements: effective profiles and target errors (k > 1), truncation, warnings."""
-    from dataclasses import replace
-
     steps, k, corr = plan.steps, plan.update_every, plan.step_size_correction
     g = np.asarray(plan.gammas)
     t = np.array([x.t for x in steps])
@@ -264,6 +262,13 @@ def _analyse(plan: ImportPlan, scan: Scan, targets: Sequence[float]) -> ImportPl
             f"are {eff}. The snapshots are imported as the nominal profiles (synthesis assumes them); the "
             f"synthesized profiles then differ from the targets by: {errs}. Each snapshot's metadata records "
             f"what was applied ('imported')"
+        )
+    elif not plan.exact and not analyse:
+        warnings.append(
+            f"{plan.library.kind} updated the EMA every {k} steps with the one-step beta, so the files do NOT hold "
+            f"the nominal power-function profiles (much wider ones; not measured: more than {MAX_ANALYSIS_UPDATES:,} "
+            f"updates). The snapshots are imported as the nominal profiles, which synthesis assumes; each "
+            f"snapshot's metadata records what was applied ('imported')"
         )
     if truncated is not None:
         errs = ", ".join(f"sigma_rel {c.sigma_rel:g}: {100 * c.error:.1f}% (a full run's files: "
