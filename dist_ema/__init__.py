@@ -19,6 +19,7 @@ __all__ = [
     "PostHocEMA",
     "StoreError",
     "__version__",
+    "export_peft",
     "gamma_to_sigma_rel",
     "import_run",
     "load_synthesized",
@@ -37,6 +38,7 @@ _LAZY = {
     "synthesize": ("dist_ema.synthesis", "synthesize"),
     "load_synthesized": ("dist_ema.load", "load_synthesized"),
     "import_run": ("dist_ema.importers", "import_run"),
+    "export_peft": ("dist_ema.adapters", "export_peft"),
 }
 
 

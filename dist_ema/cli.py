@@ -298,6 +298,7 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
         dtype=args.dtype, storage_options=opts, overwrite=args.overwrite,
         progress=not args.no_progress, prefetch=args.prefetch,
         read_bytes=None if args.read_mib is None else int(args.read_mib * 2**20),
+        **_adapter_args(args),
     )
     # synthesize() has left the process group by now: the launcher's RANK says who prints
     if int(os.environ.get("RANK", "0")) == 0:
@@ -308,6 +309,28 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
         for line in high_error_warnings(res.targets):
             print(f"WARNING: {line}")
     return 0
+
+
+def _adapter_args(args: argparse.Namespace) -> dict:
+    """``adapter_config=`` for synthesize from ``--adapter-config`` (a JSON file, or a folder holding one)."""
+    if args.adapter_config is None:
+        return {}
+    import json
+    import os
+
+    from dist_ema.errors import ConfigError
+
+    if args.format != "peft":
+        raise ConfigError("--adapter-config is for --format peft only")
+    path = args.adapter_config
+    if os.path.isdir(path):
+        path = os.path.join(path, "adapter_config.json")
+    try:
+        with open(path) as f:
+            return {"adapter_config": json.load(f)}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--adapter-config {args.adapter_config}: cannot read a JSON adapter config "
+                          f"({type(e).__name__}: {e})") from None
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
@@ -414,9 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--t", type=float, default=None, help="target time (default: the newest snapshot's)")
     when.add_argument("--step", type=int, default=None, help="target the time of the snapshot at this step")
     sy.add_argument("--out", required=True, help="output directory (safetensors) or store URL (zarr)")
-    sy.add_argument("--format", choices=["safetensors", "zarr"], default="safetensors",
+    sy.add_argument("--format", choices=["safetensors", "zarr", "peft"], default="safetensors",
                     help="safetensors (default): a Zarr store under <out>/zarr and one safetensors file per "
-                    "target in <out>/sigma_rel-<s>/; zarr: the Zarr store at --out only")
+                    "target in <out>/sigma_rel-<s>/; zarr: the Zarr store at --out only; peft: like safetensors, "
+                    "each target folder a PEFT adapter (adapter_model.safetensors, adapter_config.json)")
+    sy.add_argument("--adapter-config", default=None, metavar="JSON",
+                    help="--format peft: the adapter's adapter_config.json (or its folder), for snapshots of a "
+                    "model that was not a PeftModel when it was tracked (default: the config the snapshots record)")
     sy.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                     help="dtype of the synthesized weights (default float32; accumulation is float64 either way)")
     sy.add_argument("--prefetch", type=int, default=None, metavar="N",

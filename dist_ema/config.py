@@ -77,6 +77,7 @@ __all__ = [
     "DistEMAConfig",
     "EMAConfig",
     "OnError",
+    "Params",
     "SnapshotConfig",
     "StorageDtype",
     "UpdateImpl",
@@ -105,6 +106,7 @@ Compression = Literal["blosc-lz4", "zstd"]  # or None: uncompressed
 Writer = Literal["process", "thread", "sync"]
 WhenBehind = Literal["block", "skip"]
 OnError = Literal["raise", "warn"]
+Params = tuple[str, ...] | str | list[str] | Callable[[str, Any], bool] | None  # PostHocEMA(params=...)
 
 # kept in step with dist_ema.store (tests check it); repeated here so that reading a
 # config file never imports zarr
@@ -319,6 +321,23 @@ def check_update_impl(value: object, name: str = "update_impl") -> str:
     return _check_choice(value, name, get_args(UpdateImpl), 'update_impl = "auto"')
 
 
+def check_params(value: object, name: str = "params") -> tuple[str, ...] | Callable[[str, Any], bool] | None:
+    """None, glob patterns (a string or a list of them: a tuple of non-empty strings) or, from Python, a
+    predicate (name, param) -> bool (kept as it is; see dist_ema.sharding.select)."""
+    example = 'params = ["*.lora_*"] (glob patterns on the parameter names), or params=lambda name, p: ... in Python'
+    if value is None or callable(value):
+        return value  # type: ignore[return-value]
+    if isinstance(value, str):
+        value = (value,)
+    if isinstance(value, (list, tuple)) and not value:
+        raise ConfigError(f"{name} is empty: it would track nothing. Fix: {example}, or leave it out to track "
+                          f"every parameter")
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v.strip() for v in value):
+        return tuple(value)
+    raise ConfigError(f"{name} must be a glob pattern, a list of them or a callable (name, param) -> bool; got "
+                      f"{value!r}. Fix: {example}")
+
+
 def check_include_frozen(value: object, name: str = "include_frozen") -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{name} must be true or false; got {value!r}. Fix: {name} = true (no quotes)")
@@ -347,6 +366,7 @@ FIELD_CHECKS: dict[str, Callable[[object, str], Any]] = {
     "update_every": check_update_every,
     "batch_size": check_batch_size,
     "include_frozen": check_include_frozen,
+    "params": check_params,
     "buffers": check_buffers,
     "update_impl": check_update_impl,
     "offload": check_offload,
@@ -460,6 +480,15 @@ class EMAConfig:
     include_frozen: bool = True
     """Also track parameters with requires_grad=False: their EMA equals the parameter, and
     tracking them keeps synthesized state dicts complete (--no-include-frozen leaves them out)."""
+
+    params: tuple[str, ...] | Callable[[str, Any], bool] | None = setting(
+        None, flag="--ema-params", metavar="PATTERN", unset="every parameter")
+    """Track only these parameters: glob patterns on the model's clean parameter names (fnmatch,
+    case-sensitive; one string or a list, e.g. ["*.lora_*"]), or in Python a predicate
+    ``params=lambda name, p: ...``. Buffers follow the same rule (kept when the name matches). A
+    pattern matching no name is an error; every rank must choose the same; the store records the
+    choice, and synthesis, exports and load_synthesized cover exactly that set. With
+    include_frozen=False frozen ones are left out as well."""
 
     buffers: Buffers = "copy"
     """"copy" stores each buffer's current value with every snapshot and in full state dicts;

@@ -15,7 +15,9 @@ Matching: a store written with ``include_frozen=False`` holds no EMA of the para
 were frozen in training. Those are left as the model has them, provided they are frozen here
 too (``requires_grad=False``); a parameter the store lacks that this model trains, a
 parameter only in the store, or a different shape is a mismatch, refused before anything is
-written.
+written. A store written with ``params=`` (its snapshots record the choice) holds exactly the
+chosen parameters and buffers: exactly those are loaded (each must be in the model, with its
+shape) and every other parameter and buffer of the model is left as it is, trainable or not.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class LoadResult:
     rows: tuple[tuple[int, int], ...]  # row -> (index in snapshots, profile)
     bytes_read: int  # by this rank
     buffers: tuple[str, ...] = ()  # buffers written: the newest used snapshot's (snapshots[-1])
-    kept_params: tuple[str, ...] = ()  # frozen parameters the store holds no EMA of: left as they were
+    kept_params: tuple[str, ...] = ()  # parameters the store holds no EMA of (frozen, or not chosen by params=): kept
     kept_buffers: tuple[str, ...] = ()  # buffers left as they were (buffers=False, or not in the store)
 
 
@@ -67,11 +69,12 @@ class _Plan:
     kept_buffers: tuple[str, ...]
 
 
-def _match_params(url: str, mine: dict, theirs: dict, trainable) -> tuple[str, ...]:
+def _match_params(url: str, mine: dict, theirs: dict, trainable, chosen: dict | None = None) -> tuple[str, ...]:
     """The model's parameters the store does not hold, or StoreError for a real mismatch.
 
     ``mine`` / ``theirs``: {fqn: shape} of the model and of the store; ``trainable()``: the
-    model's parameters with requires_grad (asked only when the store lacks some).
+    model's parameters with requires_grad (asked only when the store lacks some); ``chosen``: the
+    store's ``params=`` record (its snapshots hold only the chosen parameters: the others are kept).
     """
     missing = sorted(set(mine) - set(theirs))
     if not missing:
@@ -83,7 +86,7 @@ def _match_params(url: str, mine: dict, theirs: dict, trainable) -> tuple[str, .
     diff = param_mismatch(common, theirs)
     if diff is not None:
         raise StoreError(f"the model does not match the snapshots in {url}: {diff}")
-    trained = sorted(set(missing) & set(trainable()))
+    trained = sorted(set(missing) & set(trainable())) if chosen is None else []
     if trained:
         raise StoreError(
             f"the snapshots in {url} hold no EMA of {len(trained)} parameter(s) that are trainable "
@@ -121,7 +124,8 @@ def _plan(store: SnapshotStore, sigma_rel, gamma, t, step, layout, trainable, lo
     target_t = _choose_time(snaps, t, step)
     used = [x for x in snaps if x.t <= target_t]
     kept = _match_params(store.url, {f: shape for f, (shape, _) in layout.global_params.items()},
-                         {f: shape for f, (shape, _) in store.params(used[-1]).items()}, trainable)
+                         {f: shape for f, (shape, _) in store.params(used[-1]).items()}, trainable,
+                         used[-1].meta.get("params"))
     X, sol, rows = plan_coefficients([(x.t, x.gammas) for x in used], target_t, [g])
     used, rows = only_planned(used, rows)
     bufs, kept_bufs = _match_buffers(store.url, used[-1], model_buffers, load_buffers)
@@ -142,7 +146,9 @@ def load_synthesized(model_or_engine, url: str, sigma_rel: float | None = None, 
     ``synthesize`` exports them, so the model computes what the exported file computes
     (default True; False keeps the model's buffers, logged). Parameters frozen in training
     and left out of the store (``include_frozen=False``) keep their values when they are
-    frozen here too; the result names them. The training weights are overwritten: save them
+    frozen here too; the result names them. A store written with ``params=`` loads exactly the
+    chosen parameters and buffers and leaves every other one as it is (named in the result too).
+    The training weights are overwritten: save them
     first if you need them back (or use ``PostHocEMA.swapped`` inside training). Returns what
     was used and written; errors on any rank are raised on every rank, before anything is written.
 
@@ -227,7 +233,8 @@ def _log_kept(plan: _Plan, buffers: bool) -> None:
     if is_distributed() and torch.distributed.get_rank() != 0:
         return
     if plan.kept_params:
-        log.info("dist-ema: load_synthesized left %d frozen parameter(s) the store holds no EMA of as they were: %s",
+        log.info("dist-ema: load_synthesized left %d parameter(s) the store holds no EMA of (frozen in training, or "
+                 "not chosen by params=) as they were: %s",
                  len(plan.kept_params), list(plan.kept_params[:10]))
     if plan.kept_buffers:
         why = "buffers=False" if not buffers else "not stored with the snapshots"

@@ -29,8 +29,8 @@ def _as_profiles(value: object) -> object:
         return value
 
 
-def configs_of(*, sigma_rels, gammas, update_every, batch_size, include_frozen, buffers, update_impl, offload, store,
-             snapshot_every, storage_options, storage_dtype, compression, keep, resume, inner_chunk_bytes,
+def configs_of(*, sigma_rels, gammas, update_every, batch_size, include_frozen, params, buffers, update_impl, offload,
+             store, snapshot_every, storage_options, storage_dtype, compression, keep, resume, inner_chunk_bytes,
              max_object_bytes, writer, slots, upload_part_bytes, upload_concurrency, when_behind, on_error,
              timeout) -> tuple[EMAConfig, SnapshotConfig | None, bool | str]:
     """This rank's validated settings (local: no collective): the tracking and snapshot configs, and resume."""
@@ -38,7 +38,7 @@ def configs_of(*, sigma_rels, gammas, update_every, batch_size, include_frozen, 
 
     config = EMAConfig(sigma_rels=_as_profiles(sigma_rels), gammas=_as_profiles(gammas), update_every=update_every,
                        batch_size=batch_size, include_frozen=include_frozen, buffers=buffers, update_impl=update_impl,
-                       offload=offload)
+                       offload=offload, params=params)
     resume = check_resume(resume)
     if store is None:
         if snapshot_every is not None or resume:
@@ -57,7 +57,7 @@ def configs_of(*, sigma_rels, gammas, update_every, batch_size, include_frozen, 
 # the settings every rank must share, by the keyword users spell them with. storage_options are left out:
 # credentials and endpoints may differ per host, and they must not travel to other ranks' error messages.
 _EMA_FIELDS = ("sigma_rels", "gammas", "update_every", "batch_size", "include_frozen", "buffers", "update_impl",
-               "offload")
+               "offload", "params")
 _SNAPSHOT_FIELDS = {"store": "url", "snapshot_every": "snapshot_every", "storage_dtype": "dtype",
                     "compression": "compression", "keep": "keep", "inner_chunk_bytes": "inner_chunk_bytes",
                     "writer": "writer", "slots": "slots", "upload_part_bytes": "upload_part_bytes",
@@ -68,6 +68,8 @@ _SNAPSHOT_FIELDS = {"store": "url", "snapshot_every": "snapshot_every", "storage
 def _settings_record(config: EMAConfig, snap: SnapshotConfig | None, resume: bool | str) -> dict:
     """The small record one rank sends to compare its settings: {keyword: value}."""
     record = {name: getattr(config, name) for name in _EMA_FIELDS}
+    if callable(config.params):  # a callable does not travel: its outcome is compared by the layout check
+        record["params"] = "a callable"
     record.update({name: None if snap is None else getattr(snap, attr) for name, attr in _SNAPSHOT_FIELDS.items()})
     record["resume"] = resume
     return record

@@ -16,7 +16,8 @@ A job in named phases, the way torch.distributed.checkpoint names its steps:
    accumulates all targets in one matrix product per group of rows. Each unit is one output
    rank array: the rank that computed it writes it (one shard per target).
 4. **commit** (rank 0, after every rank succeeded): the output's metadata, then its marker.
-5. **export** (every rank): safetensors files, split across ranks.
+5. **export** (every rank): safetensors files, split across ranks (``format="peft"``: a PEFT adapter
+   folder per target, see :mod:`dist_ema.adapters`).
 On any failure every rank raises and the output is removed.
 
 The output folder is claimed by a marker (``MARKER``) written before anything else; only
@@ -214,6 +215,7 @@ class SynthesisPlan:
     ties: dict
     unit: str  # time unit of the snapshots
     step: int | None  # the newest snapshot's step when the target time is its time
+    peft: dict | None = None  # the newest snapshot's PEFT adapter record (dist_ema.adapters), if any
 
     @property
     def ref(self) -> Snapshot:
@@ -285,7 +287,7 @@ def _plan(store: SnapshotStore, s_targets: list[float], g_targets: list[float], 
         used=tuple(used), rows=tuple((int(i), int(k)) for i, k in rows),
         X=tuple(tuple(float(x) for x in row) for row in X), out_layout=out_layout, units=tuple(work),
         block=block, dtype=out_dtype, source=store.url, ties=dict(ref.meta.get("ties") or {}), unit=ref.unit,
-        step=ref.step if target_t == ref.t else None,
+        step=ref.step if target_t == ref.t else None, peft=ref.meta.get("peft"),
     )
 
 
@@ -334,6 +336,8 @@ def synthesize(
     max_file_bytes: int = 4 * 2**30,
     progress: bool = True,
     timeout: float = 300.0,
+    adapter_config: object = None,
+    adapter_name: str = "default",
 ) -> SynthesisResult:
     """Synthesize the EMA for target sigma_rels at time t from the snapshots in ``url``.
 
@@ -349,7 +353,9 @@ def synthesize(
         out: output location, a new or empty folder outside the store: for ``format="zarr"`` the
             synthesized store itself; for ``"safetensors"`` a directory that receives ``zarr/`` (the
             synthesized store), ``synthesis.json`` and, per target, ``sigma_rel-<s>/model.safetensors``
-            (or shards + ``model.safetensors.index.json``). The job first writes
+            (or shards + ``model.safetensors.index.json``); for ``"peft"`` the same with, per target,
+            a PEFT adapter folder ``sigma_rel-<s>/`` (``adapter_model.safetensors`` with PEFT's keys and
+            ``adapter_config.json``: ``PeftModel.from_pretrained(base, folder)`` loads it). The job first writes
             ``<out>/.dist-ema-synthesis.json`` (its marker); only what a marked synthesis wrote is
             ever removed or replaced.
         dtype: output dtype ("float32", "bfloat16", "float16"); accumulation is float64.
@@ -369,20 +375,25 @@ def synthesize(
         timeout: seconds a rank waits for another in the job's collectives before every rank fails
             with a clear error (when this call starts the process group, as under ``torchrun -m
             dist_ema synthesize``; a group you started keeps its own timeout).
+        adapter_config / adapter_name: ``format="peft"`` only: the adapter's ``PeftConfig`` (or its dict),
+            needed when the snapshots recorded none (the tracked model was not a ``PeftModel``), and then the
+            adapter name in the tracked names (default "default"). See :mod:`dist_ema.adapters`.
 
     Example:
         >>> res = synthesize("runs/x/snapshots", sigma_rels=[0.1, 0.15], out="runs/x/synth")
         >>> res.targets[0]["error"], res.files
     """
-    if format not in ("zarr", "safetensors"):
-        raise ConfigError(f"format must be 'zarr' or 'safetensors'; got {format!r}")
+    if format not in ("zarr", "safetensors", "peft"):
+        raise ConfigError(f"format must be 'zarr', 'safetensors' or 'peft'; got {format!r}")
+    if format != "peft" and adapter_config is not None:
+        raise ConfigError("adapter_config= is for format='peft' (a PEFT adapter export) only")
     if not isinstance(out, str) or not out:
         raise ConfigError("out= is required: a new or empty folder (safetensors) or store URL (zarr) for the result")
     for name, v, least in (("unit_bytes", unit_bytes, 4), ("prefetch", prefetch, 1), ("read_bytes", read_bytes, 4)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
             raise ConfigError(f"{name} must be an integer >= {least} (or None for the default); got {v!r}")
     s_targets, g_targets = _targets(sigma_rels, gammas)
-    if format == "safetensors":
+    if format in ("safetensors", "peft"):
         _check_folder_names(s_targets)
     _check_not_store(out, url)
     if out_storage_options is None and storage_options and out.split("://")[0] == url.split("://")[0] and "://" in out:
@@ -393,7 +404,7 @@ def synthesize(
     try:
         return _synthesize(url, s_targets, g_targets, t, step, out, format, dtype, storage_options,
                            out_storage_options, overwrite, unit_bytes, (prefetch, read_bytes), max_file_bytes,
-                           progress)
+                           progress, (adapter_config, adapter_name))
     finally:
         if joined:
             dist.destroy_process_group()
@@ -479,7 +490,7 @@ class _Job:
 
 
 def _synthesize(url, s_targets, g_targets, t, step, out, format, dtype, storage_options, out_storage_options,
-                overwrite, unit_bytes, reads, max_file_bytes, progress) -> SynthesisResult:
+                overwrite, unit_bytes, reads, max_file_bytes, progress, adapter=(None, "default")) -> SynthesisResult:
     t0 = time.perf_counter()
     rank = dist.get_rank() if is_distributed() else 0
     world = dist.get_world_size() if is_distributed() else 1
@@ -489,6 +500,10 @@ def _synthesize(url, s_targets, g_targets, t, step, out, format, dtype, storage_
     job.id = broadcast_object(job.id)  # one id for the whole job: it names the output's attempt folder
 
     def check(plan: SynthesisPlan) -> None:  # rank 0, first plan: may the output be written at all?
+        if format == "peft":  # the adapter's tensors are all tracked, its config known: before anything is written
+            from dist_ema.adapters import export_keys
+
+            export_keys(plan.peft, [f for f, _, _ in plan.params], *adapter)
         owned = _owned(format, plan, dtype, max_file_bytes)
         job.prev, made = _check_output(top, out, overwrite)
         job.marker = _marker_doc(job.id, url, format, plan, owned, job.prev, made)
@@ -524,6 +539,8 @@ def _synthesize(url, s_targets, g_targets, t, step, out, format, dtype, storage_
         files: list[str] = []
         if format == "safetensors":
             files = _export_safetensors(job.out_io, top, out, plan, rank, world, max_file_bytes)
+        elif format == "peft":
+            files = _export_peft(job.out_io, top, out, plan, rank, world, adapter)
 
         def finish() -> None:  # the marker, rewritten last: this output is complete
             doc = dict(job.marker, state="complete", owned=_owned(format, plan, dtype, max_file_bytes),
@@ -953,6 +970,11 @@ def _owned(format: str, plan: SynthesisPlan, dtype: str, max_file_bytes: int) ->
     """Keys (under ``out``) that this job writes; a folder is owned as a whole."""
     if format == "zarr":
         return list(_ZARR_OWNED)
+    if format == "peft":
+        from dist_ema.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+        return ["zarr", "synthesis.json", *(f"{target_folder(tg['sigma_rel'])}/{n}" for tg in plan.targets
+                                             for n in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))]
     _, names = _pack_files(plan.params, STORAGE_DTYPES[dtype], max_file_bytes)
     per = names + (["model.safetensors.index.json"] if len(names) > 1 else [])
     return ["zarr", "synthesis.json", *(f"{target_folder(tg['sigma_rel'])}/{n}" for tg in plan.targets
@@ -1193,3 +1215,44 @@ def _export_safetensors(out_io: StoreIO, top: StoreIO, out: str, plan: Synthesis
     run_and_check(mine, "safetensors export", None, StoreError)
     run_and_check(index if rank == 0 else (lambda: None), "safetensors index", None, StoreError)
     return [f"{out.rstrip('/')}/{target_folder(tg['sigma_rel'])}/{n}" for tg in plan.targets for n in names]
+
+
+def _export_peft(out_io: StoreIO, top: StoreIO, out: str, plan: SynthesisPlan, rank: int, world: int,
+                 adapter: tuple) -> list[str]:
+    """Per target, a PEFT adapter folder: ``adapter_model.safetensors`` (PEFT's keys) and ``adapter_config.json``.
+
+    Targets are split across ranks; writes only the keys that ``_owned`` lists.
+    """
+    from dist_ema.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config_bytes, export_keys
+
+    reader = SnapshotStore(out_io.url, io=out_io)
+    snap = reader.snapshot()
+    params = reader.layout(snap).params
+    shapes = {f: s for f, s, _ in params}
+    keys, config = export_keys(plan.peft, list(shapes), *adapter)
+
+    def mine() -> None:
+        for j, tg in enumerate(plan.targets):
+            if j % world != rank:
+                continue
+            tensors = {}
+            for f, key in sorted(keys.items(), key=lambda kv: kv[1]):
+                vals = reader.read_region(snap, j, f, 0, math.prod(shapes[f])).reshape(shapes[f])
+                tensors[key] = torch.from_numpy(vals).to(getattr(torch, snap.dtype)).contiguous()
+            md = {"format": "pt", "dist_ema": json.dumps({
+                "sigma_rel": tg["sigma_rel"], "gamma": tg["gamma"], "t": tg["t"], "error": tg["error"],
+                "unit": plan.unit, "snapshots": plan.snapshot_ids, "source_store": plan.source})}
+            folder = target_folder(tg["sigma_rel"])
+            top.put(f"{folder}/{ADAPTER_WEIGHTS}", safetensors_parts(tensors, md))
+            top.put(f"{folder}/{ADAPTER_CONFIG}", adapter_config_bytes(config))
+
+    def index() -> None:  # rank 0, after every rank wrote its files
+        top.put("synthesis.json", json.dumps({
+            "source": plan.source, "targets": plan.targets, "snapshots": plan.snapshot_ids, "zarr": "zarr",
+            "format": "peft", "files": {target_folder(tg["sigma_rel"]): [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+                                        for tg in plan.targets}}, indent=1).encode())
+
+    run_and_check(mine, "PEFT adapter export", None, StoreError)
+    run_and_check(index if rank == 0 else (lambda: None), "synthesis index", None, StoreError)
+    return [f"{out.rstrip('/')}/{target_folder(tg['sigma_rel'])}/{n}" for tg in plan.targets
+            for n in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)]

@@ -32,6 +32,7 @@ from dist_ema.config import (
     Compression,
     EMAConfig,
     OnError,
+    Params,
     SnapshotConfig,
     StorageDtype,
     UpdateImpl,
@@ -120,6 +121,9 @@ class PostHocEMA:
             track, see :class:`EMAConfig` (defaults: sigma_rels (0.05, 0.10), every step, time
             in steps, frozen parameters tracked, buffers copied into snapshots). A single number
             (``sigma_rels=0.05``) is one profile.
+        params: track only these parameters (and keep only these buffers): glob patterns on the clean
+            names (``"*.lora_*"`` or a list) or a predicate ``lambda name, p: ...``; None tracks all. See
+            :mod:`dist_ema.sharding.select`.
         store: snapshot store URL (local path, ``file://``, ``s3://bucket/prefix``, any fsspec
             URL); None keeps the EMA in memory only.
         snapshot_every, storage_options, storage_dtype, compression, keep, inner_chunk_bytes,
@@ -146,6 +150,7 @@ class PostHocEMA:
         update_every: int = 1,
         batch_size: int | None = None,
         include_frozen: bool = True,
+        params: Params = None,
         buffers: Buffers = "copy",
         update_impl: UpdateImpl = "auto",
         offload: bool = False,
@@ -171,7 +176,8 @@ class PostHocEMA:
         # before anything is written: a mismatch would commit wrong snapshots or put collectives out of step
         def settings() -> tuple[EMAConfig, SnapshotConfig | None, bool | str]:
             return configs_of(sigma_rels=sigma_rels, gammas=gammas, update_every=update_every, batch_size=batch_size,
-                            include_frozen=include_frozen, buffers=buffers, update_impl=update_impl, offload=offload,
+                            include_frozen=include_frozen, params=params, buffers=buffers, update_impl=update_impl,
+                            offload=offload,
                             store=store,
                             snapshot_every=snapshot_every, storage_options=storage_options,
                             storage_dtype=storage_dtype, compression=compression, keep=keep, resume=resume,
@@ -187,15 +193,20 @@ class PostHocEMA:
         self.model = model_or_engine
         if layout is None:
             from dist_ema.sharding.checks import verify_layout
-            from dist_ema.sharding.detect import make_layout
+            from dist_ema.sharding.select import make_selected_layout
 
-            layout = make_layout(model_or_engine, include_frozen=include_frozen)
+            # params=: the chosen parameters and buffers; the layout check compares the ranks' choices
+            layout = make_selected_layout(model_or_engine, include_frozen, params)
             # on the default group: a rank that died before start-up fails the others at once there, where
             # creating the side group would wait ``timeout`` seconds for it
             layout = verify_layout(layout)
             collective = True
         else:  # a hand-made layout without a store may be rank-local (one rank's reference EMA)
             collective = store is not None
+            if params is not None and mine[1] is None:
+                from dist_ema.sharding.select import select_local
+
+                layout = select_local(layout, params, _unwrap_module(model_or_engine))
         self.config, self.store_config, resume = agreed_settings(mine, timeout, collective)
         self.layout = layout
         # tied parameters (head.weight = emb.weight): the engines list each once; the other names
@@ -346,7 +357,7 @@ class PostHocEMA:
         watch = self._watch
         if watch.module is not None:
             change = describe_change(watch.table, param_table(watch.module), set(self.layout.params),
-                                     self.config.include_frozen)
+                                     self.config.include_frozen, self.layout.selection, watch.module)
             if change:
                 what = "; ".join(f"{kind}: {', '.join(names[:8])}{' and more' if len(names) > 8 else ''}"
                                  for kind, names in change.items())
@@ -370,8 +381,9 @@ class PostHocEMA:
         # a buffer replaced, a tracked parameter frozen, or a change outside the tracked parameters
         if self.layout.refresh is not None:
             from dist_ema.sharding.replicated import persistent_buffers
+            from dist_ema.sharding.select import selected_buffers
 
-            self.layout.buffers = persistent_buffers(_unwrap_module(self.model))
+            self.layout.buffers = selected_buffers(self.layout, persistent_buffers(_unwrap_module(self.model)))
         self._watch = ModelWatch(self.model, self.layout.engine, set(self.layout.params), self.config.include_frozen)
 
     # ------------------------------------------------------------------ properties

@@ -53,6 +53,7 @@ SAMPLES: dict[str, tuple[str, list[str], object]] = {
     "gammas": ("[10.0, 20.0]", ["10", "20"], (10.0, 20.0)),
     "batch_size": ("64", ["64"], 64),
     "include_frozen": ("false", [], False),  # the flag is --no-include-frozen
+    "params": ('["0.*", "2.weight"]', ["0.*", "2.weight"], ("0.*", "2.weight")),
     "buffers": ('"ignore"', ["ignore"], "ignore"),
     "update_impl": ('"foreach"', ["foreach"], "foreach"),
     "offload": ("true", [], True),
@@ -273,6 +274,7 @@ def test_every_key_reaches_the_tracker_and_the_store(tmp_path: Path, without: st
     assert meta["unit"] == "samples" and meta["update_every"] == 2  # batch_size given: time in samples
     assert not meta.get("buffers")  # buffers = "ignore"
     assert "0.bias" not in names  # include_frozen = false
+    assert names == {"0.weight", "2.weight"} and meta["params"] == {"patterns": ["0.*", "2.weight"]}  # params
 
 
 # ------------------------------------------------------------------------------ the old name

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -121,6 +122,9 @@ class ShardLayout:
             the other DTensor engines). When every piece is a parameter's whole local shard, a DCP
             state dict of the EMA wraps each piece into a DTensor of its parameter's mesh and
             placements. None when the parameters are not DTensors.
+        selection: what ``params=`` chose (``select.Selection``: pieces, params and buffers are already
+            restricted to it; the layout check compares it across ranks); None when every parameter is
+            tracked.
     """
 
     engine: str
@@ -133,6 +137,7 @@ class ShardLayout:
     all_params: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
     step_applied: Callable[[], bool] | None = None
     dtensor_params: Callable[[], dict[str, torch.Tensor]] | None = None
+    selection: Any | None = None
 
     @property
     def global_params(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -12,6 +12,11 @@ catches that at start-up with metadata only (no tensor data is moved):
 4. the owner pieces of all ranks cover each element of each tracked parameter exactly
    once (N-d boxes included; checked on the group's first rank, which broadcasts the verdict).
 
+With ``params=`` (``layout.selection``) the ranks must also have made the same choice: the same
+patterns (or each a callable), a pattern that matches no name on any rank is refused, and a name
+chosen on one rank but left out on another (a predicate deciding differently) fails every rank with
+a ``ConfigError`` naming it.
+
 Whatever fails, every rank raises the same ``ShardCoverageError``: the decision is
 taken from gathered data that all ranks see, so no rank is left waiting in a
 collective that the others skipped. Ownership is global (HSDP replicas and NO_SHARD
@@ -36,6 +41,7 @@ from dist_ema.sharding.base import (
     replica_cuts,
     split_among_replicas,
 )
+from dist_ema.sharding.select import check_outcomes, check_summaries
 
 __all__ = ["ShardCoverageError", "verify_layout"]
 
@@ -155,21 +161,27 @@ def verify_layout(layout: ShardLayout, group: Any | None = None) -> ShardLayout:
     world = dist.get_world_size(group) if distributed else 1
     key = _params_key(layout.params)
     local_problem = _local_problem(layout)
+    sel = layout.selection
 
-    # 1. local problems and params digests: small, all ranks see all of them.
-    mine = (local_problem, _digest(key))
+    # 1. local problems, params digests and params= choices: small, all ranks see all of them.
+    mine = (local_problem, _digest(key), None if sel is None else sel.summary(bool(layout.params)))
     gathered: list[Any] = [None] * world
     if distributed:
         dist.all_gather_object(gathered, mine, group=group)
     else:
         gathered = [mine]
-    bad = [f"rank {r}: {prob}" for r, (prob, _) in enumerate(gathered) if prob is not None]
+    bad = [f"rank {r}: {prob}" for r, (prob, _, _) in enumerate(gathered) if prob is not None]
     if bad:
         raise _fail("shard layout check failed on some ranks", bad)
+    check_summaries([s for _, _, s in gathered])  # params=: the same choice on every rank, matching something
     all_params = None
-    if len({digest for _, digest in gathered}) > 1:  # pipeline stages: each rank holds some parameters
+    if len({digest for _, digest, _ in gathered}) > 1:  # pipeline stages: each rank holds some parameters
         keys: list[Any] = [None] * world
-        dist.all_gather_object(keys, key, group=group)
+        # with params=, the names each rank left out too: a name chosen on one rank may not be left out on another
+        dist.all_gather_object(keys, (key, sorted(sel.left_out) if sel is not None else []), group=group)
+        check_outcomes([[f for f, _, _ in k] for k, _ in keys], [out for _, out in keys],
+                       None if sel is None else sel.spec)
+        keys = [k for k, _ in keys]
         union: dict[str, tuple] = {}
         for r, k in enumerate(keys):
             for fqn, shape, dtype in k:

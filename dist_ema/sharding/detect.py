@@ -99,15 +99,17 @@ def _params_of(module: nn.Module, include_frozen: bool) -> dict[str, tuple[tuple
     return out
 
 
-def make_layout(model_or_engine: Any, include_frozen: bool = True) -> ShardLayout:
+def make_layout(model_or_engine: Any, include_frozen: bool = True, params: Any = None) -> ShardLayout:
     """Build this rank's ``ShardLayout`` for any supported engine (see the module docstring).
 
     The result always has ``params`` (every tracked parameter, identical on all ranks),
     ``buffers`` (the buffers ``state_dict()`` holds, by clean name; non-persistent ones
     are left out so an exported state dict loads with ``strict=True``) and ``refresh`` (re-runs this
     function on the same object, e.g. after a checkpoint load replaced storages) set.
+    ``params``: glob patterns or a predicate choosing the tracked parameters and kept buffers
+    (``select.select_layout``: pieces, params and buffers restricted together; None: all of them).
     This function runs no collective; call ``checks.verify_layout`` once to check the
-    layout across ranks.
+    layout across ranks (it also compares the ranks' choices).
     """
     from dist_ema.sharding.parts import as_model
 
@@ -135,5 +137,9 @@ def make_layout(model_or_engine: Any, include_frozen: bool = True) -> ShardLayou
         layout.params = _params_of(module, include_frozen)
     # one definition for every engine: persistent buffers by clean name
     layout.buffers = persistent_buffers(module)
-    layout.refresh = lambda: make_layout(model_or_engine, include_frozen=include_frozen)
-    return layout
+    layout.refresh = lambda: make_layout(model_or_engine, include_frozen=include_frozen, params=params)
+    if params is None:
+        return layout
+    from dist_ema.sharding.select import select_layout
+
+    return select_layout(layout, params, module)

@@ -224,21 +224,29 @@ def _fsdp1_local_shard(flat_param: torch.Tensor) -> torch.Tensor:
 
 
 def describe_change(before: dict[str, ParamInfo], after: dict[str, ParamInfo], tracked: set[str],
-                    include_frozen: bool) -> dict[str, list[str]]:
+                    include_frozen: bool, selection: object = None,
+                    module: nn.Module | None = None) -> dict[str, list[str]]:
     """What changed in the set of tracked parameters: {"added": [...], "removed": [...], "replaced": [...],
     "newly trainable": [...]}, only the kinds that occurred (empty: the same parameters, maybe new storages).
 
     A tracked parameter that was frozen later stays tracked (its EMA then averages a constant): no change.
+    ``selection``: the layout's ``params=`` choice (``select.Selection``); a parameter added or unfrozen
+    that it does not choose is no change (``module``: the model, for a predicate's tensors).
     """
-    def trackable(info: ParamInfo) -> bool:
-        return not info.flat and (include_frozen or info.requires_grad)
+    chosen = None
+    if selection is not None:
+        now = dict(_named(module)) if module is not None else {}
+        chosen = lambda n: selection.chooses(n, now.get(n))  # noqa: E731
+
+    def trackable(info: ParamInfo, name: str) -> bool:
+        return not info.flat and (include_frozen or info.requires_grad) and (chosen is None or chosen(name))
 
     out: dict[str, list[str]] = {}
-    added = [n for n, i in after.items() if n not in before and trackable(i)]
+    added = [n for n, i in after.items() if n not in before and trackable(i, n)]
     removed = [n for n in tracked if n not in after and n in before]
     replaced = [n for n in tracked if n in after and n in before and after[n].owner != before[n].owner]
-    woke = [n for n, i in after.items() if n in before and n not in tracked and trackable(i)
-            and not trackable(before[n])]
+    woke = [n for n, i in after.items() if n in before and n not in tracked and trackable(i, n)
+            and not trackable(before[n], n)]
     for kind, names in (("added", added), ("removed", removed), ("replaced", replaced), ("newly trainable", woke)):
         if names:
             out[kind] = sorted(names)

@@ -52,6 +52,7 @@ from dist_ema.collective import (
 )
 from dist_ema.config import SnapshotConfig
 from dist_ema.errors import ConfigError
+from dist_ema.sharding.select import snapshot_record
 from dist_ema.snapshot.ledger import SnapshotLedger
 from dist_ema.snapshot.protocol import Decision, LocalReport, agree
 from dist_ema.snapshot.session import ResumePoint, StoreSession
@@ -91,6 +92,8 @@ class SnapshotManager:
         params = [(f, shape, str(dt).replace("torch.", "")) for f, (shape, dt) in ema.layout.global_params.items()]
         self.layout = Layout.build(params, everyone, ema.layout.engine)
         self.layout_id = self.layout.layout_id()
+        # what every snapshot records about the tracked set: params= and the model's PEFT adapter (sharding.select)
+        self.recorded = snapshot_record(ema.model, ema.layout)
         self._buffers = self._buffer_table() if ema.config.buffers == "copy" else []  # collective (stages)
         self.bytes_written = 0
         self.stall_seconds: list[float] = []
@@ -203,7 +206,7 @@ class SnapshotManager:
             compression=self.config.compression, inner_bytes=self.config.inner_chunk_bytes, world_size=self.world,
             engine=self.layout.engine, layout=self.layout_id, model=self.layout.model_fingerprint(),
             ties=dict(ema.ties), buffers=tuple(records), attempt=self.job, created=time.time(),
-            version=BOX_VERSION if self.layout.has_boxes else FORMAT_VERSION,
+            version=BOX_VERSION if self.layout.has_boxes else FORMAT_VERSION, extra=dict(self.recorded),
         ).to_doc()
 
     @torch.no_grad()
@@ -530,7 +533,8 @@ class SnapshotManager:
         buffers and clock); the snapshots taken from now on come after it.
         """
         ema = self.ema
-        point = self.session.resume_point(self.layout, ema.config.unit, ema.profiles, ema.sigma_rels)
+        point = self.session.resume_point(self.layout, ema.config.unit, ema.profiles, ema.sigma_rels,
+                                          choice=self.recorded.get("params"))
         if point is not None:
             self.ledger.taken(point.snap.step, point.snap.t)
         return point

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from dist_ema.collective import all_gather_object, broadcast_object, run_and_check
+from dist_ema.sharding.select import refuse_other_choice
 from dist_ema.store import io as store_io
 from dist_ema.store.format import job_key
 from dist_ema.store.fs import StoreError, StoreIO, redact
@@ -128,9 +129,10 @@ class StoreSession:
     def reader(self) -> SnapshotStore:
         return SnapshotStore(self.io.url, io=self.io)
 
-    def resume_point(self, layout: Layout, unit: str, profiles, sigma_rels) -> ResumePoint | None:
-        """The newest committed snapshot, checked against the EMA (model, time unit, profiles) on every
-        rank (collective); None when the store has none."""
+    def resume_point(self, layout: Layout, unit: str, profiles, sigma_rels,
+                     choice: dict | None = None) -> ResumePoint | None:
+        """The newest committed snapshot, checked against the EMA (model, time unit, profiles, the params=
+        ``choice`` it records) on every rank (collective); None when the store has none."""
 
         def find() -> ResumePoint | None:
             reader = self.reader()
@@ -139,6 +141,8 @@ class StoreSession:
                 return None
             snap = snaps[-1]
             src = reader.layout(snap)
+            refuse_other_choice(self.io.url, snap.id, snap.meta, choice, {f: s for f, s, _ in layout.params},
+                                {f: s for f, s, _ in src.params})
             diff = param_mismatch({f: s for f, s, _ in layout.params}, {f: s for f, s, _ in src.params})
             if diff is not None:
                 raise StoreError(f"store {self.io.url} holds snapshots of a different model (snapshot {snap.id}): "
