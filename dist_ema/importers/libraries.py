@@ -107,6 +107,6 @@ def resolve_kind(kind: str) -> Library:
 EDM2_REFUSAL = (
     "EDM2's network-snapshot-*.pkl files are not imported: they are pickles whose loading runs EDM2's own code "
     "(torch_utils.persistence), which dist-ema does not unpickle. Convert them in EDM2's environment instead, one "
-    "safetensors file per snapshot (pickle.load(f)['ema'].state_dict()), and track new runs with dist-ema's "
-    "PostHocEMA"
+    "safetensors file per snapshot (the state_dict() of each pickle's 'ema' network), and track new runs with "
+    "dist-ema's PostHocEMA"
 )
