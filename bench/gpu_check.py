@@ -291,7 +291,7 @@ def offload_rows() -> list[list]:
     med = {k: statistics.median(v) for k, v in steps.items()}
     rows.append(["offload: step time, no EMA / device EMA / offload (ms)",
                  f"{1e3 * med['none']:.2f} / {1e3 * med['device']:.2f} / {1e3 * med['offload']:.2f} "
-                 f"({host._host.waits} updates waited for the previous one)", None])
+                 f"({host.update_waits} updates waited for the previous one)", None])
     host.close()
     return rows
 

@@ -75,7 +75,7 @@ def run(quick: bool = False, threads: int = 1) -> Result:
                          fmt_ms(med(upd)) if upd else ""])
     res.tables.append(tab)
     host = runs["offload=True"][1]
-    waits = host._host.waits if host is not None and host._host is not None else 0
+    waits = host.update_waits if host is not None else 0
     r_off, r_dev = paired_ratio(times["offload=True"], base), paired_ratio(times["offload=False"], base)
     res.goals.append(Goal("offload=True costs the training step no more than the EMA on the training thread",
                           f"{r_off:.3f}x vs {r_dev:.3f}x of the step without EMA", r_off <= r_dev * 1.02,

@@ -551,6 +551,11 @@ class PostHocEMA:
 
         foreach_update([prof.views for prof in self.profiles], [p.source for p in self.pieces], weights)
 
+    @property
+    def update_waits(self) -> int:
+        """``offload=True``: the updates that waited for the previous one to finish (back-pressure); 0 otherwise."""
+        return self._host.waits if self._host is not None else 0
+
     def wait_update(self) -> None:
         """Wait until the update in flight finished (``offload=True``; a no-op otherwise).
 

@@ -168,14 +168,14 @@ def test_update_runs_off_the_training_thread_and_readers_wait(tmp_path: Path, mo
     started.clear()
     step(2)
     assert started.wait(30)
-    waits = ema._host.waits
+    waits = ema.update_waits
     t = threading.Thread(target=step, args=(3,))  # back-pressure: the next update waits for the held one
     t.start()
     t.join(0.5)
     assert t.is_alive(), "update() did not wait for the update in flight"
     gate.set()
     t.join(30)
-    assert not t.is_alive() and ema._host.waits == waits + 1
+    assert not t.is_alive() and ema.update_waits == waits + 1
     ema.close()
     assert ema.step == 4 and ema.updates == 4
 

@@ -158,6 +158,8 @@ TEXT = {
     "target t = 100000\nsigma_rel": "test_readme_error_block_prints_its_output",
     "classic EMA betas at t = 100000": "test_readme_error_block_with_betas_prints_its_output",
     "[dist_ema]\nsigma_rels": "test_readme_toml_block_is_the_shipped_config",
+    "from peft import LoraConfig": "tests/test_params.py::test_a_lora_adapter_exports_as_peft_files (the same "
+                                   "flow on a tiny LoRA model; on 2 ranks: tests/test_params_dist.py)",
 }
 # Blocks that are run, by the test named
 _CHAIN = "test_readme_training_loop_synthesis_and_reading"
@@ -177,6 +179,8 @@ RUN = {
     "--plot profiles.png": "test_readme_error_block_prints_its_output",
     "--target-betas 0.9995": "test_readme_error_block_with_betas_prints_its_output",
     "# single node (the demo uses": "test_readme_underlying_commands",
+    "ema.switch(sigma_rel=0.10)": "test_readme_offload_and_switch_block",
+    "dist-ema import ema-pytorch ckpts": "tests/test_import.py::test_readme_import_block",
 }
 
 
@@ -430,6 +434,24 @@ def test_readme_sweep_block(tmp_path):
         print("RESULT", json.dumps({"same": same}))
     """), tmp_path)
     assert out == {"same": True}
+
+
+@pytest.mark.dist
+def test_readme_offload_and_switch_block(tmp_path):
+    """The block runs as shown: 2,000 steps, two switches, 20 snapshots, the EMA in host memory."""
+    block = _sub(_block("ema.switch(sigma_rel=0.10)"), {
+        "ema = PostHocEMA(": "from dist_ema import PostHocEMA\nema = PostHocEMA(",
+    })
+    out = _python(TINY + textwrap.dedent("""
+        model = TinyModel()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        loader = batches(2000)
+    """) + block + textwrap.dedent("""
+        from dist_ema import open_store
+        print("RESULT", json.dumps({"switches": ema.switches, "device": str(ema.profiles[0].flat.device),
+                                    "snapshots": len(open_store("runs/switch/snapshots").snapshots())}))
+    """), tmp_path)
+    assert out == {"switches": 2, "device": "cpu", "snapshots": 20}
 
 
 @pytest.mark.dist
