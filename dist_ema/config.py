@@ -46,6 +46,7 @@ import argparse
 import ast
 import dataclasses
 import difflib
+import functools
 import inspect
 import json
 import math
@@ -933,12 +934,17 @@ def field_docs() -> FieldDocs:
         sigma_rels (default [0.05, 0.1]; flag --sigma-rels)
             Tracked profiles: ...
     """
-    docs = FieldDocs()
+    return FieldDocs(_read_field_docs())
+
+
+@functools.lru_cache(maxsize=1)
+def _read_field_docs() -> tuple[tuple[str, str], ...]:
+    """The docstrings, read once per process (parsing the source takes ~50 ms; every flag's help needs them)."""
+    docs = []
     for part in PARTS:
         mine = _attribute_docs(part)
-        for f in dataclasses.fields(part):
-            docs[_key(f)] = mine[f.name]
-    return docs
+        docs += [(_key(f), mine[f.name]) for f in dataclasses.fields(part)]
+    return tuple(docs)
 
 
 def _flag_cell(f: dataclasses.Field) -> str:
