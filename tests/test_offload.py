@@ -267,3 +267,31 @@ def test_offload_is_bitwise_on_every_engine(tmp_path: Path) -> None:
                        progress=False)
             outs.append(output_bytes(tmp_path / f"o-{engine}-{i}"))
         assert outs[0] and outs[0] == outs[1], f"{engine}: synthesized outputs differ"
+
+
+def test_close_stops_the_worker_and_an_update_after_close_starts_it_again() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64)
+    ref = nn.Linear(64, 64)
+    ref.load_state_dict(model.state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, ref)]
+    host, dev = PostHocEMA(model, sigma_rels=SIGMAS, offload=True), PostHocEMA(ref, sigma_rels=SIGMAS)
+
+    def steps(n: int) -> None:
+        for i in range(n):
+            x = torch.randn(2, 64, generator=torch.Generator().manual_seed(i))
+            for m, opt, ema in ((model, opts[0], host), (ref, opts[1], dev)):
+                m(x).square().sum().backward()
+                opt.step()
+                opt.zero_grad()
+                ema.update()
+
+    steps(3)
+    host.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("dist-ema-offload")]
+    steps(3)
+    host.wait_update()
+    assert host.updates == dev.updates == 6
+    assert all(torch.equal(a.flat, b.flat) for a, b in zip(host.profiles, dev.profiles))
+    host.close()
+    dev.close()
