@@ -335,17 +335,34 @@ def _adapter_args(args: argparse.Namespace) -> dict:
 
 def _cmd_import(args: argparse.Namespace) -> int:
     from dist_ema.importers import import_run
+    from dist_ema.importers.libraries import is_edm2
 
+    edm2 = is_edm2(args.kind)
+    if args.sigma_rels is None and not edm2:
+        raise ConfigError(f"--sigma-rels is required for {args.kind}: name the run's profiles in the library's order "
+                          f"(its files do not record them), e.g. --sigma-rels 0.05 0.10")
     res = import_run(args.kind, args.src, args.store_url, sigma_rels=args.sigma_rels, update_every=args.update_every,
                      update_after_step=args.update_after_step, step_size_correction=args.step_size_correction,
                      storage_dtype=args.storage_dtype, average_buffers=args.average_buffers,
-                     storage_options=_storage_options(args))
-    print(f"imported {len(res.steps)} snapshot(s) of {res.kind} into {res.url}: steps {res.steps[0]}..{res.steps[-1]}, "
-          f"t {res.t[0]:g}..{res.t[-1]:g} steps, sigma_rels {' '.join(f'{s:g}' for s in res.sigma_rels)}, "
-          f"update_every {res.update_every}" + ("" if res.exact else " (NOT the nominal profiles: see the warning)"))
+                     storage_options=_storage_options(args), allow_pickle=args.allow_pickle,
+                     edm2_code=args.edm2_code)
+    if res.kind == "edm2":
+        print(f"imported {len(res.steps)} snapshot(s) of edm2 into {res.url}: kimg {res.steps[0]}..{res.steps[-1]}, "
+              f"t {res.t[0]:.0f}..{res.t[-1]:.0f} samples (nimg), sigma_rels "
+              f"{' '.join(f'{s:g}' for s in res.sigma_rels)} (from the file names)"
+              + (f"; left out {len(res.left_out)} file(s) at nimg 0" if res.left_out else ""))
+    else:
+        print(f"imported {len(res.steps)} snapshot(s) of {res.kind} into {res.url}: steps {res.steps[0]}.."
+              f"{res.steps[-1]}, t {res.t[0]:g}..{res.t[-1]:g} steps, sigma_rels "
+              f"{' '.join(f'{s:g}' for s in res.sigma_rels)}, update_every {res.update_every}"
+              + ("" if res.exact else " (NOT the nominal profiles: see the warning)"))
     rows = [[f"{c.sigma_rel:.4f}", f"{100 * c.error:.3f}%",
              "-" if c.applied_error is None else f"{100 * c.applied_error:.3f}%",
              "-" if c.library_error is None else f"{100 * c.library_error:.3f}%"] for c in res.targets]
+    if res.kind == "edm2":
+        print(f"reconstruction error at kimg {res.steps[-1]} (t = {res.t[-1]:.0f} samples):")
+        print(_format_table(["sigma_rel", "synthesis"], [r[:2] for r in rows]))
+        return 0
     print(f"reconstruction error at step {res.steps[-1]} (t = {res.t[-1]:g}):")
     print(_format_table(["sigma_rel", "synthesis", "as applied", f"{res.kind}'s own"], rows))
     return 0
@@ -457,15 +474,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.subcommands = {"error": e, "ls": ls, "inspect": ins, "synthesize": sy}  # type: ignore[attr-defined]
 
     im = sub.add_parser("import", parents=[verbose],
-                        help="turn a checkpoint folder of ema-pytorch, nitrous-ema or pytorch-posthoc-ema into a store",
+                        help="turn a checkpoint folder of ema-pytorch, nitrous-ema, pytorch-posthoc-ema or EDM2 into "
+                        "a store",
                         description="Write the EMA files of a single-GPU post-hoc EMA library's run "
-                        "(<profile>.<step>.pt) as a dist-ema store that ls, synthesize and load_synthesized use "
-                        "like any other.")
-    im.add_argument("kind", help="the library that wrote SRC: ema-pytorch, nitrous-ema or posthoc-ema")
-    im.add_argument("src", help="the checkpoint folder the library wrote")
+                        "(<profile>.<step>.pt; EDM2: network-snapshot-<kimg>-<std>.pkl, with --allow-pickle) as a "
+                        "dist-ema store that ls, synthesize and load_synthesized use like any other.")
+    im.add_argument("kind", help="the library that wrote SRC: ema-pytorch, nitrous-ema, posthoc-ema or edm2")
+    im.add_argument("src", help="the checkpoint folder the library wrote (edm2: the run folder)")
     im.add_argument("store_url", metavar="store", help="the new store's URL (local path, s3://..., ...); no snapshots")
-    im.add_argument("--sigma-rels", dest="sigma_rels", type=float, nargs="+", required=True, metavar="SIGMA_REL",
-                    help="the run's profiles, in the library's order (the files do not record them)")
+    im.add_argument("--sigma-rels", dest="sigma_rels", type=float, nargs="+", default=None, metavar="SIGMA_REL",
+                    help="the run's profiles, in the library's order (the files do not record them); edm2: not "
+                    "needed (the file names give the stds), checked against the names if given")
+    im.add_argument("--allow-pickle", action="store_true",
+                    help="edm2: load EDM2's pickles, which runs the code they hold, in a child process (only for "
+                    "files you trust); without it they are refused")
+    im.add_argument("--edm2-code", default=None, metavar="PATH",
+                    help="edm2: the folder of EDM2's code (holding dnnlib/ and torch_utils/), put on the child "
+                    "process's Python path (default: nothing added)")
     im.add_argument("--update-every", type=int, default=None, metavar="K",
                     help="the run's update_every (default: the library's, 100 for ema-pytorch and nitrous-ema, 10 "
                     "for posthoc-ema); above 1 the files do not hold the nominal profiles (warned)")

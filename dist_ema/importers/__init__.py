@@ -5,7 +5,9 @@
     dist-ema import ema-pytorch ./post-hoc-ema-checkpoints runs/old/snapshots --sigma-rels 0.05 0.10 --update-every 1
 
 ema-pytorch (``ema_pytorch.PostHocEMA``), nitrous-ema and pytorch-posthoc-ema write one file per
-tracked profile every ``checkpoint_every`` steps, ``<profile index>.<step>.pt``. The result is a
+tracked profile every ``checkpoint_every`` steps, ``<profile index>.<step>.pt``. EDM2 writes pickles,
+``network-snapshot-<kimg>-<std>.pkl``, whose loading runs code: imported only with ``allow_pickle=True``
+(``--allow-pickle``), and unpickled only in a child process (edm2.py). The result is a
 store like one written by training (format 2, commit markers, checksums): ``dist-ema ls``,
 ``dist-ema synthesize``, :func:`dist_ema.synthesize` and :func:`dist_ema.load_synthesized` use it
 as any other.
@@ -26,14 +28,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dist_ema.errors import ConfigError
-from dist_ema.importers.libraries import LIBRARIES, Library, resolve_kind
+from dist_ema.importers.libraries import LIBRARIES, Library, is_edm2, resolve_kind
 from dist_ema.importers.plan import ImportPlan, TargetCheck, plan_import, scan_names
 
 __all__ = ["KINDS", "ImportResult", "TargetCheck", "import_run"]
 
 log = logging.getLogger("dist_ema")
 
-KINDS = tuple(LIBRARIES)
+KINDS = (*LIBRARIES, "edm2")
 
 
 @dataclass(frozen=True)
@@ -54,20 +56,25 @@ class ImportResult:
     buffers: tuple[str, ...]  # entries stored as snapshot buffers (not averaged)
     bytes_written: int
     seconds: float
+    unit: str = "steps"  # the unit of t: "samples" for EDM2 (t = nimg)
+    left_out: tuple[str, ...] = ()  # files not imported (EDM2: the snapshots at nimg 0)
 
 
-def import_run(kind: str, src: str, store: str, sigma_rels: Sequence[float], update_every: int | None = None, *,
-               update_after_step: int | None = None, step_size_correction: bool = False,
-               storage_dtype: str = "float32", average_buffers: bool = False,
-               storage_options: dict | None = None) -> ImportResult:
+def import_run(kind: str, src: str, store: str, sigma_rels: Sequence[float] | None = None,
+               update_every: int | None = None, *, update_after_step: int | None = None,
+               step_size_correction: bool = False, storage_dtype: str = "float32", average_buffers: bool = False,
+               storage_options: dict | None = None, allow_pickle: bool = False,
+               edm2_code: str | None = None) -> ImportResult:
     """Turn a library's checkpoint folder into a dist-ema store at ``store`` (new, or without snapshots).
 
     Args:
-        kind: "ema-pytorch", "nitrous-ema" or "posthoc-ema" (pytorch-posthoc-ema).
+        kind: "ema-pytorch", "nitrous-ema", "posthoc-ema" (pytorch-posthoc-ema) or "edm2" (EDM2's run folder,
+            ``network-snapshot-<kimg>-<std>.pkl``; needs ``allow_pickle=True``).
         src: the folder the library wrote (local).
         store: the store URL (local path, ``s3://...``, any fsspec URL); it must hold no snapshot.
         sigma_rels: the run's profiles, in the library's order (its ``sigma_rels``); the files do not record
-            them, so the number of profile indices in the file names must match.
+            them, so the number of profile indices in the file names must match. edm2: not needed (the file
+            names give the stds); if given, they must be the names' stds.
         update_every: the run's update_every (default: the library's default, which a run that did not set it
             used: ema-pytorch and nitrous-ema 100, pytorch-posthoc-ema 10). With more than 1 the files do not
             hold the nominal profiles (one-step beta): they are imported as the nominal ones, with a warning
@@ -80,6 +87,11 @@ def import_run(kind: str, src: str, store: str, sigma_rels: Sequence[float], upd
             weights, as the libraries' own synthesis does) instead of as snapshot buffers (copied from the
             smallest sigma_rel's file; what ``load_synthesized`` writes back into a model's buffers).
         storage_options: fsspec options of the store.
+        allow_pickle: edm2 only: load EDM2's pickles, which runs the code they hold, in a child process
+            (``python -m dist_ema.importers.edm2_child``); without it EDM2's files are refused. Only for files
+            you trust.
+        edm2_code: edm2 only: the folder of EDM2's code (holding ``dnnlib/`` and ``torch_utils/``), put first
+            on the child's ``sys.path`` (default: nothing added).
 
     Returns the snapshots written; raises ConfigError (bad arguments or source folder) or StoreError (the
     store) before anything is committed.
@@ -94,7 +106,17 @@ def import_run(kind: str, src: str, store: str, sigma_rels: Sequence[float], upd
     from dist_ema.store.fs import StoreIO
 
     t0 = time.perf_counter()
+    if is_edm2(kind):
+        from dist_ema.importers.edm2 import import_edm2
+
+        return import_edm2(src, store, sigma_rels=sigma_rels, allow_pickle=allow_pickle, edm2_code=edm2_code,
+                           update_every=update_every, update_after_step=update_after_step,
+                           step_size_correction=step_size_correction, storage_dtype=storage_dtype,
+                           average_buffers=average_buffers, storage_options=storage_options)
     lib = resolve_kind(kind)
+    if allow_pickle or edm2_code is not None:
+        raise ConfigError(f"allow_pickle and edm2_code are for EDM2's pickles (kind 'edm2'); {lib.kind}'s files are "
+                          f"read with torch.load(weights_only=True), which runs no code")
     if storage_dtype not in STORAGE_DTYPES:
         raise ConfigError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}; got {storage_dtype!r}")
     if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Sequence) or not sigma_rels:

@@ -1,5 +1,6 @@
 """Import I/O: read a library's checkpoint files (``torch.load(weights_only=True)``, one at a time) and write
-them as a dist-ema store (format 2, through the store's own writer functions and commit protocol).
+them as a dist-ema store (format 2, through the store's own writer functions and commit protocol). EDM2's
+pickles reach :func:`write_store` as the safetensors files its child process writes (edm2.py, ``read=``).
 
 The store is claimed like a training job claims it (:class:`~dist_ema.snapshot.session.StoreSession`:
 create-only ``owner.json``, the layout files), every snapshot's data goes to this job's own attempt
@@ -263,8 +264,12 @@ def check_step(plan_calls: int, step: tuple[float | None, bool], where: str) -> 
 
 
 def write_store(io: StoreIO, src: str, plan: ImportPlan, contents: Contents, storage_dtype: str,
-                storage_options: dict | None, extra: Callable[[int], dict]) -> tuple[list[str], int]:
-    """Write every planned step as a committed snapshot (all or none). Returns (snapshot ids, data bytes)."""
+                storage_options: dict | None, extra: Callable[[int], dict],
+                read: Callable[[int, int, str], dict] | None = None, unit: str = "steps") -> tuple[list[str], int]:
+    """Write every planned step as a committed snapshot (all or none). Returns (snapshot ids, data bytes).
+
+    ``read(n, k, path)``: step n's profile-k file's tensors by name (default: the library's .pt file, read with
+    :func:`load_file` and checked against the plan); ``unit``: the snapshots' time unit."""
     from dist_ema.snapshot.session import StoreSession
 
     engine = f"import:{plan.library.kind}"
@@ -291,19 +296,23 @@ def write_store(io: StoreIO, src: str, plan: ImportPlan, contents: Contents, sto
             packed, records = b"", []
             for k, name in enumerate(st.files):
                 path = os.path.join(src, name)
-                tensors, state = split_entries(plan.library, load_file(path), path)
-                check_step(st.calls, _file_step(plan.library, state), path)
+                if read is None:
+                    tensors, state = split_entries(plan.library, load_file(path), path)
+                    check_step(st.calls, _file_step(plan.library, state), path)
+                    del state
+                else:
+                    tensors = read(n, k, path)
                 nbytes += write_shard(io, shard_key(prefix, 0, k), _values(tensors, contents, storage_dtype, path), g,
                                       durable=True)
                 if k == plan.buffers_profile and contents.buffers:
                     packed, records = _buffers(tensors, contents.buffers, path)
-                del tensors, state
+                del tensors
             io.put(f"{rank_key(prefix, 0)}/zarr.json", array_doc(len(st.files), g, {"rank": 0}))
             if contents.buffers:
                 write_buffers(io, prefix, packed)
                 nbytes += len(packed)
             metas.append((snap, SnapshotMeta(
-                step=st.step, t=st.t, t_now=st.t_now, updates=st.updates, unit="steps",
+                step=st.step, t=st.t, t_now=st.t_now, updates=st.updates, unit=unit,
                 profiles=tuple(zip(plan.sigma_rels, plan.gammas)), dtype=storage_dtype, world_size=1,
                 layout=layout.layout_id(), model=layout.model_fingerprint(), engine=engine, compression=None,
                 inner_bytes=DEFAULT_INNER_BYTES, attempt=session.job, update_every=plan.update_every,

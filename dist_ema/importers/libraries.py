@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from dist_ema.errors import ConfigError
 
-__all__ = ["FILE_NAME", "LIBRARIES", "Library", "resolve_kind"]
+__all__ = ["EDM2_KINDS", "FILE_NAME", "LIBRARIES", "Library", "is_edm2", "resolve_kind"]
 
 FILE_NAME = re.compile(r"^(\d+)\.(\d+)\.pt$")  # <profile index>.<step>.pt, the same in all three
 
@@ -95,18 +95,27 @@ def resolve_kind(kind: str) -> Library:
     key = _ALIASES.get(kind.strip().lower(), kind.strip().lower())
     if key in LIBRARIES:
         return LIBRARIES[key]
-    if key in ("edm2", "network-snapshot", "edm"):
+    if key in EDM2_KINDS:
         raise ConfigError(EDM2_REFUSAL)
     raise ConfigError(f"unknown kind {kind!r}: dist-ema import reads the checkpoint folders of "
-                      f"{', '.join(sorted(LIBRARIES))}")
+                      f"{', '.join(sorted(LIBRARIES))}, and EDM2's run folders (edm2)")
 
 
-# EDM2's network-snapshot-<nimg>-<std>.pkl files are pickles of persistent classes: loading one runs
+EDM2_KINDS = ("edm2", "network-snapshot", "edm")  # the names of EDM2's kind (importers/edm2.py)
+
+
+def is_edm2(kind: object) -> bool:
+    return isinstance(kind, str) and kind.strip().lower() in EDM2_KINDS
+
+
+# EDM2's network-snapshot-<kimg>-<std>.pkl files are pickles of persistent classes: loading one runs
 # EDM2's code (torch_utils.persistence), which is not installable from PyPI. dist-ema unpickles nothing
-# from a checkpoint folder in its own process.
+# from a checkpoint folder in its own process; `dist-ema import edm2 --allow-pickle` loads them in a child
+# process (importers/edm2.py), only when asked.
 EDM2_REFUSAL = (
-    "EDM2's network-snapshot-*.pkl files are not imported: they are pickles whose loading runs EDM2's own code "
-    "(torch_utils.persistence), which dist-ema does not unpickle. Convert them in EDM2's environment instead, one "
-    "safetensors file per snapshot (the state_dict() of each pickle's 'ema' network), and track new runs with "
-    "dist-ema's PostHocEMA"
+    "EDM2's network-snapshot-*.pkl files are pickles whose loading runs code (EDM2's torch_utils.persistence "
+    "re-creates classes from source stored in the file): dist-ema does not unpickle them unless asked to, and then "
+    "only in a child process. For files you trust: dist-ema import edm2 SRC STORE --allow-pickle --edm2-code "
+    "EDM2_CODE (import_run('edm2', SRC, STORE, allow_pickle=True, edm2_code=EDM2_CODE)), EDM2_CODE being the "
+    "folder of EDM2's code (a clone of github.com/NVlabs/edm2, holding dnnlib/ and torch_utils/)"
 )
