@@ -181,6 +181,7 @@ RUN = {
     "# single node (the demo uses": "test_readme_underlying_commands",
     "ema.switch(sigma_rel=0.10)": "test_readme_offload_and_switch_block",
     "dist-ema import ema-pytorch ckpts": "tests/test_import.py::test_readme_import_block",
+    "dist-ema import edm2 edm2-run": "tests/test_import_edm2.py::test_import_through_the_child",
 }
 
 
