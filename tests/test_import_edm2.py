@@ -34,6 +34,7 @@ import dist_ema
 from dist_ema import cli, open_store, phema
 from dist_ema.errors import ConfigError
 from dist_ema.importers import edm2
+from tests.test_import import _gamma  # the independent sigma_rel -> gamma of the other importers' tests
 
 B = 1024  # samples per training step
 STEPS, EVERY = 160, 32  # a snapshot every 32 steps (32768 samples): kimg 32, 65, 98, 131, 163
@@ -75,18 +76,6 @@ class Net(nn.Module):
         return self.fc((torch.relu(self.conv(x)) * self.freqs[:, None, None]).flatten(1))
 ''',
 }
-
-
-def _gamma(sigma_rel: float) -> float:
-    """gamma with sqrt((g+1) / ((g+2)^2 (g+3))) = sigma_rel, by bisection (sigma decreases in g)."""
-    lo, hi = 0.0, 1e4
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if math.sqrt((mid + 1) / ((mid + 2) ** 2 * (mid + 3))) > sigma_rel:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
 
 
 def _standin_modules(code: Path) -> dict:
