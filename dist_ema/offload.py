@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from dist_ema.kernels import adjacent
+from dist_ema.kernels import _span, adjacent
 
 __all__ = ["HostUpdate", "host_buffer"]
 
@@ -50,8 +50,7 @@ def mirrors_of(sources: Sequence[torch.Tensor], device: torch.device
         run = sources[i : j + 1]
         total = sum(s.numel() for s in run)
         buf = host_buffer(total, run[0].dtype, device)
-        span = run[0].detach().as_strided((total,), (1,), run[0].storage_offset()) if len(run) > 1 \
-            else run[0].detach()
+        span = _span(run[0], total) if len(run) > 1 else run[0].detach()
         copies.append((buf, span))
         at = 0
         for s in run:

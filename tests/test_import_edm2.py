@@ -34,7 +34,7 @@ import dist_ema
 from dist_ema import cli, open_store, phema
 from dist_ema.errors import ConfigError
 from dist_ema.importers import edm2
-from tests.test_import import _gamma  # the independent sigma_rel -> gamma of the other importers' tests
+from tests.test_import import _gamma, _refused  # the other importers' tests' independent gamma, refusal check
 
 B = 1024  # samples per training step
 STEPS, EVERY = 160, 32  # a snapshot every 32 steps (32768 samples): kimg 32, 65, 98, 131, 163
@@ -163,15 +163,6 @@ def _no_child(monkeypatch) -> None:
         raise AssertionError(f"a process was started: {a[:1]}")
 
     monkeypatch.setattr(subprocess, "Popen", boom)
-
-
-def _refused(capsys, args: list[str], *needles: str) -> str:
-    capsys.readouterr()
-    assert cli.main(["import", *args]) == 2
-    err = capsys.readouterr().err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 # ----------------------------------------------------------------------------- conventions (in process)

@@ -23,6 +23,7 @@ from dist_ema.config import ConfigError, EMAConfig, add_config_arguments, config
 from dist_ema.phema import sigma_rel_to_gamma
 from dist_ema.sharding.watch import ModelChangedError
 from dist_ema.store.fs import StoreError
+from tests.engines import TinyNet
 
 SIGMAS = (0.05, 0.10)
 STEPS, EVERY = 6, 2
@@ -33,20 +34,12 @@ FORMS = {
 }
 
 
-class Net(nn.Module):
+class Net(TinyNet):
+    """TinyNet (tests/engines.py) with a second buffer, to choose one buffer and leave the other."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.emb = nn.Embedding(7, 6)
-        self.fc1 = nn.Linear(6, 10)
-        self.norm = nn.LayerNorm(10)
-        self.fc2 = nn.Linear(10, 5)
-        self.head = nn.Linear(5, 1)
-        self.register_buffer("scale", torch.ones(1))
         self.register_buffer("count", torch.zeros(1))
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.fc1(self.emb(idx)))
-        return self.head(self.fc2(self.norm(h))).squeeze(-1) * self.scale
 
 
 def _step(model: nn.Module, opt: torch.optim.Optimizer, i: int) -> None:
